@@ -1,0 +1,56 @@
+# The verbs people type. Every target bootstraps .venv and the native build idempotently.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.deps-stamp
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+ASSETS ?= $(HOME)/.cache/slimforge/assets
+export SLIMFORGE_ASSETS := $(ASSETS)
+
+.PHONY: demo test test-rust test-python lint build assets bench gpu-check clean
+
+$(STAMP): requirements-dev.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	@touch $@
+
+# Editable install of the Rust extension (release profile; cargo makes it incremental).
+build: $(STAMP)
+	$(VENV)/bin/maturin develop --release -q
+
+assets: $(STAMP)
+	$(PY) scripts/fetch_assets.py --cache $(ASSETS)
+
+demo: build
+	$(VENV)/bin/slimforge demo
+
+lint: $(STAMP)
+	cargo fmt --all --check
+	cargo clippy --all-targets -- -D warnings
+	cargo clippy --all-targets --features cuda -- -D warnings
+	$(VENV)/bin/ruff check python tests benches scripts
+	$(VENV)/bin/ruff format --check python tests benches scripts
+
+test-rust:
+	cargo test --release
+
+test-python: build assets
+	$(PY) -m mypy.stubtest slimforge._native --allowlist stubtest-allowlist.txt
+	@$(PY) -m pytest; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating as a failure"; exit 1; fi; \
+	  exit $$rc
+
+test: lint test-rust test-python
+
+bench: build
+	cargo bench
+	$(PY) benches/python/run_all.py
+
+gpu-check:
+	bash scripts/gpu_check.sh
+
+clean:
+	cargo clean
+	rm -rf $(VENV) dist

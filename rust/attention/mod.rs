@@ -1,0 +1,1 @@
+//! Tiled (flash) attention on the CPU: online-softmax forward and recomputing backward.

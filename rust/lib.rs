@@ -1,0 +1,17 @@
+//! slimforge's native core: the kernels behind the Python package.
+//!
+//! Every area is plain Rust with its own tests; `py` (feature `python`) only converts arguments,
+//! releases the GIL and maps errors; `cuda` (feature `cuda`) holds the NVRTC-compiled kernels.
+
+pub mod attention;
+pub mod dedup;
+pub mod error;
+pub mod moe;
+pub mod parallel;
+pub mod quant;
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+#[cfg(feature = "python")]
+mod py;

@@ -1,0 +1,1 @@
+//! Mixture-of-Experts: top-k routing, dispatch plans (counting sort) and permute/combine kernels.
