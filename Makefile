@@ -34,7 +34,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check python tests benches scripts
 
 test-rust:
-	cargo test --release
+	cargo test --profile dev-release
 
 test-python: build assets
 	$(PY) -m mypy.stubtest slimforge._native --allowlist stubtest-allowlist.txt
