@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 /// Band hash given to every band of an empty signature; candidate search skips it.
 pub const EMPTY_BAND: u64 = 0;
 
-/// Default weights of `optimal_bands`: a missed pair costs 19 times a spurious candidate, which
+/// Default weights of `optimal_bands` (repeated as literals in the Python signature): a missed pair costs 19 times a spurious candidate, which
 /// at threshold 0.8 and 128 permutations picks 16 bands x 8 rows (P(candidate | J=0.85) = 0.994).
 pub const DEFAULT_FP_WEIGHT: f64 = 0.05;
 pub const DEFAULT_FN_WEIGHT: f64 = 0.95;

@@ -89,13 +89,13 @@ fn min_affine<const B: usize>(xs: &[u32], a: &[u32], b: &[u32], out: &mut [u32])
 
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 #[target_feature(enable = "avx512f")]
-fn min_affine_avx512(xs: &[u32], a: &[u32], b: &[u32], out: &mut [u32]) {
+unsafe fn min_affine_avx512(xs: &[u32], a: &[u32], b: &[u32], out: &mut [u32]) {
     min_affine::<BLOCK_AVX512>(xs, a, b, out)
 }
 
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 #[target_feature(enable = "avx2")]
-fn min_affine_avx2(xs: &[u32], a: &[u32], b: &[u32], out: &mut [u32]) {
+unsafe fn min_affine_avx2(xs: &[u32], a: &[u32], b: &[u32], out: &mut [u32]) {
     min_affine::<BLOCK_AVX2>(xs, a, b, out)
 }
 
@@ -276,10 +276,23 @@ mod tests {
             let mut got = vec![0; k];
             p.apply(&xs, &mut got, &mut Vec::new());
             assert_eq!(got, want, "k = {k}");
-            for f in [min_affine_portable as fn(&[u32], &[u32], &[u32], &mut [u32])] {
-                let mut out = vec![u32::MAX; p.a.len()];
-                f(&xs, &p.a, &p.b, &mut out);
-                assert_eq!(&out[..k], &want[..]);
+            let mut out = vec![u32::MAX; p.a.len()];
+            min_affine_portable(&xs, &p.a, &p.b, &mut out);
+            assert_eq!(&out[..k], &want[..]);
+            #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+            {
+                if std::is_x86_feature_detected!("avx2") {
+                    out.fill(0);
+                    // SAFETY: AVX2 is present (checked just above).
+                    unsafe { min_affine_avx2(&xs, &p.a, &p.b, &mut out) };
+                    assert_eq!(&out[..k], &want[..]);
+                }
+                if std::is_x86_feature_detected!("avx512f") {
+                    out.fill(0);
+                    // SAFETY: AVX-512F is present (checked just above).
+                    unsafe { min_affine_avx512(&xs, &p.a, &p.b, &mut out) };
+                    assert_eq!(&out[..k], &want[..]);
+                }
             }
         }
     }
