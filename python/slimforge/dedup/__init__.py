@@ -243,16 +243,21 @@ def candidate_probability(jaccard: Any, bands: int, rows: int) -> Any:
     return 1.0 - (1.0 - j**rows) ** bands
 
 
-def verification_threshold(threshold: float, num_perm: int) -> float:
-    """Estimated-Jaccard cut used to accept a candidate pair: ``t - 0.5 * sqrt(t(1-t)/k)``.
+def verification_threshold(threshold: float, num_perm: int, margin_sd: float = 0.0) -> float:
+    """Estimated-Jaccard cut that accepts a candidate pair: ``t - margin_sd * sqrt(t(1-t)/k)``.
 
-    The estimate's standard deviation is ``sqrt(J(1-J)/k)``; cutting half of it below ``t``
-    accepts about 69 % of pairs at exactly J = t, 99 % at J = t + 0.05 (k = 128, t = 0.8) and
-    about 2 % at J = t - 0.1, trading a little precision for recall just above the threshold.
+    :func:`deduplicate` and :class:`LSHIndex` use ``margin_sd=0``: accept when the estimate is
+    at least the threshold. The estimate's standard deviation is ``sqrt(J(1-J)/k)`` (0.032 at
+    J = 0.85, k = 128), so a pair at exactly J = t passes half the time, one at J = t + 0.05
+    about 94 % of the time (before transitivity through other pairs of its cluster), and one
+    at J = t - 0.1 about 0.7 %. Cutting lower (``margin_sd > 0``) buys recall just above ``t``
+    with removals of documents below it; docs/dedup.md has the measured trade-off.
     """
     t = _check_threshold(threshold)
     k = _check_positive("num_perm", num_perm)
-    return t - 0.5 * math.sqrt(t * (1.0 - t) / k)
+    if not margin_sd >= 0.0:
+        raise ValueError(f"margin_sd must be >= 0, got {margin_sd}")
+    return t - margin_sd * math.sqrt(t * (1.0 - t) / k)
 
 
 # --- MinHasher ----------------------------------------------------------------------------
@@ -346,6 +351,8 @@ class DedupResult:
 def _exact_representatives(hashes: NDArray[np.uint64]) -> NDArray[np.int64]:
     """For each document, the first index with the same exact hash."""
     n = hashes.shape[0]
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
     order = np.argsort(hashes, kind="stable")
     sorted_h = hashes[order]
     starts = np.flatnonzero(np.r_[True, sorted_h[1:] != sorted_h[:-1]])
@@ -375,9 +382,9 @@ def deduplicate(
     2. Near pass, on the first document of each exact group: MinHash signatures, LSH banding
        (``bands`` x ``rows``, chosen by :func:`optimal_bands` unless both are given),
        candidate pairs, then verification: ``verify="estimate"`` accepts a pair whose
-       estimated Jaccard is at least :func:`verification_threshold` (``threshold`` minus half
-       the estimate's standard deviation at ``threshold``); ``verify="exact"`` accepts exact
-       shingle-set Jaccard >= ``threshold``. Documents without shingles are never near
+       estimated Jaccard (from the signatures) is at least ``threshold``; ``verify="exact"``
+       accepts exact shingle-set Jaccard >= ``threshold`` (shingles recomputed for candidate
+       documents only). Documents without shingles are never near
        duplicates.
     3. Union-find over exact and accepted pairs; ``keep="first"`` keeps the first document of
        each cluster in input order, ``keep="last"`` the last. Results do not depend on the
