@@ -82,6 +82,7 @@ pub struct Shingler {
 pub struct Scratch {
     text: String,
     tokens: Vec<u64>,
+    masks: Vec<u64>,
 }
 
 impl Shingler {
@@ -111,9 +112,13 @@ impl Shingler {
         let ascii = normalize_into(text, &mut scratch.text);
         scratch.tokens.clear();
         match self.tokenizer {
-            Tokenizer::Word => {
-                word_token_hashes(&scratch.text, ascii, self.seed, &mut scratch.tokens)
-            }
+            Tokenizer::Word => word_token_hashes(
+                &scratch.text,
+                ascii,
+                self.seed,
+                &mut scratch.masks,
+                &mut scratch.tokens,
+            ),
             Tokenizer::Char => self.char_token_hashes(&scratch.text, &mut scratch.tokens),
         }
         let tokens = &scratch.tokens;
@@ -186,6 +191,9 @@ fn combine(tokens: &[u64], c: &[u64]) -> u64 {
 }
 
 /// Writes the normalised form of `text` into `out`; returns whether it is pure ASCII.
+///
+/// Works line by line: `'\n'` ends both a normalisation segment and a final-sigma context, so
+/// pure-ASCII lines (the bulk of most text) take the copy-and-lowercase path.
 pub fn normalize_into(text: &str, out: &mut String) -> bool {
     out.clear();
     if text.is_ascii() {
@@ -193,13 +201,25 @@ pub fn normalize_into(text: &str, out: &mut String) -> bool {
         out.make_ascii_lowercase();
         return true;
     }
-    if is_nfkc_quick(text.chars()) == IsNormalized::Yes {
-        out.push_str(&text.to_lowercase());
-    } else {
-        let nfkc: String = text.nfkc().collect();
-        out.push_str(&nfkc.to_lowercase());
+    for line in text.split_inclusive('\n') {
+        if line.is_ascii() {
+            let from = out.len();
+            out.push_str(line);
+            out[from..].make_ascii_lowercase();
+        } else if is_nfkc_quick(line.chars()) == IsNormalized::Yes {
+            out.push_str(&line.to_lowercase());
+        } else {
+            let nfkc: String = line.nfkc().collect();
+            out.push_str(&nfkc.to_lowercase());
+        }
     }
     false
+}
+
+/// Whole-text normalisation, the definition `normalize_into` must match.
+#[cfg(test)]
+fn normalize_reference(text: &str) -> String {
+    text.nfkc().collect::<String>().to_lowercase()
 }
 
 /// Normalised text (see the module docs).
@@ -209,48 +229,126 @@ pub fn normalize(text: &str) -> String {
     out
 }
 
-/// A lookup table of ASCII alphanumerics.
-const ASCII_WORD: [bool; 256] = {
-    let mut t = [false; 256];
-    let mut i = 0;
-    while i < 128 {
-        t[i] = (i as u8).is_ascii_alphanumeric();
-        i += 1;
+/// Bit `i % 64` of `masks[i / 64]` is set when byte `i` belongs to an alphanumeric char.
+///
+/// A branch-free SIMD pass classifies ASCII bytes 64 at a time; multi-byte chars (only in
+/// non-ASCII text) are then decoded one by one and their bytes marked if alphanumeric.
+fn word_byte_mask(text: &str, ascii: bool, masks: &mut Vec<u64>) {
+    let bytes = text.as_bytes();
+    masks.clear();
+    masks.resize(bytes.len().div_ceil(64), 0);
+    let mut chunks = bytes.chunks_exact(64);
+    for (m, chunk) in masks.iter_mut().zip(&mut chunks) {
+        *m = ascii_alnum_mask64(chunk.try_into().expect("64 bytes"));
     }
-    t
-};
-
-fn word_token_hashes(text: &str, ascii: bool, seed: u64, out: &mut Vec<u64>) {
+    let tail = chunks.remainder();
+    if !tail.is_empty() {
+        let mut m = 0u64;
+        for (i, &b) in tail.iter().enumerate() {
+            m |= (b.is_ascii_alphanumeric() as u64) << i;
+        }
+        *masks.last_mut().expect("a word for the tail") = m;
+    }
     if ascii {
-        let bytes = text.as_bytes();
-        let n = bytes.len();
-        let mut i = 0;
-        while i < n {
-            // Skip separators, then take the run of word bytes.
-            while i < n && !ASCII_WORD[bytes[i] as usize] {
-                i += 1;
-            }
-            let start = i;
-            while i < n && ASCII_WORD[bytes[i] as usize] {
-                i += 1;
-            }
-            if i > start {
-                out.push(xxh3_64_with_seed(&bytes[start..i], seed));
-            }
+        return;
+    }
+    // Only the lead bytes of multi-byte chars need a decode; they start at char boundaries.
+    for (w, block) in bytes.chunks(64).enumerate() {
+        let mut lead = 0u64;
+        for (i, &b) in block.iter().enumerate() {
+            lead |= ((b >= 0xC0) as u64) << i;
         }
-    } else {
-        let mut start: Option<usize> = None;
-        for (i, ch) in text.char_indices() {
+        while lead != 0 {
+            let i = w * 64 + lead.trailing_zeros() as usize;
+            lead &= lead - 1;
+            let ch = text[i..].chars().next().expect("a char at a lead byte");
             if ch.is_alphanumeric() {
-                start.get_or_insert(i);
-            } else if let Some(s) = start.take() {
-                out.push(xxh3_64_with_seed(&text.as_bytes()[s..i], seed));
+                for p in i..i + ch.len_utf8() {
+                    masks[p / 64] |= 1 << (p % 64);
+                }
             }
-        }
-        if let Some(s) = start {
-            out.push(xxh3_64_with_seed(&text.as_bytes()[s..], seed));
         }
     }
+}
+
+/// ASCII letters and digits among 64 bytes, one bit each (lowercase input expected, but
+/// uppercase letters count too).
+#[inline]
+fn ascii_alnum_mask64(chunk: &[u8; 64]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        // SAFETY: SSE2 is part of the x86_64 baseline; loads are unaligned and in bounds.
+        unsafe {
+            let mut m = 0u64;
+            for q in 0..4 {
+                let v = _mm_loadu_si128(chunk.as_ptr().add(16 * q) as *const __m128i);
+                // Unsigned range checks as signed compares after shifting the range to -128.
+                let in_range = |lo: u8, len: u8| {
+                    let shifted = _mm_add_epi8(v, _mm_set1_epi8((128u8.wrapping_sub(lo)) as i8));
+                    _mm_cmplt_epi8(shifted, _mm_set1_epi8((128u8.wrapping_add(len)) as i8))
+                };
+                let alnum = _mm_or_si128(
+                    _mm_or_si128(in_range(b'a', 26), in_range(b'A', 26)),
+                    in_range(b'0', 10),
+                );
+                m |= (_mm_movemask_epi8(alnum) as u32 as u64) << (16 * q);
+            }
+            m
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let mut m = 0u64;
+        for (i, &b) in chunk.iter().enumerate() {
+            m |= (b.is_ascii_alphanumeric() as u64) << i;
+        }
+        m
+    }
+}
+
+/// First position >= `pos` whose bit is `want`; `masks.len() * 64` if none.
+#[inline]
+fn next_bit(masks: &[u64], pos: usize, want: bool) -> usize {
+    let mut w = pos / 64;
+    if w >= masks.len() {
+        return masks.len() * 64;
+    }
+    let flip = if want { 0 } else { u64::MAX };
+    let mut m = (masks[w] ^ flip) & (u64::MAX << (pos % 64));
+    while m == 0 {
+        w += 1;
+        if w == masks.len() {
+            return masks.len() * 64;
+        }
+        m = masks[w] ^ flip;
+    }
+    w * 64 + m.trailing_zeros() as usize
+}
+
+fn word_token_hashes(text: &str, ascii: bool, seed: u64, masks: &mut Vec<u64>, out: &mut Vec<u64>) {
+    word_byte_mask(text, ascii, masks);
+    let bytes = text.as_bytes();
+    let n = bytes.len();
+    let mut pos = 0;
+    loop {
+        let start = next_bit(masks, pos, true);
+        if start >= n {
+            break;
+        }
+        let end = next_bit(masks, start, false).min(n);
+        out.push(xxh3_64_with_seed(&bytes[start..end], seed));
+        pos = end;
+    }
+}
+
+/// Plain char-by-char word tokeniser: the definition the bitmask tokeniser must match.
+#[cfg(test)]
+fn word_token_hashes_reference(text: &str, seed: u64) -> Vec<u64> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(|w| xxh3_64_with_seed(w.as_bytes(), seed))
+        .collect()
 }
 
 /// The words of the normalised text (for tests and documentation).
@@ -326,6 +424,43 @@ mod tests {
         let t = Shingler::new(2, Tokenizer::Word, 2).unwrap();
         assert_ne!(hashes(&s, "a b"), hashes(&s, "b a"));
         assert_ne!(hashes(&s, "a b"), hashes(&t, "a b"));
+    }
+
+    #[test]
+    fn line_wise_normalisation_matches_whole_text() {
+        for text in [
+            "ASCII only\nLines",
+            "ΟΔΥΣΣΕΥΣ\nΣ\nαΣ b\nAΣ\n",
+            "ﬁne\nＦＵＬＬ\ne\u{301}\n\u{301}x",
+            "İstanbul\n\nKELVİN K",
+            "mixed ascii then é\nplain\n",
+        ] {
+            let mut out = String::new();
+            normalize_into(text, &mut out);
+            assert_eq!(out, normalize_reference(text), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn bitmask_tokeniser_matches_reference() {
+        let mut state = 11u64;
+        let alphabet: Vec<char> = "ab Z9_-.,\n\té中ß①ﬁ ".chars().collect();
+        for len in [0, 1, 5, 63, 64, 65, 127, 128, 129, 300] {
+            for _ in 0..20 {
+                let text: String = (0..len)
+                    .map(|_| alphabet[(splitmix64(&mut state) % alphabet.len() as u64) as usize])
+                    .collect();
+                let norm = normalize(&text);
+                let mut got = Vec::new();
+                word_token_hashes(&norm, norm.is_ascii(), 3, &mut Vec::new(), &mut got);
+                assert_eq!(got, word_token_hashes_reference(&norm, 3), "{text:?}");
+            }
+        }
+        let all: String = (0u8..128).map(char::from).collect();
+        let mut got = Vec::new();
+        word_token_hashes(&all, true, 0, &mut Vec::new(), &mut got);
+        assert_eq!(got, word_token_hashes_reference(&all, 0));
+        assert_eq!(got.len(), 3);
     }
 
     #[test]
