@@ -151,6 +151,17 @@ def test_exact_hashes_follow_normalisation(texts: list[str]) -> None:
     assert h.dtype == np.uint64 and h.tolist() == want
 
 
+@given(a=texts_strategy, b=texts_strategy)
+def test_exact_jaccard_property(a: str, b: str) -> None:
+    pairs = np.array([[0, 1], [1, 0], [0, 0]], dtype=np.int64)
+    for tokenizer in ("word", "char"):
+        got = exact_jaccard_pairs([a, b], pairs, ngram=2, tokenizer=tokenizer)
+        sa, sb = set(ref_shingles(a, 2, tokenizer)), set(ref_shingles(b, 2, tokenizer))
+        want = len(sa & sb) / len(sa | sb) if sa | sb else 0.0
+        assert got[0] == pytest.approx(want) and got[1] == got[0]
+        assert got[2] == (1.0 if sa else 0.0)
+
+
 # --- properties -------------------------------------------------------------------------------
 
 words_text = st.lists(
