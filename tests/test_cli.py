@@ -212,7 +212,7 @@ def test_one_million_short_documents_stay_under_2gb(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     vocab = np.array([f"w{i}" for i in range(5000)])
     with src.open("w") as f:
-        for start in range(0, 1_000_000, 100_000):
+        for _ in range(10):
             words = vocab[rng.integers(0, len(vocab), size=(100_000, 12))]
             f.writelines(json.dumps({"text": " ".join(w)}) + "\n" for w in words)
     out = tmp_path / "out.jsonl"
