@@ -19,6 +19,7 @@ import time
 import unicodedata
 
 import numpy as np
+
 import slimforge
 from slimforge.data import load_texts
 from slimforge.dedup import MinHasher, deduplicate
