@@ -54,7 +54,7 @@ fn bench_signatures(c: &mut Criterion) {
             group.bench_with_input(
                 BenchmarkId::new(format!("{name}_k128"), format!("{threads}t")),
                 &texts,
-                |b, t| b.iter(|| hasher.signatures(t)),
+                |b, t| b.iter(|| hasher.signatures(t).unwrap()),
             );
         }
     }
@@ -69,7 +69,7 @@ fn bench_banding(c: &mut Criterion) {
         Shingler::new(5, Tokenizer::Word, 1).unwrap(),
         Permutations::new(128, 1).unwrap(),
     );
-    let sigs = hasher.signatures(&texts);
+    let sigs = hasher.signatures(&texts).unwrap();
     let mut group = c.benchmark_group("dedup_banding");
     group.throughput(Throughput::Elements(texts.len() as u64));
     group

@@ -13,10 +13,10 @@ pub struct MinRootUnionFind {
 }
 
 impl MinRootUnionFind {
-    pub fn new(n: usize) -> Self {
-        MinRootUnionFind {
-            parent: (0..n).collect(),
-        }
+    pub fn new(n: usize) -> Result<Self> {
+        let mut parent = super::filled(n, 0usize, "cluster ids")?;
+        parent.iter_mut().enumerate().for_each(|(i, p)| *p = i);
+        Ok(MinRootUnionFind { parent })
     }
 
     pub fn find(&mut self, mut x: usize) -> usize {
@@ -40,7 +40,7 @@ impl MinRootUnionFind {
 /// Cluster id of every document: the smallest index in its connected component.
 pub fn connected_components(n: usize, pairs: &[[i64; 2]]) -> Result<Vec<i64>> {
     check_pairs(pairs, n)?;
-    let mut uf = MinRootUnionFind::new(n);
+    let mut uf = MinRootUnionFind::new(n)?;
     for &[i, j] in pairs {
         uf.union(i as usize, j as usize);
     }

@@ -33,9 +33,11 @@ impl Permutations {
         if num_perm == 0 {
             return Err(Error::value("num_perm must be at least 1, got 0"));
         }
-        let padded = num_perm.div_ceil(PAD) * PAD;
-        let mut a = vec![1u32; padded];
-        let mut b = vec![0u32; padded];
+        let padded = num_perm
+            .checked_next_multiple_of(PAD)
+            .ok_or_else(|| Error::value(format!("num_perm = {num_perm} is too large")))?;
+        let mut a = super::filled(padded, 1u32, "permutation multipliers")?;
+        let mut b = super::filled(padded, 0u32, "permutation offsets")?;
         let mut state = seed;
         for k in 0..num_perm {
             a[k] = (splitmix64(&mut state) as u32) | 1;
@@ -189,9 +191,13 @@ impl MinHasher {
     }
 
     /// Signatures of many documents, row-major `(n, num_perm)`, in parallel over documents.
-    pub fn signatures<S: AsRef<str> + Sync>(&self, texts: &[S]) -> Vec<u32> {
+    pub fn signatures<S: AsRef<str> + Sync>(&self, texts: &[S]) -> Result<Vec<u32>> {
         let k = self.num_perm();
-        let mut out = vec![0u32; texts.len() * k];
+        let len = texts
+            .len()
+            .checked_mul(k)
+            .ok_or_else(|| Error::value("too many signature values"))?;
+        let mut out = super::filled(len, 0u32, "signatures")?;
         crate::parallel::install(|| {
             out.par_chunks_mut(k)
                 .zip(texts.par_iter())
@@ -199,7 +205,7 @@ impl MinHasher {
                     self.signature_into(text.as_ref(), scratch, row)
                 });
         });
-        out
+        Ok(out)
     }
 }
 
@@ -333,7 +339,7 @@ mod tests {
     fn batch_equals_single() {
         let h = hasher(32, 5);
         let texts = ["a b c d", "", "x", "a b c d e f g", "ünïcödé wörds here"];
-        let batch = h.signatures(&texts);
+        let batch = h.signatures(&texts).unwrap();
         for (i, t) in texts.iter().enumerate() {
             assert_eq!(&batch[i * 32..(i + 1) * 32], &h.signature(t)[..]);
         }

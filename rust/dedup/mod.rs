@@ -21,6 +21,17 @@ pub use verify::exact_jaccard_pairs;
 
 use rayon::prelude::*;
 
+use crate::error::{Error, Result};
+
+/// A vector of `len` copies of `value`, or an error (not an abort) when memory runs out.
+pub(crate) fn filled<T: Clone>(len: usize, value: T, what: &str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len)
+        .map_err(|_| Error::value(format!("cannot allocate {what} of {len} elements")))?;
+    v.resize(len, value);
+    Ok(v)
+}
+
 /// Exact-duplicate hashes of many documents (hash of the normalised text), in parallel.
 pub fn exact_hashes<S: AsRef<str> + Sync>(texts: &[S]) -> Vec<u64> {
     crate::parallel::install(|| {

@@ -61,6 +61,94 @@ pub fn fmix64(mut k: u64) -> u64 {
     k ^ (k >> 33)
 }
 
+/// First 72 bytes of xxh3's default secret: all that inputs of up to 16 bytes read.
+const XXH3_SECRET: [u8; 72] = [
+    0xb8, 0xfe, 0x6c, 0x39, 0x23, 0xa4, 0x4b, 0xbe, 0x7c, 0x01, 0x81, 0x2c, 0xf7, 0x21, 0xad, 0x1c,
+    0xde, 0xd4, 0x6d, 0xe9, 0x83, 0x90, 0x97, 0xdb, 0x72, 0x40, 0xa4, 0xa4, 0xb7, 0xb3, 0x67, 0x1f,
+    0xcb, 0x79, 0xe6, 0x4e, 0xcc, 0xc0, 0xe5, 0x78, 0x82, 0x5a, 0xd0, 0x7d, 0xcc, 0xff, 0x72, 0x21,
+    0xb8, 0x08, 0x46, 0x74, 0xf7, 0x43, 0x24, 0x8e, 0xe0, 0x35, 0x90, 0xe6, 0x81, 0x3a, 0x26, 0x4c,
+    0x3c, 0x28, 0x52, 0xbb, 0x91, 0xc3, 0x00, 0xcb,
+];
+
+const fn secret64(i: usize) -> u64 {
+    let s = &XXH3_SECRET;
+    u64::from_le_bytes([
+        s[i],
+        s[i + 1],
+        s[i + 2],
+        s[i + 3],
+        s[i + 4],
+        s[i + 5],
+        s[i + 6],
+        s[i + 7],
+    ])
+}
+
+const fn secret32(i: usize) -> u32 {
+    let s = &XXH3_SECRET;
+    u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]])
+}
+
+#[inline(always)]
+fn read64(b: &[u8], i: usize) -> u64 {
+    u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"))
+}
+
+#[inline(always)]
+fn read32(b: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"))
+}
+
+/// `xxh3_64_with_seed`, with the paths for inputs of up to 16 bytes (nearly every token) inlined
+/// here; longer inputs call the xxhash-rust crate. Tested equal to the crate for every length.
+#[inline(always)]
+pub fn token_hash(b: &[u8], seed: u64) -> u64 {
+    let len = b.len();
+    if len > 16 {
+        return xxh3_64_with_seed(b, seed);
+    }
+    if len > 8 {
+        let lo = read64(b, 0) ^ (secret64(24) ^ secret64(32)).wrapping_add(seed);
+        let hi = read64(b, len - 8) ^ (secret64(40) ^ secret64(48)).wrapping_sub(seed);
+        let product = lo as u128 * hi as u128;
+        let acc = (len as u64)
+            .wrapping_add(lo.swap_bytes())
+            .wrapping_add(hi)
+            .wrapping_add(product as u64 ^ (product >> 64) as u64);
+        let v = (acc ^ (acc >> 37)).wrapping_mul(0x1656_6791_9E37_79F9);
+        return v ^ (v >> 32);
+    }
+    if len >= 4 {
+        let seed = seed ^ (((seed as u32).swap_bytes() as u64) << 32);
+        let input64 = (read32(b, len - 4) as u64).wrapping_add((read32(b, 0) as u64) << 32);
+        let mut v = input64 ^ (secret64(8) ^ secret64(16)).wrapping_sub(seed);
+        v ^= v.rotate_left(49) ^ v.rotate_left(24);
+        v = v.wrapping_mul(0x9FB2_1C65_1E98_DF25);
+        v ^= (v >> 35).wrapping_add(len as u64);
+        v = v.wrapping_mul(0x9FB2_1C65_1E98_DF25);
+        return v ^ (v >> 28);
+    }
+    let keyed = if len > 0 {
+        let combo = ((b[0] as u32) << 16)
+            | ((b[len >> 1] as u32) << 24)
+            | (b[len - 1] as u32)
+            | ((len as u32) << 8);
+        combo as u64 ^ ((secret32(0) ^ secret32(4)) as u64).wrapping_add(seed)
+    } else {
+        seed ^ secret64(56) ^ secret64(64)
+    };
+    xxh64_avalanche(keyed)
+}
+
+#[inline(always)]
+fn xxh64_avalanche(mut v: u64) -> u64 {
+    v ^= v >> 33;
+    v = v.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    v ^= v >> 29;
+    v = v.wrapping_mul(0x1656_67B1_9E37_79F9);
+    v ^ (v >> 32)
+}
+
 /// Odd multipliers `C_0..C_{n-1}` for the shingle combine.
 pub fn position_multipliers(ngram: usize) -> Vec<u64> {
     let mut state = POSITION_SEED;
@@ -174,7 +262,7 @@ impl Shingler {
             let h = if ch.is_ascii() {
                 self.ascii_char_hashes[ch as usize]
             } else {
-                xxh3_64_with_seed(ch.encode_utf8(&mut buf).as_bytes(), self.seed)
+                token_hash(ch.encode_utf8(&mut buf).as_bytes(), self.seed)
             };
             out.push(h);
         }
@@ -337,7 +425,7 @@ fn word_token_hashes(text: &str, ascii: bool, seed: u64, masks: &mut Vec<u64>, o
             break;
         }
         let end = next_bit(masks, start, false).min(n);
-        out.push(xxh3_64_with_seed(&bytes[start..end], seed));
+        out.push(token_hash(&bytes[start..end], seed));
         pos = end;
     }
 }
@@ -461,6 +549,24 @@ mod tests {
         word_token_hashes(&all, true, 0, &mut Vec::new(), &mut got);
         assert_eq!(got, word_token_hashes_reference(&all, 0));
         assert_eq!(got.len(), 3);
+    }
+
+    #[test]
+    fn inlined_token_hash_equals_xxh3() {
+        let mut state = 5u64;
+        let data: Vec<u8> = (0..64).map(|_| splitmix64(&mut state) as u8).collect();
+        for seed in [0, 1, 42, u64::MAX, 0x1234_5678_9ABC_DEF0] {
+            for len in 0..=40 {
+                for start in [0, 3, 17] {
+                    let b = &data[start..start + len];
+                    assert_eq!(
+                        token_hash(b, seed),
+                        xxh3_64_with_seed(b, seed),
+                        "len {len} seed {seed}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -176,7 +176,7 @@ fn signatures<'py>(
     let h = hasher(num_perm, ngram, tokenizer, seed)?;
     let items = items(texts)?;
     let raw = raw_docs(&items, replace)?;
-    let out = py.detach(|| decode(&raw, replace).map(|docs| h.signatures(&docs)))?;
+    let out = py.detach(|| decode(&raw, replace).and_then(|docs| h.signatures(&docs)))?;
     to_2d(py, out, num_perm)
 }
 
