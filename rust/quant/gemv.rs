@@ -193,11 +193,9 @@ fn prepare_int(
         k.div_ceil(chunk_elems) * chunk_elems
     };
     let lanes_per_chunk = 16;
-    let lane_stride = if chunk_elems == 0 {
-        0
-    } else {
-        stride / chunk_elems * lanes_per_chunk
-    };
+    let lane_stride = stride
+        .checked_div(chunk_elems)
+        .map_or(0, |c| c * lanes_per_chunk);
     let mut xq = Vec::with_capacity(m * stride);
     let mut xs = vec![0f32; m * nb];
     let mut lane_scales = vec![0f32; m * lane_stride];

@@ -185,7 +185,9 @@ class QuantLinear(nn.Module):
         """Builds a layer from unpacked uint8 codes ``(out, in)`` and float32 parameters
         ``(out, in // group_size)`` (as produced by GPTQ/AWQ)."""
         if not isinstance(q_codes, torch.Tensor) or q_codes.dtype != torch.uint8:
-            raise TypeError(f"q_codes must be a uint8 tensor, got {getattr(q_codes, 'dtype', q_codes)}")
+            raise TypeError(
+                f"q_codes must be a uint8 tensor, got {getattr(q_codes, 'dtype', q_codes)}"
+            )
         if q_codes.dim() != 2:
             raise ValueError(f"q_codes must be (out, in), got shape {tuple(q_codes.shape)}")
         out, k = q_codes.shape
@@ -214,9 +216,7 @@ class QuantLinear(nn.Module):
         if x.dtype not in _ACT_DTYPES:
             raise TypeError(f"QuantLinear takes float32 or bfloat16 input, got {x.dtype}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"input must be (..., {self.in_features}), got shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"input must be (..., {self.in_features}), got shape {tuple(x.shape)}")
         return _QuantLinearFunction.apply(x, self)
 
     def quant_spec(self) -> dict[str, Any]:
@@ -295,7 +295,11 @@ class QuantEmbedding(nn.Module):
             raise ValueError("QuantEmbedding does not support max_norm or sparse embeddings")
         w = embedding.weight.detach()
         layer = cls(
-            embedding.num_embeddings, embedding.embedding_dim, bits, group_size, embedding.padding_idx
+            embedding.num_embeddings,
+            embedding.embedding_dim,
+            bits,
+            group_size,
+            embedding.padding_idx,
         )
         scales, zeros = choose_qparams(w, bits, layer.group_size, symmetric)
         q = quantize_affine(w, scales, zeros, bits, layer.group_size).cpu()

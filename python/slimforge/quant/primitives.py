@@ -61,7 +61,9 @@ def _float_matrix(w: torch.Tensor, name: str) -> tuple[np.ndarray, tuple[int, ..
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
     if w.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating-point tensor (fp32/bf16/fp16/fp64), got {w.dtype}")
+        raise TypeError(
+            f"{name} must be a floating-point tensor (fp32/bf16/fp16/fp64), got {w.dtype}"
+        )
     if w.dim() < 1:
         raise ValueError(f"{name} must have at least one dimension, got a scalar")
     shape = tuple(w.shape)

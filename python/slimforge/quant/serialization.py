@@ -93,13 +93,17 @@ def load_quantized(
     cfg_path, weights_path = d / CONFIG_NAME, d / WEIGHTS_NAME
     for p in (cfg_path, weights_path):
         if not p.is_file():
-            raise FileNotFoundError(f"{p} not found (expected a directory written by save_quantized)")
+            raise FileNotFoundError(
+                f"{p} not found (expected a directory written by save_quantized)"
+            )
     with open(cfg_path, encoding="utf-8") as f:
         config = json.load(f)
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ValueError(f"{cfg_path} is not a {FORMAT} config")
     if config.get("version") != VERSION:
-        raise ValueError(f"{cfg_path}: unsupported version {config.get('version')!r}, expected {VERSION}")
+        raise ValueError(
+            f"{cfg_path}: unsupported version {config.get('version')!r}, expected {VERSION}"
+        )
     model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
     if not isinstance(model, nn.Module):
         raise TypeError(f"the factory must return an nn.Module, got {type(model).__name__}")
