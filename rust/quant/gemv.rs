@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::{check_len, check_params, groups_per_row, qmax};
+use super::{check_len, groups_per_row, qmax};
 use crate::error::{Error, Result};
 
 /// A packed quantized weight `(out_features, in_features)` borrowed from the caller.
@@ -35,13 +35,17 @@ pub struct QuantWeight<'a> {
 }
 
 impl QuantWeight<'_> {
-    /// Checks shapes, bits, group size and parameters; returns the number of groups per row.
+    /// Checks shapes, bits and group size; returns the number of groups per row.
+    ///
+    /// Parameter values are not scanned here (that would cost a pass over them per call): they
+    /// are checked where the weight is built (`affine::quantize`, `QuantLinear.from_quantized`).
     pub fn validate(&self) -> Result<usize> {
         qmax(self.bits)?;
         let ng = groups_per_row(self.in_features, self.group_size)?;
         let row_bytes = self.row_bytes()?;
         check_len("qweight", self.qweight.len(), self.out_features, row_bytes)?;
-        check_params(self.scales, self.zeros, self.out_features, ng)?;
+        check_len("scales", self.scales.len(), self.out_features, ng)?;
+        check_len("zeros", self.zeros.len(), self.out_features, ng)?;
         Ok(ng)
     }
 
@@ -388,10 +392,7 @@ pub fn linear_with_isa(
                                 _ => int_row_portable(int4, q, s, g, &acts, y),
                             }
                             for (t, yv) in y.iter_mut().enumerate() {
-                                let gs = &acts.group_sums[t * ng..(t + 1) * ng];
-                                let zt: f32 =
-                                    s.iter().zip(z).zip(gs).map(|((a, b), c)| a * b * c).sum();
-                                *yv -= zt;
+                                *yv -= dot3(s, z, &acts.group_sums[t * ng..(t + 1) * ng]);
                             }
                         }
                     })
@@ -405,6 +406,28 @@ pub fn linear_with_isa(
         }
     }
     Ok(out)
+}
+
+/// `sum_i a_i * b_i * c_i` with 8 independent partial sums (vectorises, no FMA chain).
+fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    let mut part = [0f32; 8];
+    let n8 = a.len() / 8 * 8;
+    for ((a8, b8), c8) in a[..n8]
+        .chunks_exact(8)
+        .zip(b[..n8].chunks_exact(8))
+        .zip(c[..n8].chunks_exact(8))
+    {
+        for i in 0..8 {
+            part[i] += a8[i] * b8[i] * c8[i];
+        }
+    }
+    let tail: f32 = a[n8..]
+        .iter()
+        .zip(&b[n8..])
+        .zip(&c[n8..])
+        .map(|((x, y), z)| x * y * z)
+        .sum();
+    part.iter().sum::<f32>() + tail
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -448,12 +471,12 @@ fn float_row_portable(
                     .iter()
                     .zip(xg.chunks_exact(2))
                 {
-                    acc += ((b & 15) as f32).mul_add(sv, nz) * xp[0];
-                    acc += ((b >> 4) as f32).mul_add(sv, nz) * xp[1];
+                    acc += ((b & 15) as f32 * sv + nz) * xp[0];
+                    acc += ((b >> 4) as f32 * sv + nz) * xp[1];
                 }
             } else {
                 for (&c, &xv) in q[gi * g..(gi + 1) * g].iter().zip(xg) {
-                    acc += (c as f32).mul_add(sv, nz) * xv;
+                    acc += (c as f32 * sv + nz) * xv;
                 }
             }
         }

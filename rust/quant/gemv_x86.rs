@@ -208,53 +208,83 @@ unsafe fn int_tile_vnni<const T: usize>(
     t0: usize,
     y: &mut [f32],
 ) {
+    let nchunks = cg.first.len();
+    // Two accumulator sets (even and odd chunks) so consecutive chunks do not wait on one FMA chain.
+    let mut acc0 = [_mm512_setzero_ps(); T];
+    let mut acc1 = [_mm512_setzero_ps(); T];
+    let mut c = 0;
+    while c + 1 < nchunks {
+        int_chunk_vnni::<T>(int4, q, s, cg, acts, t0, c, &mut acc0);
+        int_chunk_vnni::<T>(int4, q, s, cg, acts, t0, c + 1, &mut acc1);
+        c += 2;
+    }
+    if c < nchunks {
+        int_chunk_vnni::<T>(int4, q, s, cg, acts, t0, c, &mut acc0);
+    }
+    for t in 0..T {
+        *y.get_unchecked_mut(t0 + t) = _mm512_reduce_add_ps(_mm512_add_ps(acc0[t], acc1[t]));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn int_chunk_vnni<const T: usize>(
+    int4: bool,
+    q: &[u8],
+    s: &[f32],
+    cg: &ChunkGroups,
+    acts: &IntActs,
+    t0: usize,
+    c: usize,
+    acc: &mut [__m512; T],
+) {
     let nbytes = q.len();
+    let off = c * 64;
     let qp = q.as_ptr();
-    let m15 = _mm512_set1_epi8(15);
-    let mut acc = [[_mm512_setzero_ps(); 2]; T];
+    let wv = if off + 64 <= nbytes {
+        _mm512_loadu_si512(qp.add(off) as *const _)
+    } else {
+        _mm512_maskz_loadu_epi8((1u64 << (nbytes - off)) - 1, qp.add(off) as *const i8)
+    };
+    let g0 = *cg.first.get_unchecked(c) as usize;
+    let cnt = *cg.count.get_unchecked(c);
+    let ws = if cnt == 1 {
+        _mm512_set1_ps(*s.get_unchecked(g0))
+    } else {
+        let idx = _mm512_loadu_si512(cg.lane_group.as_ptr().add(c * 16) as *const _);
+        let sv = _mm512_maskz_loadu_ps(((1u32 << cnt) - 1) as u16, s.as_ptr().add(g0));
+        _mm512_permutexvar_ps(idx, sv)
+    };
     let xq = acts.xq.as_ptr().add(t0 * acts.stride);
-    let ls = acts.lane_scales.as_ptr().add(t0 * acts.lane_stride);
-    let in_per_chunk = if int4 { 128 } else { 64 };
-    for c in 0..cg.first.len() {
-        let off = c * 64;
-        let wv = if off + 64 <= nbytes {
-            _mm512_loadu_si512(qp.add(off) as *const _)
-        } else {
-            _mm512_maskz_loadu_epi8((1u64 << (nbytes - off)) - 1, qp.add(off) as *const i8)
-        };
-        let g0 = *cg.first.get_unchecked(c) as usize;
-        let cnt = *cg.count.get_unchecked(c);
-        let ws = if cnt == 1 {
-            _mm512_set1_ps(*s.get_unchecked(g0))
-        } else {
-            let idx = _mm512_loadu_si512(cg.lane_group.as_ptr().add(c * 16) as *const _);
-            let sv = _mm512_maskz_loadu_ps(((1u32 << cnt) - 1) as u16, s.as_ptr().add(g0));
-            _mm512_permutexvar_ps(idx, sv)
-        };
-        let (lo, hi) = if int4 {
-            (
-                _mm512_and_si512(wv, m15),
-                _mm512_and_si512(_mm512_srli_epi16::<4>(wv), m15),
-            )
-        } else {
-            (wv, _mm512_setzero_si512())
-        };
+    let ls = acts
+        .lane_scales
+        .as_ptr()
+        .add(t0 * acts.lane_stride + c * 16);
+    if int4 {
+        let m15 = _mm512_set1_epi8(15);
+        let lo = _mm512_and_si512(wv, m15);
+        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(wv), m15);
         for (t, a) in acc.iter_mut().enumerate() {
-            let xp = xq.add(t * acts.stride + c * in_per_chunk);
-            let mut d = _mm512_dpbusd_epi32(
+            let xp = xq.add(t * acts.stride + c * 128);
+            let d = _mm512_dpbusd_epi32(
                 _mm512_setzero_si512(),
                 lo,
                 _mm512_loadu_si512(xp as *const _),
             );
-            if int4 {
-                d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xp.add(64) as *const _));
-            }
-            let sc = _mm512_mul_ps(_mm512_loadu_ps(ls.add(t * acts.lane_stride + c * 16)), ws);
-            // Two accumulators per token so consecutive chunks do not wait on one FMA chain.
-            a[c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, a[c & 1]);
+            let d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xp.add(64) as *const _));
+            let sc = _mm512_mul_ps(_mm512_loadu_ps(ls.add(t * acts.lane_stride)), ws);
+            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, *a);
         }
-    }
-    for (t, a) in acc.iter().enumerate() {
-        *y.get_unchecked_mut(t0 + t) = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
+    } else {
+        for (t, a) in acc.iter_mut().enumerate() {
+            let xp = xq.add(t * acts.stride + c * 64);
+            let d = _mm512_dpbusd_epi32(
+                _mm512_setzero_si512(),
+                wv,
+                _mm512_loadu_si512(xp as *const _),
+            );
+            let sc = _mm512_mul_ps(_mm512_loadu_ps(ls.add(t * acts.lane_stride)), ws);
+            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, *a);
+        }
     }
 }

@@ -47,6 +47,11 @@ pub(crate) fn check_len(name: &str, len: usize, rows: usize, cols: usize) -> Res
     Ok(())
 }
 
+/// Finite and integer-valued (a cast, not `fract`, which is a libm call on baseline x86-64).
+fn is_integer(z: f32) -> bool {
+    z.is_finite() && z.abs() < 2.0e9 && (z as i64) as f32 == z
+}
+
 /// Checks per-group parameters: finite positive scales and finite integer-valued zeros.
 pub(crate) fn check_params(
     scales: &[f32],
@@ -64,10 +69,7 @@ pub(crate) fn check_params(
             i % ngroups.max(1)
         )));
     }
-    if let Some(i) = zeros
-        .iter()
-        .position(|z| !z.is_finite() || z.fract() != 0.0)
-    {
+    if let Some(i) = zeros.iter().position(|&z| !is_integer(z)) {
         return Err(Error::value(format!(
             "zeros must be finite integer values, got {} at row {}, group {}",
             zeros[i],
