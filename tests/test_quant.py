@@ -244,6 +244,21 @@ def test_backward_reaches_input_only(bits, group, lead, dtype, seed):
     assert all(not b.requires_grad for b in ql.buffers())
 
 
+def test_buffer_updates_reach_the_kernel():
+    _, a = layer(4, 32, False, 16, 64, True, 1)
+    _, b = layer(4, 32, False, 16, 64, True, 2)
+    x = torch.randn(2, 64)
+    ya = a(x)
+    a.load_state_dict(b.state_dict())
+    assert torch.equal(a(x), b(x)) and not torch.equal(a(x), ya)
+    a.qweight = torch.zeros_like(a.qweight)
+    a.route = "float"
+    assert torch.allclose(a(x), x @ a.dequantize().T + a.bias, atol=1e-5)
+    a.bfloat16()
+    assert a.scales.dtype == a.zeros.dtype == a.bias.dtype == torch.float32
+    assert a(x.bfloat16()).dtype == torch.bfloat16
+
+
 def test_lora_style_training_on_frozen_int4_base():
     torch.manual_seed(0)
     base = QuantLinear.from_float(nn.Linear(64, 32), 4, 32)

@@ -127,6 +127,8 @@ pub fn default_route() -> Route {
 pub const ACT_BLOCK: usize = 32;
 /// Output rows per rayon task.
 const ROWS_PER_TASK: usize = 16;
+/// Below this many multiply-adds a call stays on the calling thread (a pool hop costs more).
+const PARALLEL_MIN_MACS: usize = 1 << 18;
 /// Tokens that share one pass over a weight row (held in registers).
 pub(crate) const TOKEN_TILE: usize = 4;
 
@@ -324,6 +326,7 @@ pub fn linear_with_isa(
     let int4 = w.bits == 4;
     let row_bytes = if int4 { k / 2 } else { k };
     let mut out_t = vec![0f32; n * m];
+    let parallel = n * k * m >= PARALLEL_MIN_MACS && crate::parallel::num_threads() > 1;
 
     match route {
         Route::Float => {
@@ -339,23 +342,18 @@ pub fn linear_with_isa(
                 _ => 0,
             };
             let acts = prepare_float(x, m, k, half);
-            crate::parallel::install(|| {
-                out_t
-                    .par_chunks_mut(ROWS_PER_TASK * m)
-                    .enumerate()
-                    .for_each(|(task, chunk)| {
-                        let mut neg_zs = vec![0f32; ng];
-                        for (i, y) in chunk.chunks_exact_mut(m).enumerate() {
-                            let r = task * ROWS_PER_TASK + i;
-                            let s = &w.scales[r * ng..(r + 1) * ng];
-                            let z = &w.zeros[r * ng..(r + 1) * ng];
-                            for ((nz, &sv), &zv) in neg_zs.iter_mut().zip(s).zip(z) {
-                                *nz = -zv * sv;
-                            }
-                            let q = &w.qweight[r * row_bytes..(r + 1) * row_bytes];
-                            float_row(isa, int4, q, s, &neg_zs, g, &acts, y);
-                        }
-                    })
+            for_each_row_block(&mut out_t, m, parallel, |task, chunk| {
+                let mut neg_zs = vec![0f32; ng];
+                for (i, y) in chunk.chunks_exact_mut(m).enumerate() {
+                    let r = task * ROWS_PER_TASK + i;
+                    let s = &w.scales[r * ng..(r + 1) * ng];
+                    let z = &w.zeros[r * ng..(r + 1) * ng];
+                    for ((nz, &sv), &zv) in neg_zs.iter_mut().zip(s).zip(z) {
+                        *nz = -zv * sv;
+                    }
+                    let q = &w.qweight[r * row_bytes..(r + 1) * row_bytes];
+                    float_row(isa, int4, q, s, &neg_zs, g, &acts, y);
+                }
             });
         }
         Route::Int8Activations => {
@@ -371,31 +369,24 @@ pub fn linear_with_isa(
             } else {
                 None
             };
-            crate::parallel::install(|| {
-                out_t
-                    .par_chunks_mut(ROWS_PER_TASK * m)
-                    .enumerate()
-                    .for_each(|(task, chunk)| {
-                        for (i, y) in chunk.chunks_exact_mut(m).enumerate() {
-                            let r = task * ROWS_PER_TASK + i;
-                            let s = &w.scales[r * ng..(r + 1) * ng];
-                            let z = &w.zeros[r * ng..(r + 1) * ng];
-                            let q = &w.qweight[r * row_bytes..(r + 1) * row_bytes];
-                            match &groups {
-                                #[cfg(target_arch = "x86_64")]
-                                Some(cg) => {
-                                    // SAFETY: VNNI support was checked by `detect_isa`; shapes by `validate`.
-                                    unsafe {
-                                        super::gemv_x86::int_row_vnni(int4, q, s, k, cg, &acts, y)
-                                    }
-                                }
-                                _ => int_row_portable(int4, q, s, g, &acts, y),
-                            }
-                            for (t, yv) in y.iter_mut().enumerate() {
-                                *yv -= dot3(s, z, &acts.group_sums[t * ng..(t + 1) * ng]);
-                            }
+            for_each_row_block(&mut out_t, m, parallel, |task, chunk| {
+                for (i, y) in chunk.chunks_exact_mut(m).enumerate() {
+                    let r = task * ROWS_PER_TASK + i;
+                    let s = &w.scales[r * ng..(r + 1) * ng];
+                    let z = &w.zeros[r * ng..(r + 1) * ng];
+                    let q = &w.qweight[r * row_bytes..(r + 1) * row_bytes];
+                    match &groups {
+                        #[cfg(target_arch = "x86_64")]
+                        Some(cg) => {
+                            // SAFETY: VNNI support was checked by `detect_isa`; shapes by `validate`.
+                            unsafe { super::gemv_x86::int_row_vnni(int4, q, s, k, cg, &acts, y) }
                         }
-                    })
+                        _ => int_row_portable(int4, q, s, g, &acts, y),
+                    }
+                    for (t, yv) in y.iter_mut().enumerate() {
+                        *yv -= dot3(s, z, &acts.group_sums[t * ng..(t + 1) * ng]);
+                    }
+                }
             });
         }
     }
@@ -406,6 +397,29 @@ pub fn linear_with_isa(
         }
     }
     Ok(out)
+}
+
+/// Runs `f(block_index, block)` over blocks of `ROWS_PER_TASK` output rows of `out_t` `(n, m)`.
+fn for_each_row_block(
+    out_t: &mut [f32],
+    m: usize,
+    parallel: bool,
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) {
+    let block = ROWS_PER_TASK * m;
+    if parallel {
+        crate::parallel::install(|| {
+            out_t
+                .par_chunks_mut(block)
+                .enumerate()
+                .for_each(|(i, c)| f(i, c))
+        });
+    } else {
+        out_t
+            .chunks_mut(block)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    }
 }
 
 /// `sum_i a_i * b_i * c_i` with 8 independent partial sums (vectorises, no FMA chain).

@@ -62,6 +62,35 @@ def dequantize_packed(
     return ((qf - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)).reshape(out, k)
 
 
+def _linear_forward(x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
+    k, n = module.in_features, module.out_features
+    x2 = x.detach().reshape(-1, k)
+    m = x2.shape[0]
+    if x.device.type == "cpu" and m <= FUSED_MAX_TOKENS:
+        args = (*module._native_weight(), module.bits, module.group_size, module.route)
+        xc = x2.contiguous()
+        if x.dtype == torch.bfloat16:
+            y = _native.quant_linear_bf16(xc.view(torch.int16).numpy(), *args)
+        else:
+            y = _native.quant_linear(xc.numpy(), *args)
+        y_t = torch.from_numpy(y)
+        if x.dtype != torch.float32:
+            y_t = y_t.to(x.dtype)
+    else:
+        w = module.dequantize().to(x.dtype)
+        b = None if module.bias is None else module.bias.to(x.dtype)
+        y_t = F.linear(x2, w, b)
+    return y_t.reshape(*x.shape[:-1], n)
+
+
+def _keep_float32(module: nn.Module, names: tuple[str, ...]) -> None:
+    # model.half() / .bfloat16() must not change the quantization parameters' layout
+    for name in names:
+        t = module._buffers.get(name)
+        if t is not None and t.dtype != torch.float32:
+            module._buffers[name] = t.to(torch.float32)
+
+
 class _QuantLinearFunction(torch.autograd.Function):
     """Frozen quantized weight: gradients flow to the input only."""
 
@@ -70,30 +99,7 @@ class _QuantLinearFunction(torch.autograd.Function):
         ctx: Any, x: torch.Tensor, module: QuantLinear
     ) -> torch.Tensor:
         ctx.module = module
-        k, n = module.in_features, module.out_features
-        x2 = x.reshape(-1, k)
-        m = x2.shape[0]
-        if x.device.type == "cpu" and m <= FUSED_MAX_TOKENS:
-            args = (
-                module.qweight.contiguous().numpy(),
-                module.scales.contiguous().numpy(),
-                module.zeros.contiguous().numpy(),
-                None if module.bias is None else module.bias.contiguous().numpy(),
-                module.bits,
-                module.group_size,
-                module.route,
-            )
-            xc = x2.detach().contiguous()
-            if x.dtype == torch.bfloat16:
-                y = _native.quant_linear_bf16(xc.view(torch.int16).numpy(), *args)
-            else:
-                y = _native.quant_linear(xc.numpy(), *args)
-            y_t = torch.from_numpy(y).to(x.dtype)
-        else:
-            w = module.dequantize().to(x.dtype)
-            b = None if module.bias is None else module.bias.to(x.dtype)
-            y_t = F.linear(x2.detach(), w, b)
-        return y_t.reshape(*x.shape[:-1], n)
+        return _linear_forward(x, module)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
@@ -212,12 +218,38 @@ class QuantLinear(nn.Module):
         """Float32 weight ``(out, in)``."""
         return dequantize_packed(self.qweight, self.scales, self.zeros, self.bits, self.group_size)
 
+    _BUFFERS = ("qweight", "scales", "zeros", "bias")
+
+    def _native_weight(self) -> tuple[Any, Any, Any, Any]:
+        """NumPy views of the buffers for the kernels, cached (they share the buffers' memory)."""
+        cached = self.__dict__.get("_np_views")
+        if cached is not None:
+            return cached
+        ts = [getattr(self, name) for name in self._BUFFERS]
+        views = tuple(None if t is None else t.contiguous().numpy() for t in ts)
+        if all(t is None or t.is_contiguous() for t in ts):
+            self.__dict__["_np_views"] = views
+        return views  # type: ignore[return-value]
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
+        self.__dict__.pop("_np_views", None)
+        super()._apply(fn, recurse)
+        _keep_float32(self, ("scales", "zeros", "bias"))
+        return self
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._BUFFERS:
+            self.__dict__.pop("_np_views", None)
+        super().__setattr__(name, value)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype not in _ACT_DTYPES:
             raise TypeError(f"QuantLinear takes float32 or bfloat16 input, got {x.dtype}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input must be (..., {self.in_features}), got shape {tuple(x.shape)}")
-        return _QuantLinearFunction.apply(x, self)
+        if x.requires_grad and torch.is_grad_enabled():
+            return _QuantLinearFunction.apply(x, self)
+        return _linear_forward(x, self)
 
     def quant_spec(self) -> dict[str, Any]:
         """Constructor arguments, for :mod:`slimforge.quant.serialization`."""
@@ -307,6 +339,11 @@ class QuantEmbedding(nn.Module):
         layer.scales.copy_(scales.cpu())
         layer.zeros.copy_(zeros.cpu())
         return layer
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantEmbedding:
+        super()._apply(fn, recurse)
+        _keep_float32(self, ("scales", "zeros"))
+        return self
 
     def dequantize(self) -> torch.Tensor:
         """Float32 table ``(num_embeddings, embedding_dim)``."""
