@@ -174,7 +174,7 @@ def layer(bits, group, symmetric, out, k, bias, seed):
     group=st.sampled_from(GROUPS),
     ngroups=st.integers(1, 3),
     out=st.integers(1, 40),
-    lead=st.sampled_from([(), (1,), (3,), (2, 3), (5, 4), (FUSED_MAX_TOKENS + 3,)]),
+    lead=st.sampled_from([(), (1,), (3,), (2, 3), (5, 4), (21,), (FUSED_MAX_TOKENS + 3,)]),
     route=st.sampled_from(["float", "int8", "auto"]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     bias=st.booleans(),
@@ -196,8 +196,8 @@ def test_forward_matches_float64_reference(
         ref = ref + lin.bias.detach().double()
     mag = x2.abs() @ w.abs().T + (lin.bias.detach().double().abs() if bias else 0.0)
     m = x2.shape[0]
-    fused = m <= FUSED_MAX_TOKENS
     route_used = _native.quant_default_route() if route == "auto" else route
+    fused = m <= ql.fused_max_tokens()
     # float32 accumulation; bfloat16 adds rounding of the output (and of the weight off the fused path)
     tol = 1e-5 * mag + 1e-6
     if dtype == torch.bfloat16:

@@ -81,7 +81,8 @@ def main() -> None:
     cap = 40 if args.quick else 400
     print(
         f"isa={_native.quant_kernel_isa()} auto_route={_native.quant_default_route()} "
-        f"L3={l3 >> 20} MiB cold={cold}x L3 shape={n}x{k} batch=1 torch={torch.__version__}"
+        f"L3={l3 >> 20} MiB cold={cold}x L3 shape={n}x{k} batch=1 torch={torch.__version__} "
+        f"loadavg={os.getloadavg()[0]:.1f} cpus={os.cpu_count()}"
     )
     rows: list[tuple[str, int, float, float]] = []
     torch.set_grad_enabled(False)
@@ -182,6 +183,30 @@ def main() -> None:
             print(f"{name:<48} {t:>3} {'n/a':>9} {'':>7} {'':>8}")
             continue
         print(f"{name:<48} {t:>3} {sec * 1e6:>9.0f} {gbs:>7.2f} {base[t] / sec:>7.2f}x")
+
+    # Batch crossover: fused kernel vs dequantize + torch matmul (hot weights, last thread count).
+    print(
+        "\nbatch crossover, ms per call (fused route=int8 / fused route=float / dequantize + F.linear):"
+    )
+    for bits, group in ((8, None), (4, 128)):
+        (ql,) = make_quant_layers(1, k, n, bits, group)
+        views = ql._native_weight()
+        for m in (16, 64) if args.quick else (16, 32, 64, 128):
+            xm = torch.randn(m, k)
+            cells = []
+            for route in ("int8", "float"):
+                t = time_cycle(
+                    [
+                        lambda r=route, xm=xm: _native.quant_linear(
+                            xm.numpy(), *views, bits, ql.group_size, r
+                        )
+                    ],
+                    passes,
+                )
+                cells.append(f"{t * 1e3:.2f}")
+            t = time_cycle([lambda xm=xm: torch.nn.functional.linear(xm, ql.dequantize())], passes)
+            cells.append(f"{t * 1e3:.2f}")
+            print(f"  INT{bits} m={m:<4} " + " / ".join(cells))
 
     # Relative output error of each path on Gaussian weights (x @ W.T in float64 is the reference).
     torch.set_num_threads(1)

@@ -2,7 +2,8 @@
 
 Both hold the documented layout as buffers (``qweight`` uint8, ``scales``/``zeros`` float32,
 see :mod:`slimforge.quant.primitives`). On CPU, ``QuantLinear`` runs the fused Rust
-dequantize-and-multiply kernels for up to ``FUSED_MAX_TOKENS`` rows; larger batches (and
+dequantize-and-multiply kernels for up to ``FUSED_MAX_TOKENS`` rows (``FUSED_MAX_TOKENS_FLOAT``
+on the float route); larger batches (and
 non-CPU tensors) dequantize the weight and call ``torch.nn.functional.linear``.
 """
 
@@ -23,10 +24,19 @@ from slimforge.quant.primitives import (
     resolve_group_size,
 )
 
-__all__ = ["FUSED_MAX_TOKENS", "QuantEmbedding", "QuantLinear", "dequantize_packed"]
+__all__ = [
+    "FUSED_MAX_TOKENS",
+    "FUSED_MAX_TOKENS_FLOAT",
+    "QuantEmbedding",
+    "QuantLinear",
+    "dequantize_packed",
+]
 
-#: Batches of at most this many rows use the fused kernels; larger ones dequantize + matmul.
-FUSED_MAX_TOKENS = 16
+#: Batches of at most this many rows use the fused int8-activation kernel; larger ones
+#: dequantize + matmul (crossover measured with benches/python/quant_gemv.py, see docs/quant.md).
+FUSED_MAX_TOKENS = 64
+#: The same limit for the float route, whose cost grows faster with the batch.
+FUSED_MAX_TOKENS_FLOAT = 32
 
 _ACT_DTYPES = (torch.float32, torch.bfloat16)
 _ROUTES = ("auto", "float", "int8")
@@ -66,7 +76,7 @@ def _linear_forward(x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
     k, n = module.in_features, module.out_features
     x2 = x.detach().reshape(-1, k)
     m = x2.shape[0]
-    if x.device.type == "cpu" and m <= FUSED_MAX_TOKENS:
+    if x.device.type == "cpu" and m <= module.fused_max_tokens():
         args = (*module._native_weight(), module.bits, module.group_size, module.route)
         xc = x2.contiguous()
         if x.dtype == torch.bfloat16:
@@ -219,6 +229,11 @@ class QuantLinear(nn.Module):
         return dequantize_packed(self.qweight, self.scales, self.zeros, self.bits, self.group_size)
 
     _BUFFERS = ("qweight", "scales", "zeros", "bias")
+
+    def fused_max_tokens(self) -> int:
+        """Largest batch (rows) that runs the fused CPU kernel for this layer's route."""
+        route = _native.quant_default_route() if self.route == "auto" else self.route
+        return FUSED_MAX_TOKENS if route == "int8" else FUSED_MAX_TOKENS_FLOAT
 
     def _native_weight(self) -> tuple[Any, Any, Any, Any]:
         """NumPy views of the buffers for the kernels, cached (they share the buffers' memory)."""
