@@ -62,6 +62,18 @@ def make_quant_layers(
     return layers
 
 
+def crossover(ql: QuantLinear, m: int, passes: int) -> list[float]:
+    """Seconds per call: fused int8 route, fused float route, dequantize + F.linear."""
+    views = ql._native_weight()
+    x = torch.randn(m, ql.in_features)
+    out = []
+    for route in ("int8", "float"):
+        args = (*views, ql.bits, ql.group_size, route)
+        out.append(time_cycle([lambda args=args: _native.quant_linear(x.numpy(), *args)], passes))
+    out.append(time_cycle([lambda: torch.nn.functional.linear(x, ql.dequantize())], passes))
+    return out
+
+
 def layer_count(bytes_per_layer: int, cold_bytes: int, cap: int) -> int:
     return max(2, min(cap, -(-cold_bytes // bytes_per_layer)))
 
@@ -190,22 +202,8 @@ def main() -> None:
     )
     for bits, group in ((8, None), (4, 128)):
         (ql,) = make_quant_layers(1, k, n, bits, group)
-        views = ql._native_weight()
         for m in (16, 64) if args.quick else (16, 32, 64, 128):
-            xm = torch.randn(m, k)
-            cells = []
-            for route in ("int8", "float"):
-                t = time_cycle(
-                    [
-                        lambda r=route, xm=xm: _native.quant_linear(
-                            xm.numpy(), *views, bits, ql.group_size, r
-                        )
-                    ],
-                    passes,
-                )
-                cells.append(f"{t * 1e3:.2f}")
-            t = time_cycle([lambda xm=xm: torch.nn.functional.linear(xm, ql.dequantize())], passes)
-            cells.append(f"{t * 1e3:.2f}")
+            cells = [f"{t * 1e3:.2f}" for t in crossover(ql, m, passes)]
             print(f"  INT{bits} m={m:<4} " + " / ".join(cells))
 
     # Relative output error of each path on Gaussian weights (x @ W.T in float64 is the reference).
