@@ -1,9 +1,6 @@
 # Hand-written stubs for the Rust extension; checked by `python -m mypy.stubtest slimforge._native`.
 # Keep one section per area, in the order of rust/py/mod.rs.
 
-import numpy as np
-import numpy.typing as npt
-
 __version__: str
 
 def get_num_threads() -> int: ...
@@ -14,51 +11,54 @@ def built_with_cuda() -> bool: ...
 
 # --- quant ---
 
+import numpy as np  # noqa: E402
+from numpy.typing import NDArray  # noqa: E402
+
 def quant_choose_qparams(
-    w: npt.NDArray[np.float32], bits: int, group_size: int, symmetric: bool
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]: ...
+    w: NDArray[np.float32], bits: int, group_size: int, symmetric: bool
+) -> tuple[NDArray[np.float32], NDArray[np.float32]]: ...
 def quant_quantize(
-    w: npt.NDArray[np.float32],
-    scales: npt.NDArray[np.float32],
-    zeros: npt.NDArray[np.float32],
+    w: NDArray[np.float32],
+    scales: NDArray[np.float32],
+    zeros: NDArray[np.float32],
     bits: int,
     group_size: int,
-) -> npt.NDArray[np.uint8]: ...
+) -> NDArray[np.uint8]: ...
 def quant_dequantize(
-    q: npt.NDArray[np.uint8],
-    scales: npt.NDArray[np.float32],
-    zeros: npt.NDArray[np.float32],
+    q: NDArray[np.uint8],
+    scales: NDArray[np.float32],
+    zeros: NDArray[np.float32],
     group_size: int,
-) -> npt.NDArray[np.float32]: ...
+) -> NDArray[np.float32]: ...
 def quant_dequantize_packed(
-    qweight: npt.NDArray[np.uint8],
-    scales: npt.NDArray[np.float32],
-    zeros: npt.NDArray[np.float32],
+    qweight: NDArray[np.uint8],
+    scales: NDArray[np.float32],
+    zeros: NDArray[np.float32],
     bits: int,
     group_size: int,
-) -> npt.NDArray[np.float32]: ...
-def quant_pack_int4(q: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]: ...
-def quant_unpack_int4(packed: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]: ...
+) -> NDArray[np.float32]: ...
+def quant_pack_int4(q: NDArray[np.uint8]) -> NDArray[np.uint8]: ...
+def quant_unpack_int4(packed: NDArray[np.uint8]) -> NDArray[np.uint8]: ...
 def quant_linear(
-    x: npt.NDArray[np.float32],
-    qweight: npt.NDArray[np.uint8],
-    scales: npt.NDArray[np.float32],
-    zeros: npt.NDArray[np.float32],
-    bias: npt.NDArray[np.float32] | None,
+    x: NDArray[np.float32],
+    qweight: NDArray[np.uint8],
+    scales: NDArray[np.float32],
+    zeros: NDArray[np.float32],
+    bias: NDArray[np.float32] | None,
     bits: int,
     group_size: int,
     route: str = "auto",
-) -> npt.NDArray[np.float32]: ...
+) -> NDArray[np.float32]: ...
 def quant_linear_bf16(
-    x: npt.NDArray[np.int16],
-    qweight: npt.NDArray[np.uint8],
-    scales: npt.NDArray[np.float32],
-    zeros: npt.NDArray[np.float32],
-    bias: npt.NDArray[np.float32] | None,
+    x: NDArray[np.int16],
+    qweight: NDArray[np.uint8],
+    scales: NDArray[np.float32],
+    zeros: NDArray[np.float32],
+    bias: NDArray[np.float32] | None,
     bits: int,
     group_size: int,
     route: str = "auto",
-) -> npt.NDArray[np.float32]: ...
+) -> NDArray[np.float32]: ...
 def quant_kernel_isa() -> str: ...
 def quant_default_route() -> str: ...
 
