@@ -10,7 +10,9 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{gemm, Fused, MulAdd, Real, Storage, Unfused};
+#[cfg(target_arch = "x86_64")]
+use super::gemm::{Avx2, Avx512};
+use super::gemm::{Isa as IsaChoice, Portable, Real, Storage};
 use super::mask::{MaskSpec, TileClass};
 use crate::error::{Error, Result};
 
@@ -25,7 +27,7 @@ pub const BWD_BLOCK_K: usize = 64;
 /// Largest supported head dimension.
 pub const MAX_HEAD_DIM: usize = 256;
 /// Backward tasks aimed at per call, independent of the thread count (it fixes the dQ split).
-const BWD_TARGET_TASKS: usize = 16;
+const BWD_TARGET_TASKS: usize = 8;
 /// Upper bound on the dQ buffers of the backward (memory: parts x size of dQ).
 const BWD_MAX_PARTS: usize = 8;
 
@@ -277,44 +279,6 @@ fn check_len(name: &str, got: usize, want: usize) -> Result<()> {
     Ok(())
 }
 
-/// Maximum over a row, in 16 independent lanes so it vectorises.
-#[inline(always)]
-fn row_max<T: Real>(row: &[T]) -> T {
-    let mut lanes = [T::NEG_INFINITY; 16];
-    let mut chunks = row.chunks_exact(16);
-    for chunk in &mut chunks {
-        for (lane, &x) in lanes.iter_mut().zip(chunk) {
-            *lane = lane.max(x);
-        }
-    }
-    let mut best = T::NEG_INFINITY;
-    for &x in chunks.remainder().iter().chain(lanes.iter()) {
-        best = best.max(x);
-    }
-    best
-}
-
-/// `row[i] = exp(row[i] - shift)`, returning the sum, in 16 lanes.
-#[inline(always)]
-fn exp_shift_sum<T: Real>(row: &mut [T], shift: T) -> T {
-    let mut lanes = [T::ZERO; 16];
-    let mut chunks = row.chunks_exact_mut(16);
-    for chunk in &mut chunks {
-        for (lane, x) in lanes.iter_mut().zip(chunk.iter_mut()) {
-            let p = (*x - shift).exp();
-            *x = p;
-            *lane = *lane + p;
-        }
-    }
-    let mut total = T::ZERO;
-    for x in chunks.into_remainder() {
-        let p = (*x - shift).exp();
-        *x = p;
-        total = total + p;
-    }
-    lanes.iter().fold(total, |a, &b| a + b)
-}
-
 /// The final score of a raw product: scale, then the optional tanh cap.
 #[inline(always)]
 fn score<T: Real>(raw: T, scale: T, cap: T, inv_cap: T, capped: bool) -> T {
@@ -384,34 +348,24 @@ unsafe fn forward_dispatch<S: Storage>(ctx: &FwdCtx<'_, S>, task: (usize, usize,
         Isa::Avx512 => forward_avx512(ctx, task),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => forward_avx2(ctx, task),
-        Isa::Generic => {
-            if cfg!(target_arch = "aarch64") {
-                forward_tile::<S, Fused, 4, 16>(ctx, task)
-            } else {
-                forward_tile::<S, Unfused, 4, 16>(ctx, task)
-            }
-        }
+        Isa::Generic => forward_tile::<S, Portable>(ctx, task),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn forward_avx512<S: Storage>(ctx: &FwdCtx<'_, S>, task: (usize, usize, usize)) {
-    if std::mem::size_of::<S::Acc>() == 4 {
-        forward_tile::<S, Fused, 8, 32>(ctx, task)
-    } else {
-        forward_tile::<S, Fused, 4, 16>(ctx, task)
-    }
+    forward_tile::<S, Avx512>(ctx, task)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn forward_avx2<S: Storage>(ctx: &FwdCtx<'_, S>, task: (usize, usize, usize)) {
-    forward_tile::<S, Fused, 4, 16>(ctx, task)
+    forward_tile::<S, Avx2>(ctx, task)
 }
 
 #[inline(always)]
-unsafe fn forward_tile<S: Storage, F: MulAdd, const MR: usize, const NR: usize>(
+unsafe fn forward_tile<S: Storage, I: IsaChoice>(
     ctx: &FwdCtx<'_, S>,
     (b, h, it): (usize, usize, usize),
 ) {
@@ -437,19 +391,24 @@ unsafe fn forward_tile<S: Storage, F: MulAdd, const MR: usize, const NR: usize>(
         zero
     };
 
-    let mut q_tile = vec![zero; BQ * dp];
+    // Everything is kept transposed (keys or features x queries) so softmax statistics are
+    // per-column vectors and no tile is ever transposed inside the key loop.
+    let mut q_t = vec![zero; d * BQ];
     for r in 0..rows {
         let src = &ctx.q[((q0 + i0 + r) * hq + h) * d..][..d];
-        for (dst, &x) in q_tile[r * dp..r * dp + d].iter_mut().zip(src) {
-            *dst = x.load();
+        for (x, &qx) in src.iter().enumerate() {
+            *q_t.get_unchecked_mut(x * BQ + r) = qx.load();
         }
     }
-    let mut k_t = vec![zero; d * BK];
+    let mut k_tile = vec![zero; BK * dp];
     let mut v_tile = vec![zero; BK * dp];
-    let mut s = vec![zero; BQ * BK];
-    let mut acc = vec![zero; BQ * dp];
+    let mut s_t = vec![zero; BK * BQ];
+    let mut acc_t = vec![zero; dp * BQ];
     let mut m = [neg_inf; BQ];
     let mut l = [zero; BQ];
+    let mut m_use = [zero; BQ];
+    let mut alpha = [zero; BQ];
+    let mut tile_sum = [zero; BQ];
 
     for jt in 0..nk.div_ceil(BK) {
         let j0 = jt * BK;
@@ -458,72 +417,89 @@ unsafe fn forward_tile<S: Storage, F: MulAdd, const MR: usize, const NR: usize>(
         if class == TileClass::Skip {
             continue;
         }
-        if cols < BK {
-            k_t.fill(zero);
-        }
         for c in 0..cols {
             let base = ((k0 + j0 + c) * hkv + hk) * d;
-            for (x, &kx) in ctx.k[base..base + d].iter().enumerate() {
-                *k_t.get_unchecked_mut(x * BK + c) = kx.load();
+            for (dst, &x) in k_tile[c * dp..c * dp + d]
+                .iter_mut()
+                .zip(&ctx.k[base..base + d])
+            {
+                *dst = x.load();
             }
-            for (dst, &vx) in v_tile[c * dp..c * dp + d]
+            for (dst, &x) in v_tile[c * dp..c * dp + d]
                 .iter_mut()
                 .zip(&ctx.v[base..base + d])
             {
-                *dst = vx.load();
+                *dst = x.load();
             }
         }
-        gemm::<S::Acc, F, MR, NR>(
+        // S^T = K Q^T (keys x queries); rows past `cols` are never read.
+        let m_rows = round_up(cols, 8);
+        S::Acc::gemm_for::<I>(
+            m_rows,
             BQ,
-            BK,
             d,
-            q_tile.as_ptr(),
+            k_tile.as_ptr(),
             dp,
-            k_t.as_ptr(),
-            BK,
-            s.as_mut_ptr(),
-            BK,
+            1,
+            q_t.as_ptr(),
+            BQ,
+            s_t.as_mut_ptr(),
+            BQ,
             false,
         );
-        for r in 0..rows {
-            let row = &mut s[r * BK..(r + 1) * BK];
-            for x in row[..cols].iter_mut() {
+        let mut tile_max = [neg_inf; BQ];
+        for c in 0..cols {
+            let row = &mut s_t[c * BQ..(c + 1) * BQ];
+            for x in row.iter_mut() {
                 *x = score(*x, scale, cap, inv_cap, capped);
             }
             if class == TileClass::Partial {
-                for (c, x) in row[..cols].iter_mut().enumerate() {
+                for (r, x) in row[..rows].iter_mut().enumerate() {
                     if !mask.visible(i0 + r, j0 + c) {
                         *x = neg_inf;
                     }
                 }
             }
-            let m_new = m[r].max(row_max(&row[..cols]));
-            if m_new == neg_inf {
-                // Nothing visible yet in this row: contribute nothing (and never compute -inf - -inf).
-                row.fill(zero);
-                continue;
+            for (t, &x) in tile_max.iter_mut().zip(row.iter()) {
+                *t = t.max(x);
             }
-            let alpha = (m[r] - m_new).exp();
-            let sum = exp_shift_sum(&mut row[..cols], m_new);
-            row[cols..].fill(zero);
-            l[r] = l[r] * alpha + sum;
-            if alpha != S::Acc::ONE {
-                for x in acc[r * dp..r * dp + d].iter_mut() {
-                    *x = *x * alpha;
-                }
-            }
+        }
+        for r in 0..BQ {
+            let m_new = m[r].max(tile_max[r]);
+            // A column that has seen nothing keeps m = -inf; shifting by 0 gives P = 0, not NaN.
+            m_use[r] = if m_new == neg_inf { zero } else { m_new };
+            alpha[r] = (m[r] - m_use[r]).exp();
             m[r] = m_new;
         }
-        gemm::<S::Acc, F, MR, NR>(
+        tile_sum.fill(zero);
+        for c in 0..cols {
+            let row = &mut s_t[c * BQ..(c + 1) * BQ];
+            for ((x, &mu), t) in row.iter_mut().zip(&m_use).zip(tile_sum.iter_mut()) {
+                let p = (*x - mu).exp();
+                *x = p;
+                *t = *t + p;
+            }
+        }
+        for r in 0..BQ {
+            l[r] = l[r] * alpha[r] + tile_sum[r];
+        }
+        for x in 0..d {
+            for (a, &al) in acc_t[x * BQ..(x + 1) * BQ].iter_mut().zip(&alpha) {
+                *a = *a * al;
+            }
+        }
+        // acc^T += V^T P^T (features x queries); V^T is a strided view of the V tile.
+        S::Acc::gemm_for::<I>(
+            dp,
             BQ,
-            dp,
             cols,
-            s.as_ptr(),
-            BK,
             v_tile.as_ptr(),
+            1,
             dp,
-            acc.as_mut_ptr(),
-            dp,
+            s_t.as_ptr(),
+            BQ,
+            acc_t.as_mut_ptr(),
+            BQ,
             true,
         );
     }
@@ -537,9 +513,64 @@ unsafe fn forward_tile<S: Storage, F: MulAdd, const MR: usize, const NR: usize>(
         }
         let inv = S::Acc::ONE / l[r];
         for x in 0..d {
-            *out_row.add(x) = S::store(acc[r * dp + x] * inv);
+            *out_row.add(x) = S::store(acc_t[x * BQ + r] * inv);
         }
         *ctx.lse.ptr().add(lse_base + r) = m[r] + l[r].ln();
+    }
+}
+
+/// Query-side tensors stored transposed, one (head_dim x BWD_BLOCK_Q) tile per (sequence, head,
+/// query tile), so the backward never transposes inside its key loop. Padding columns are zero.
+struct TransposedTiles {
+    /// First tile of each sequence (all heads of earlier sequences come before it).
+    seq_base: Vec<usize>,
+    shape: Shape,
+}
+
+impl TransposedTiles {
+    fn new(shape: &Shape) -> Self {
+        let mut seq_base = Vec::with_capacity(shape.batch() + 1);
+        let mut total = 0;
+        for b in 0..shape.batch() {
+            seq_base.push(total);
+            total += shape.heads_q * shape.seq_q(b).1.div_ceil(BWD_BLOCK_Q);
+        }
+        seq_base.push(total);
+        TransposedTiles {
+            seq_base,
+            shape: shape.clone(),
+        }
+    }
+
+    /// Offset of the tile (sequence b, head h, query tile it).
+    fn offset(&self, b: usize, h: usize, it: usize) -> usize {
+        let nqt = self.shape.seq_q(b).1.div_ceil(BWD_BLOCK_Q);
+        (self.seq_base[b] + h * nqt + it) * self.shape.head_dim * BWD_BLOCK_Q
+    }
+
+    fn build<S: Storage>(&self, x: &[S]) -> Vec<S::Acc> {
+        let shape = &self.shape;
+        let (hq, d) = (shape.heads_q, shape.head_dim);
+        let total = self.seq_base[shape.batch()] * d * BWD_BLOCK_Q;
+        let mut out = vec![S::Acc::ZERO; total];
+        let dst = SharedMut(out.as_mut_ptr());
+        let pairs: Vec<(usize, usize)> = (0..shape.batch())
+            .flat_map(|b| (0..hq).map(move |h| (b, h)))
+            .collect();
+        crate::parallel::install(|| {
+            pairs.par_iter().for_each(|&(b, h)| {
+                let (q0, nq) = shape.seq_q(b);
+                for i in 0..nq {
+                    let tile = dst.ptr().wrapping_add(self.offset(b, h, i / BWD_BLOCK_Q));
+                    let src = &x[((q0 + i) * hq + h) * d..][..d];
+                    for (col, &value) in src.iter().enumerate() {
+                        // SAFETY: (b, h) pairs own disjoint tiles; the offset is inside `out`.
+                        unsafe { *tile.add(col * BWD_BLOCK_Q + i % BWD_BLOCK_Q) = value.load() };
+                    }
+                }
+            })
+        });
+        out
     }
 }
 
@@ -551,6 +582,10 @@ struct BwdCtx<'a, S: Storage> {
     lse: &'a [S::Acc],
     /// rowsum(dO * O), laid out like lse.
     delta: &'a [S::Acc],
+    /// Q^T and dO^T in query tiles of (head_dim x BWD_BLOCK_Q), see [`TransposedTiles`].
+    q_t: &'a [S::Acc],
+    do_t: &'a [S::Acc],
+    tiles: &'a TransposedTiles,
     shape: &'a Shape,
     opts: Options,
     parts: usize,
@@ -605,6 +640,10 @@ pub fn backward<S: Storage>(
         })
     });
 
+    let tiles = TransposedTiles::new(shape);
+    let q_t = tiles.build(q);
+    let do_t = tiles.build(dout);
+
     let max_kv_tiles = (0..batch)
         .map(|b| shape.seq_k(b).1.div_ceil(BWD_BLOCK_K))
         .max()
@@ -624,6 +663,9 @@ pub fn backward<S: Storage>(
         v,
         lse,
         delta: &delta,
+        q_t: &q_t,
+        do_t: &do_t,
+        tiles: &tiles,
         shape,
         opts: *opts,
         parts,
@@ -675,34 +717,24 @@ unsafe fn backward_dispatch<S: Storage>(
         Isa::Avx512 => backward_avx512(ctx, task),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => backward_avx2(ctx, task),
-        Isa::Generic => {
-            if cfg!(target_arch = "aarch64") {
-                backward_part::<S, Fused, 4, 16>(ctx, task)
-            } else {
-                backward_part::<S, Unfused, 4, 16>(ctx, task)
-            }
-        }
+        Isa::Generic => backward_part::<S, Portable>(ctx, task),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn backward_avx512<S: Storage>(ctx: &BwdCtx<'_, S>, task: (usize, usize, usize)) {
-    if std::mem::size_of::<S::Acc>() == 4 {
-        backward_part::<S, Fused, 8, 32>(ctx, task)
-    } else {
-        backward_part::<S, Fused, 4, 16>(ctx, task)
-    }
+    backward_part::<S, Avx512>(ctx, task)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn backward_avx2<S: Storage>(ctx: &BwdCtx<'_, S>, task: (usize, usize, usize)) {
-    backward_part::<S, Fused, 4, 16>(ctx, task)
+    backward_part::<S, Avx2>(ctx, task)
 }
 
 #[inline(always)]
-unsafe fn backward_part<S: Storage, F: MulAdd, const MR: usize, const NR: usize>(
+unsafe fn backward_part<S: Storage, I: IsaChoice>(
     ctx: &BwdCtx<'_, S>,
     (b, hk, part): (usize, usize, usize),
 ) {
@@ -731,13 +763,10 @@ unsafe fn backward_part<S: Storage, F: MulAdd, const MR: usize, const NR: usize>
     let mut k_tile = vec![zero; BK * dp];
     let mut v_tile = vec![zero; BK * dp];
     let mut q_tile = vec![zero; BQ * dp];
-    let mut q_t = vec![zero; d * BQ];
     let mut do_tile = vec![zero; BQ * dp];
-    let mut do_t = vec![zero; d * BQ];
     let mut p_t = vec![zero; BK * BQ];
     let mut ds_t = vec![zero; BK * BQ];
     let mut tanh_t = vec![zero; if capped { BK * BQ } else { 0 }];
-    let mut ds = vec![zero; BQ * BK];
     let mut dq_tile = vec![zero; BQ * dp];
     let mut dk_acc = vec![zero; BK * dp];
     let mut dv_acc = vec![zero; BK * dp];
@@ -778,25 +807,31 @@ unsafe fn backward_part<S: Storage, F: MulAdd, const MR: usize, const NR: usize>
                 if class == TileClass::Skip {
                     continue;
                 }
+                let q_t = ctx.q_t.as_ptr().add(ctx.tiles.offset(b, h, it));
+                let do_t = ctx.do_t.as_ptr().add(ctx.tiles.offset(b, h, it));
                 if rows < BQ {
                     q_tile.fill(zero);
-                    q_t.fill(zero);
                     do_tile.fill(zero);
-                    do_t.fill(zero);
                 }
                 for r in 0..rows {
                     let base = ((q0 + i0 + r) * hq + h) * d;
-                    for x in 0..d {
-                        let qv = ctx.q.get_unchecked(base + x).load();
-                        let gv = ctx.dout.get_unchecked(base + x).load();
-                        *q_tile.get_unchecked_mut(r * dp + x) = qv;
-                        *q_t.get_unchecked_mut(x * BQ + r) = qv;
-                        *do_tile.get_unchecked_mut(r * dp + x) = gv;
-                        *do_t.get_unchecked_mut(x * BQ + r) = gv;
+                    for (dst, &x) in q_tile[r * dp..r * dp + d]
+                        .iter_mut()
+                        .zip(&ctx.q[base..base + d])
+                    {
+                        *dst = x.load();
+                    }
+                    for (dst, &x) in do_tile[r * dp..r * dp + d]
+                        .iter_mut()
+                        .zip(&ctx.dout[base..base + d])
+                    {
+                        *dst = x.load();
                     }
                     let lse = ctx.lse[lse_base + i0 + r];
                     // A row that sees nothing has lse = -inf; +inf makes its P exactly 0.
-                    lse_row[r] = if lse == S::Acc::NEG_INFINITY { S::Acc::INFINITY } else {
+                    lse_row[r] = if lse == S::Acc::NEG_INFINITY {
+                        S::Acc::INFINITY
+                    } else {
                         lse
                     };
                     delta_row[r] = ctx.delta[lse_base + i0 + r];
@@ -804,13 +839,14 @@ unsafe fn backward_part<S: Storage, F: MulAdd, const MR: usize, const NR: usize>
                 // Padding rows get P = exp(s - inf) = 0.
                 lse_row[rows..].fill(S::Acc::INFINITY);
                 // S^T = K Q^T (keys x queries)
-                gemm::<S::Acc, F, MR, NR>(
+                S::Acc::gemm_for::<I>(
                     BK,
                     BQ,
                     d,
                     k_tile.as_ptr(),
                     dp,
-                    q_t.as_ptr(),
+                    1,
+                    q_t,
                     BQ,
                     p_t.as_mut_ptr(),
                     BQ,
@@ -840,12 +876,13 @@ unsafe fn backward_part<S: Storage, F: MulAdd, const MR: usize, const NR: usize>
                 }
                 p_t[cols * BQ..].fill(zero);
                 // dV += P^T dO
-                gemm::<S::Acc, F, MR, NR>(
+                S::Acc::gemm_for::<I>(
                     BK,
                     dp,
                     rows,
                     p_t.as_ptr(),
                     BQ,
+                    1,
                     do_tile.as_ptr(),
                     dp,
                     dv_acc.as_mut_ptr(),
@@ -853,13 +890,14 @@ unsafe fn backward_part<S: Storage, F: MulAdd, const MR: usize, const NR: usize>
                     true,
                 );
                 // dP^T = V dO^T
-                gemm::<S::Acc, F, MR, NR>(
+                S::Acc::gemm_for::<I>(
                     BK,
                     BQ,
                     d,
                     v_tile.as_ptr(),
                     dp,
-                    do_t.as_ptr(),
+                    1,
+                    do_t,
                     BQ,
                     ds_t.as_mut_ptr(),
                     BQ,
@@ -876,30 +914,29 @@ unsafe fn backward_part<S: Storage, F: MulAdd, const MR: usize, const NR: usize>
                             *x = *x * (one - t * t);
                         }
                     }
-                    for (r, &x) in row.iter().enumerate() {
-                        *ds.get_unchecked_mut(r * BK + c) = x;
-                    }
                 }
                 // dK += dS^T Q (scaled at the end)
-                gemm::<S::Acc, F, MR, NR>(
+                S::Acc::gemm_for::<I>(
                     BK,
                     dp,
                     rows,
                     ds_t.as_ptr(),
                     BQ,
+                    1,
                     q_tile.as_ptr(),
                     dp,
                     dk_acc.as_mut_ptr(),
                     dp,
                     true,
                 );
-                // dQ_tile = dS K
-                gemm::<S::Acc, F, MR, NR>(
+                // dQ_tile = dS K, with dS read as a transposed view of dS^T
+                S::Acc::gemm_for::<I>(
                     BQ,
                     dp,
                     cols,
-                    ds.as_ptr(),
-                    BK,
+                    ds_t.as_ptr(),
+                    1,
+                    BQ,
                     k_tile.as_ptr(),
                     dp,
                     dq_tile.as_mut_ptr(),

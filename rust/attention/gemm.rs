@@ -32,6 +32,24 @@ pub trait Real:
     fn tanh(self) -> Self;
     fn max(self, other: Self) -> Self;
     fn mul_add(self, a: Self, b: Self) -> Self;
+    /// [`gemm`] for the instruction set `I`; f32 has hand-blocked SIMD kernels.
+    ///
+    /// # Safety
+    /// As [`gemm`], and the CPU must support `I`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_for<I: Isa>(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: *const Self,
+        a_rs: usize,
+        a_cs: usize,
+        b: *const Self,
+        ldb: usize,
+        c: *mut Self,
+        ldc: usize,
+        accumulate: bool,
+    );
 }
 
 impl Real for f32 {
@@ -69,6 +87,28 @@ impl Real for f32 {
     fn mul_add(self, a: Self, b: Self) -> Self {
         f32::mul_add(self, a, b)
     }
+    #[inline(always)]
+    unsafe fn gemm_for<I: Isa>(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: *const Self,
+        a_rs: usize,
+        a_cs: usize,
+        b: *const Self,
+        ldb: usize,
+        c: *mut Self,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        match I::KIND {
+            #[cfg(target_arch = "x86_64")]
+            IsaKind::Avx512 => x86::gemm_avx512(m, n, k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate),
+            #[cfg(target_arch = "x86_64")]
+            IsaKind::Avx2 => x86::gemm_avx2(m, n, k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate),
+            _ => gemm::<f32, I::MulAdd, 4, 16>(m, n, k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate),
+        }
+    }
 }
 
 impl Real for f64 {
@@ -104,6 +144,22 @@ impl Real for f64 {
     fn mul_add(self, a: Self, b: Self) -> Self {
         f64::mul_add(self, a, b)
     }
+    #[inline(always)]
+    unsafe fn gemm_for<I: Isa>(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: *const Self,
+        a_rs: usize,
+        a_cs: usize,
+        b: *const Self,
+        ldb: usize,
+        c: *mut Self,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        gemm::<f64, I::MulAdd, 4, 16>(m, n, k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate)
+    }
 }
 
 /// `exp(x)` for f32 in branch-free, vectorisable form (Cephes `expf` polynomial, about 1 ulp).
@@ -112,7 +168,7 @@ pub fn fast_exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    let xc = x.clamp(-87.336_54, 88.376_26);
+    let xc = x.clamp(-87.336_54, 88.0);
     let n = (xc * LOG2E + 0.5).floor();
     let r = xc - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4_f32;
@@ -122,8 +178,9 @@ pub fn fast_exp_f32(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5.000_000_1e-1;
     let y = p * r * r + r + 1.0;
-    // n lies in [-126, 128] after the clamp, so the exponent bits cannot overflow.
-    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+    // n lies in [-126, 127] after the clamp, so the exponent field cannot overflow.
+    // 2^n from the mantissa of n + 127 + 2^23: no float-to-int conversion, so it vectorises.
+    let scale = f32::from_bits((n + (127.0 + 8_388_608.0)).to_bits() << 23);
     let out = y * scale;
     if x < -87.336_54 {
         0.0
@@ -201,7 +258,51 @@ impl MulAdd for Unfused {
     }
 }
 
-/// `C (m x n) = [C +] A (m x k) B (k x n)`, all row-major with leading dimensions `lda, ldb, ldc`.
+/// Which instruction set a kernel instance is compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IsaKind {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+/// A compile-time instruction-set choice for the tile kernels.
+pub trait Isa {
+    const KIND: IsaKind;
+    type MulAdd: MulAdd;
+}
+
+/// AVX-512F + FMA.
+#[cfg(target_arch = "x86_64")]
+pub struct Avx512;
+/// AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+pub struct Avx2;
+/// Whatever the build target gives (fused multiply-add only where it is native).
+pub struct Portable;
+
+#[cfg(target_arch = "x86_64")]
+impl Isa for Avx512 {
+    const KIND: IsaKind = IsaKind::Avx512;
+    type MulAdd = Fused;
+}
+#[cfg(target_arch = "x86_64")]
+impl Isa for Avx2 {
+    const KIND: IsaKind = IsaKind::Avx2;
+    type MulAdd = Fused;
+}
+impl Isa for Portable {
+    const KIND: IsaKind = IsaKind::Portable;
+    #[cfg(target_arch = "aarch64")]
+    type MulAdd = Fused;
+    #[cfg(not(target_arch = "aarch64"))]
+    type MulAdd = Unfused;
+}
+
+/// `C (m x n) = [C +] A (m x k) B (k x n)`; A[r][p] lives at `a + r * a_rs + p * a_cs` (so A may
+/// be a transposed view), B and C are row-major with leading dimensions `ldb`, `ldc`.
 ///
 /// # Safety
 /// `m` must be a multiple of `MR` and `n` a multiple of 16 (and of `NR` or `NR / 2`); the pointers
@@ -213,7 +314,8 @@ pub unsafe fn gemm<T: Real, F: MulAdd, const MR: usize, const NR: usize>(
     n: usize,
     k: usize,
     a: *const T,
-    lda: usize,
+    a_rs: usize,
+    a_cs: usize,
     b: *const T,
     ldb: usize,
     c: *mut T,
@@ -227,8 +329,9 @@ pub unsafe fn gemm<T: Real, F: MulAdd, const MR: usize, const NR: usize>(
         while j + NR <= n {
             micro::<T, F, MR, NR>(
                 k,
-                a.add(i * lda),
-                lda,
+                a.add(i * a_rs),
+                a_rs,
+                a_cs,
                 b.add(j),
                 ldb,
                 c.add(i * ldc + j),
@@ -240,8 +343,9 @@ pub unsafe fn gemm<T: Real, F: MulAdd, const MR: usize, const NR: usize>(
         while j < n {
             micro::<T, F, MR, 16>(
                 k,
-                a.add(i * lda),
-                lda,
+                a.add(i * a_rs),
+                a_rs,
+                a_cs,
                 b.add(j),
                 ldb,
                 c.add(i * ldc + j),
@@ -259,7 +363,8 @@ pub unsafe fn gemm<T: Real, F: MulAdd, const MR: usize, const NR: usize>(
 unsafe fn micro<T: Real, F: MulAdd, const MR: usize, const NR: usize>(
     k: usize,
     a: *const T,
-    lda: usize,
+    a_rs: usize,
+    a_cs: usize,
     b: *const T,
     ldb: usize,
     c: *mut T,
@@ -274,7 +379,7 @@ unsafe fn micro<T: Real, F: MulAdd, const MR: usize, const NR: usize>(
             *slot = *brow.add(x);
         }
         for (r, acc_row) in acc.iter_mut().enumerate() {
-            let av = *a.add(r * lda + p);
+            let av = *a.add(r * a_rs + p * a_cs);
             for x in 0..NR {
                 acc_row[x] = F::mul_add(av, bv[x], acc_row[x]);
             }
@@ -285,6 +390,133 @@ unsafe fn micro<T: Real, F: MulAdd, const MR: usize, const NR: usize>(
         for (x, &value) in acc_row.iter().enumerate() {
             let dst = crow.add(x);
             *dst = if accumulate { *dst + value } else { value };
+        }
+    }
+}
+
+/// Hand-blocked f32 micro-kernels: `MR` rows of C held in registers, 2 vectors wide.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// `C = [C +] A B` with 8 x 32 register blocks (16-wide tail). `m % 8 == 0`, `n % 16 == 0`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub unsafe fn gemm_avx512(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: *const f32,
+        a_rs: usize,
+        a_cs: usize,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        debug_assert!(m % 8 == 0 && n % 16 == 0);
+        let mut i = 0;
+        while i < m {
+            let ai = a.add(i * a_rs);
+            let ci = c.add(i * ldc);
+            let mut j = 0;
+            while j + 32 <= n {
+                let mut acc0 = [_mm512_setzero_ps(); 8];
+                let mut acc1 = [_mm512_setzero_ps(); 8];
+                for p in 0..k {
+                    let b0 = _mm512_loadu_ps(b.add(p * ldb + j));
+                    let b1 = _mm512_loadu_ps(b.add(p * ldb + j + 16));
+                    for r in 0..8 {
+                        let av = _mm512_set1_ps(*ai.add(r * a_rs + p * a_cs));
+                        acc0[r] = _mm512_fmadd_ps(av, b0, acc0[r]);
+                        acc1[r] = _mm512_fmadd_ps(av, b1, acc1[r]);
+                    }
+                }
+                for r in 0..8 {
+                    let dst = ci.add(r * ldc + j);
+                    if accumulate {
+                        acc0[r] = _mm512_add_ps(acc0[r], _mm512_loadu_ps(dst));
+                        acc1[r] = _mm512_add_ps(acc1[r], _mm512_loadu_ps(dst.add(16)));
+                    }
+                    _mm512_storeu_ps(dst, acc0[r]);
+                    _mm512_storeu_ps(dst.add(16), acc1[r]);
+                }
+                j += 32;
+            }
+            while j < n {
+                let mut acc = [_mm512_setzero_ps(); 8];
+                for p in 0..k {
+                    let b0 = _mm512_loadu_ps(b.add(p * ldb + j));
+                    for (r, slot) in acc.iter_mut().enumerate() {
+                        *slot = _mm512_fmadd_ps(
+                            _mm512_set1_ps(*ai.add(r * a_rs + p * a_cs)),
+                            b0,
+                            *slot,
+                        );
+                    }
+                }
+                for (r, &value) in acc.iter().enumerate() {
+                    let dst = ci.add(r * ldc + j);
+                    let value = if accumulate {
+                        _mm512_add_ps(value, _mm512_loadu_ps(dst))
+                    } else {
+                        value
+                    };
+                    _mm512_storeu_ps(dst, value);
+                }
+                j += 16;
+            }
+            i += 8;
+        }
+    }
+
+    /// `C = [C +] A B` with 4 x 16 register blocks of two 8-wide vectors. `m % 4 == 0`, `n % 16 == 0`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub unsafe fn gemm_avx2(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: *const f32,
+        a_rs: usize,
+        a_cs: usize,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        debug_assert!(m % 4 == 0 && n % 16 == 0);
+        let mut i = 0;
+        while i < m {
+            let ai = a.add(i * a_rs);
+            let ci = c.add(i * ldc);
+            let mut j = 0;
+            while j < n {
+                let mut acc0 = [_mm256_setzero_ps(); 4];
+                let mut acc1 = [_mm256_setzero_ps(); 4];
+                for p in 0..k {
+                    let b0 = _mm256_loadu_ps(b.add(p * ldb + j));
+                    let b1 = _mm256_loadu_ps(b.add(p * ldb + j + 8));
+                    for r in 0..4 {
+                        let av = _mm256_set1_ps(*ai.add(r * a_rs + p * a_cs));
+                        acc0[r] = _mm256_fmadd_ps(av, b0, acc0[r]);
+                        acc1[r] = _mm256_fmadd_ps(av, b1, acc1[r]);
+                    }
+                }
+                for r in 0..4 {
+                    let dst = ci.add(r * ldc + j);
+                    if accumulate {
+                        acc0[r] = _mm256_add_ps(acc0[r], _mm256_loadu_ps(dst));
+                        acc1[r] = _mm256_add_ps(acc1[r], _mm256_loadu_ps(dst.add(8)));
+                    }
+                    _mm256_storeu_ps(dst, acc0[r]);
+                    _mm256_storeu_ps(dst.add(8), acc1[r]);
+                }
+                j += 16;
+            }
+            i += 4;
         }
     }
 }
@@ -329,6 +561,7 @@ mod tests {
                 k,
                 a.as_ptr(),
                 k,
+                1,
                 b.as_ptr(),
                 n,
                 c.as_mut_ptr(),
@@ -341,6 +574,68 @@ mod tests {
                 let want: f32 = 1.0 + (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum::<f32>();
                 assert_eq!(c[i * n + j], want);
             }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_gemms_match_portable() {
+        let (m, n, k) = (16, 80, 21);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 5) % 13) as f32 - 6.0).collect();
+        let mut want = vec![2.0f32; m * n];
+        unsafe {
+            gemm::<f32, Unfused, 4, 16>(
+                m,
+                n,
+                k,
+                a.as_ptr(),
+                k,
+                1,
+                b.as_ptr(),
+                n,
+                want.as_mut_ptr(),
+                n,
+                true,
+            )
+        };
+        if is_x86_feature_detected!("avx512f") {
+            let mut got = vec![2.0f32; m * n];
+            unsafe {
+                f32::gemm_for::<Avx512>(
+                    m,
+                    n,
+                    k,
+                    a.as_ptr(),
+                    k,
+                    1,
+                    b.as_ptr(),
+                    n,
+                    got.as_mut_ptr(),
+                    n,
+                    true,
+                )
+            };
+            assert_eq!(got, want);
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            let mut got = vec![2.0f32; m * n];
+            unsafe {
+                f32::gemm_for::<Avx2>(
+                    m,
+                    n,
+                    k,
+                    a.as_ptr(),
+                    k,
+                    1,
+                    b.as_ptr(),
+                    n,
+                    got.as_mut_ptr(),
+                    n,
+                    true,
+                )
+            };
+            assert_eq!(got, want);
         }
     }
 

@@ -8,4 +8,5 @@ pub mod gemm;
 pub mod mask;
 
 pub use cpu::{backward, forward, LseLayout, Options, Shape, MAX_HEAD_DIM};
+pub use gemm::{Real, Storage};
 pub use mask::{MaskSpec, TileClass};
