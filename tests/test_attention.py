@@ -356,6 +356,9 @@ def test_memory_far_below_one_score_matrix():
                 if line.startswith(key):
                     return int(line.split()[1]) * 1024
 
+        # Warm up: the first call imports torch's custom-op machinery (not kernel memory).
+        x = torch.randn(1, 8, 2, 16, requires_grad=True)
+        flash_attention(x, x, x).sum().backward()
         n, h, d = {n}, 8, 64
         q, k, v, g = (torch.randn(1, n, h, d) for _ in range(4))
         for t in (q, k, v):
