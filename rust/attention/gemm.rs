@@ -176,7 +176,7 @@ pub fn fast_exp_f32(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     // n lies in [-126, 127] after the clamp, so the exponent field cannot overflow.
     // 2^n from the mantissa of n + 127 + 2^23: no float-to-int conversion, so it vectorises.
@@ -395,7 +395,9 @@ unsafe fn micro<T: Real, F: MulAdd, const MR: usize, const NR: usize>(
 }
 
 /// Hand-blocked f32 micro-kernels: `MR` rows of C held in registers, 2 vectors wide.
+// The AVX-512 intrinsics are stable since Rust 1.89: the crate's rust-version must be >= 1.89.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::incompatible_msrv)]
 mod x86 {
     use std::arch::x86_64::*;
 
