@@ -45,10 +45,10 @@ def resolve_expert_impl(impl: str, dtype: torch.dtype, device: torch.device) -> 
         raise ValueError(f"expert_impl='grouped_mm' does not support {dtype} in this torch")
     if impl != "auto":
         return impl
-    if device.type == "cuda" and grouped_mm_available(dtype):
+    if grouped_mm_available(dtype):
+        # Dropless without padding, and on CPU as fast as the padded bmm at balanced load
+        # (docs/moe.md); bmm's padding grows with the load imbalance.
         return "grouped_mm"
-    # On CPU a loop of plain GEMMs over contiguous expert blocks measured fastest
-    # (docs/moe.md): no padding, and MKL's GEMM beats _grouped_mm's CPU path.
     return "segments"
 
 
@@ -78,10 +78,14 @@ def run_experts(
         h = torch._grouped_mm(xs, w_in, offs=ends)
         return torch._grouped_mm(expert_activation(h, activation).contiguous(), w_out, offs=ends)
     if impl == "segments":
+        # split/unbind (not slicing) so that backward assembles each gradient with one cat/stack
+        # instead of one full-size zero tensor per expert.
+        sizes = [offsets[e + 1] - offsets[e] for e in range(num_experts)]
+        blocks = xs.split(sizes)
         outs = [
-            expert_activation(xs[offsets[e] : offsets[e + 1]] @ w_in[e], activation) @ w_out[e]
-            for e in range(num_experts)
-            if offsets[e + 1] > offsets[e]
+            expert_activation(block @ wi, activation) @ wo
+            for block, wi, wo in zip(blocks, w_in.unbind(0), w_out.unbind(0), strict=True)
+            if block.shape[0]
         ]
         if not outs:
             return xs.new_zeros((xs.shape[0], w_out.shape[2]))
