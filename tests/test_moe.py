@@ -468,3 +468,19 @@ def test_expert_parallel_two_ranks_match_one_rank():
     import torch.multiprocessing as mp
 
     mp.spawn(_ep_worker, args=(2, _free_port()), nprocs=2, join=True)
+
+
+@pytest.mark.parametrize("dims", [(5, 7), (16, 8), (24, 12)])
+def test_auto_impl_handles_any_width_in_float32(dims):
+    d, h = dims
+    torch.manual_seed(8)
+    m = MoE(d, h, 4, 2)
+    x, g = torch.randn(21, d), torch.randn(21, d)
+    y, grads = layer_outputs(m, x, g)
+    ry, rgrads = reference_outputs(m.double(), x.double(), g.double())
+    torch.testing.assert_close(y.double(), ry, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads, rgrads, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-4)
+    if d % 4:
+        with pytest.raises(ValueError, match="aligned"):
+            MoE(d, h, 4, 2, expert_impl="grouped_mm")(x)

@@ -32,20 +32,32 @@ class MoELoad:
     dropped: int  # slots dropped by the capacity
 
 
-def grouped_mm_available(dtype: torch.dtype) -> bool:
-    """Whether `torch._grouped_mm` can run expert matmuls in `dtype` on this build."""
-    return hasattr(torch, "_grouped_mm") and dtype in (torch.float32, torch.bfloat16)
+def grouped_mm_available(dtype: torch.dtype, widths: tuple[int, ...] = ()) -> bool:
+    """Whether `torch._grouped_mm` can run expert matmuls in `dtype` on this build, for
+    matrices whose rows are `widths` elements long (it needs 16-byte aligned row strides)."""
+    if not hasattr(torch, "_grouped_mm") or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    size = torch.empty((), dtype=dtype).element_size()
+    return all(w * size % 16 == 0 for w in widths)
 
 
-def resolve_expert_impl(impl: str, dtype: torch.dtype, device: torch.device) -> str:
-    """The concrete expert-matmul strategy for `impl` ("auto" picks by device and dtype)."""
+def resolve_expert_impl(
+    impl: str, dtype: torch.dtype, device: torch.device, widths: tuple[int, ...] = ()
+) -> str:
+    """The concrete expert-matmul strategy for `impl` ("auto" picks by dtype and shapes).
+
+    widths: the row lengths of the expert matrices (dim, w_in's and w_out's input widths).
+    """
     if impl not in EXPERT_IMPLS:
         raise ValueError(f"expert_impl must be one of {EXPERT_IMPLS}, got {impl!r}")
-    if impl == "grouped_mm" and not grouped_mm_available(dtype):
-        raise ValueError(f"expert_impl='grouped_mm' does not support {dtype} in this torch")
+    if impl == "grouped_mm" and not grouped_mm_available(dtype, widths):
+        raise ValueError(
+            f"expert_impl='grouped_mm' needs float32/bfloat16 and 16-byte aligned rows, got "
+            f"{dtype} with widths {widths}"
+        )
     if impl != "auto":
         return impl
-    if grouped_mm_available(dtype):
+    if grouped_mm_available(dtype, widths):
         # Dropless without padding, and on CPU as fast as the padded bmm at balanced load
         # (docs/moe.md); bmm's padding grows with the load imbalance.
         return "grouped_mm"
@@ -200,7 +212,8 @@ class MoE(nn.Module):
         )
 
     def _impl(self, x: torch.Tensor) -> str:
-        return resolve_expert_impl(self.expert_impl, x.dtype, x.device)
+        widths = (self.dim, self.w_in.shape[2], self.hidden)
+        return resolve_expert_impl(self.expert_impl, x.dtype, x.device, widths)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits (T, E) in the scoring dtype, expert ids (T, k), weights (T, k).
