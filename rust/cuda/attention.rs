@@ -222,9 +222,10 @@ impl AttnCall {
         }
     }
 
-    fn require(&self, ptrs: &[(&str, u64)]) -> Result<()> {
-        for (name, p) in ptrs {
-            if *p == 0 {
+    /// Pointers of non-empty tensors must be set (torch gives 0 for empty ones).
+    fn require(&self, ptrs: &[(&str, u64, bool)]) -> Result<()> {
+        for (name, p, nonempty) in ptrs {
+            if *nonempty && *p == 0 {
                 return Err(Error::value(format!("{name} is a null device pointer")));
             }
         }
@@ -240,16 +241,17 @@ fn as_param<T>(v: &mut T) -> *mut c_void {
 pub fn attention_forward(call: &AttnCall, elem: ElemType) -> Result<()> {
     guarded("attention_forward", || {
         call.validate()?;
-        call.require(&[
-            ("q", call.q),
-            ("k", call.k),
-            ("v", call.v),
-            ("out", call.out),
-            ("lse", call.lse),
-        ])?;
         if call.batch == 0 || call.seqlen_q == 0 {
             return Ok(());
         }
+        let has_k = call.seqlen_k > 0;
+        call.require(&[
+            ("q", call.q, true),
+            ("k", call.k, has_k),
+            ("v", call.v, has_k),
+            ("out", call.out, true),
+            ("lse", call.lse, true),
+        ])?;
         let ctx = device::context(call.device)?;
         let cfg = AttnConfig::choose(call.head_dim, device::max_smem(&ctx)?)?;
         let module = kernels::attention_module(elem, call.head_dim, &cfg);
@@ -274,21 +276,22 @@ pub fn attention_forward(call: &AttnCall, elem: ElemType) -> Result<()> {
 pub fn attention_backward(call: &AttnCall, elem: ElemType) -> Result<()> {
     guarded("attention_backward", || {
         call.validate()?;
-        call.require(&[
-            ("q", call.q),
-            ("k", call.k),
-            ("v", call.v),
-            ("out", call.out),
-            ("lse", call.lse),
-            ("dout", call.dout),
-            ("delta", call.delta),
-            ("dq", call.dq),
-            ("dk", call.dk),
-            ("dv", call.dv),
-        ])?;
         if call.batch == 0 || (call.seqlen_q == 0 && call.seqlen_k == 0) {
             return Ok(());
         }
+        let (has_q, has_k) = (call.seqlen_q > 0, call.seqlen_k > 0);
+        call.require(&[
+            ("q", call.q, has_q),
+            ("k", call.k, has_k),
+            ("v", call.v, has_k),
+            ("out", call.out, has_q),
+            ("lse", call.lse, has_q),
+            ("dout", call.dout, has_q),
+            ("delta", call.delta, has_q),
+            ("dq", call.dq, has_q),
+            ("dk", call.dk, has_k),
+            ("dv", call.dv, has_k),
+        ])?;
         let ctx = device::context(call.device)?;
         let cfg = AttnConfig::choose(call.head_dim, device::max_smem(&ctx)?)?;
         let module = kernels::attention_module(elem, call.head_dim, &cfg);
