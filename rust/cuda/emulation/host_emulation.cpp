@@ -43,6 +43,7 @@ static inline void emu_sync() {
 }
 #define SF_DYNAMIC_SMEM(name) float* name = emu_smem
 #define SF_SYNC() emu_sync()
+#define SF_LAUNCH_BOUNDS(n)
 
 static inline float sf_bits_to_float(sf_u32 u) {
     float f;

@@ -30,8 +30,8 @@
 // Padded row stride of the fp32 tiles in shared memory (avoids bank conflicts on row reads).
 #define ROW (HEAD_DIM + 1)
 
-#if HEAD_DIM % TPR != 0
-#error "HEAD_DIM must be a multiple of 4"
+#if HEAD_DIM % TPR != 0 || FWD_BLOCK_N % TPR != 0 || BWD_BLOCK_M % TPR != 0 || BWD_BLOCK_N % TPR != 0
+#error "HEAD_DIM and the tile sizes must be multiples of 4"
 #endif
 
 // Must match `AttnParams` in rust/cuda/attention.rs field for field.
@@ -113,13 +113,6 @@ SF_DEVICE void load_tile(float* tile, const elem_t* SF_RESTRICT src, int start, 
     }
 }
 
-SF_DEVICE float dot_rows(const float* a, const float* b) {
-    float acc = 0.0f;
-#pragma unroll 8
-    for (int c = 0; c < HEAD_DIM; ++c) acc += a[c] * b[c];
-    return acc;
-}
-
 // Scaled, soft-capped score; `th` receives tanh for the softcap derivative.
 SF_DEVICE float score(const AttnParams& p, float raw, float* th) {
     float z = raw * p.scale;
@@ -133,7 +126,7 @@ SF_DEVICE float score(const AttnParams& p, float raw, float* th) {
 }
 
 // grid (ceil(max_len_q / FWD_BLOCK_M), heads_q, batch), block FWD_BLOCK_M * TPR threads.
-extern "C" __global__ void attn_fwd(AttnParams p) {
+extern "C" __global__ void SF_LAUNCH_BOUNDS(FWD_BLOCK_M * TPR) attn_fwd(AttnParams p) {
     SF_DYNAMIC_SMEM(smem);
     float* qs = smem;                           // [FWD_BLOCK_M][ROW]
     float* ks = qs + FWD_BLOCK_M * ROW;         // [FWD_BLOCK_N][ROW]
@@ -169,12 +162,23 @@ extern "C" __global__ void attn_fwd(AttnParams p) {
         load_tile(ks, p.k, s.k_start, j0, FWD_BLOCK_N, s.len_k, p.heads_kv, hk, tid, nthreads);
         load_tile(vs, p.v, s.k_start, j0, FWD_BLOCK_N, s.len_k, p.heads_kv, hk, tid, nthreads);
         SF_SYNC();
-        for (int jj = t; jj < FWD_BLOCK_N; jj += TPR) {
+        // Raw scores of this thread's keys jj = t + TPR * x; q[c] is loaded once per column.
+        float raw[FWD_BLOCK_N / TPR];
+#pragma unroll
+        for (int x = 0; x < FWD_BLOCK_N / TPR; ++x) raw[x] = 0.0f;
+        for (int c = 0; c < HEAD_DIM; ++c) {
+            const float qc = qs[r * ROW + c];
+#pragma unroll
+            for (int x = 0; x < FWD_BLOCK_N / TPR; ++x) raw[x] += qc * ks[(t + TPR * x) * ROW + c];
+        }
+#pragma unroll
+        for (int x = 0; x < FWD_BLOCK_N / TPR; ++x) {
+            const int jj = t + TPR * x;
             const int j = j0 + jj;
             float sc = SF_NEG_INF;
             if (row_valid && j < s.len_k && visible(p, i, j, off)) {
                 float th;
-                sc = score(p, dot_rows(qs + r * ROW, ks + jj * ROW), &th);
+                sc = score(p, raw[x], &th);
             }
             ss[r * (FWD_BLOCK_N + 1) + jj] = sc;
         }
@@ -209,7 +213,7 @@ extern "C" __global__ void attn_fwd(AttnParams p) {
 
 // delta = rowsum(dout * out) in fp32. grid (ceil(max_len_q / BWD_BLOCK_M), heads_q, batch),
 // block BWD_BLOCK_M threads.
-extern "C" __global__ void attn_bwd_delta(AttnParams p) {
+extern "C" __global__ void SF_LAUNCH_BOUNDS(BWD_BLOCK_M) attn_bwd_delta(AttnParams p) {
     const int b = blockIdx.z;
     const int h = blockIdx.y;
     const SeqInfo s = seq_info(p, b);
@@ -221,14 +225,12 @@ extern "C" __global__ void attn_bwd_delta(AttnParams p) {
     p.delta[(sf_i64)b * p.lse_batch_stride + (sf_i64)h * p.lse_head_stride + s.lse_start + i] = acc;
 }
 
-// Probability and d(raw score) of one (query, key) pair; 0 when masked or the row is empty.
-SF_DEVICE void prob_and_dscore(const AttnParams& p, const float* q_row, const float* k_row,
-                               const float* do_row, const float* v_row, float lse, float delta,
-                               float* prob, float* dscore) {
+// Probability and d(raw score) of one (query, key) pair from raw = q.k and dp = dout.v.
+SF_DEVICE void prob_and_dscore(const AttnParams& p, float raw, float dp, float lse, float delta, float* prob,
+                               float* dscore) {
     float th;
-    const float z = score(p, dot_rows(q_row, k_row), &th);
+    const float z = score(p, raw, &th);
     const float pr = expf(z - lse);
-    const float dp = dot_rows(do_row, v_row);
     float ds = pr * (dp - delta);
     if (p.softcap > 0.0f) ds *= 1.0f - th * th;
     *prob = pr;
@@ -238,7 +240,7 @@ SF_DEVICE void prob_and_dscore(const AttnParams& p, const float* q_row, const fl
 // dK, dV: one block per (key tile, kv head, batch), looping over the query heads of its GQA group
 // and the query tiles that see it, so no atomics are needed.
 // grid (ceil(max_len_k / BWD_BLOCK_N), heads_kv, batch), block BWD_BLOCK_N * TPR threads.
-extern "C" __global__ void attn_bwd_dkv(AttnParams p) {
+extern "C" __global__ void SF_LAUNCH_BOUNDS(BWD_BLOCK_N * TPR) attn_bwd_dkv(AttnParams p) {
     SF_DYNAMIC_SMEM(smem);
     float* ks = smem;                           // [BWD_BLOCK_N][ROW]
     float* vs = ks + BWD_BLOCK_N * ROW;         // [BWD_BLOCK_N][ROW]
@@ -287,12 +289,26 @@ extern "C" __global__ void attn_bwd_dkv(AttnParams p) {
                 deltas[ii] = ok ? p.delta[lse_base + i0 + ii] : 0.0f;
             }
             SF_SYNC();
-            for (int ii = t; ii < BWD_BLOCK_M; ii += TPR) {
+            // q.k and dout.v for this thread's queries ii = t + TPR * x; k[c], v[c] loaded once.
+            float raw[BWD_BLOCK_M / TPR], dp[BWD_BLOCK_M / TPR];
+#pragma unroll
+            for (int x = 0; x < BWD_BLOCK_M / TPR; ++x) raw[x] = dp[x] = 0.0f;
+            for (int c = 0; c < HEAD_DIM; ++c) {
+                const float kc = ks[r * ROW + c];
+                const float vc = vs[r * ROW + c];
+#pragma unroll
+                for (int x = 0; x < BWD_BLOCK_M / TPR; ++x) {
+                    raw[x] += qs[(t + TPR * x) * ROW + c] * kc;
+                    dp[x] += dos[(t + TPR * x) * ROW + c] * vc;
+                }
+            }
+#pragma unroll
+            for (int x = 0; x < BWD_BLOCK_M / TPR; ++x) {
+                const int ii = t + TPR * x;
                 const int i = i0 + ii;
                 float pr = 0.0f, ds = 0.0f;
                 if (row_valid && i < s.len_q && lses[ii] != SF_NEG_INF && visible(p, i, j, off)) {
-                    prob_and_dscore(p, qs + ii * ROW, ks + r * ROW, dos + ii * ROW, vs + r * ROW,
-                                    lses[ii], deltas[ii], &pr, &ds);
+                    prob_and_dscore(p, raw[x], dp[x], lses[ii], deltas[ii], &pr, &ds);
                 }
                 ps[r * (BWD_BLOCK_M + 1) + ii] = pr;
                 dss[r * (BWD_BLOCK_M + 1) + ii] = ds;
@@ -321,7 +337,7 @@ extern "C" __global__ void attn_bwd_dkv(AttnParams p) {
 
 // dQ: one block per (query tile, head, batch), looping over the key tiles it sees.
 // grid (ceil(max_len_q / BWD_BLOCK_M), heads_q, batch), block BWD_BLOCK_M * TPR threads.
-extern "C" __global__ void attn_bwd_dq(AttnParams p) {
+extern "C" __global__ void SF_LAUNCH_BOUNDS(BWD_BLOCK_M * TPR) attn_bwd_dq(AttnParams p) {
     SF_DYNAMIC_SMEM(smem);
     float* qs = smem;                           // [BWD_BLOCK_M][ROW]
     float* dos = qs + BWD_BLOCK_M * ROW;        // [BWD_BLOCK_M][ROW]
@@ -362,12 +378,26 @@ extern "C" __global__ void attn_bwd_dq(AttnParams p) {
         load_tile(ks, p.k, s.k_start, j0, BWD_BLOCK_N, s.len_k, p.heads_kv, hk, tid, nthreads);
         load_tile(vs, p.v, s.k_start, j0, BWD_BLOCK_N, s.len_k, p.heads_kv, hk, tid, nthreads);
         SF_SYNC();
-        for (int jj = t; jj < BWD_BLOCK_N; jj += TPR) {
+        // q.k and dout.v for this thread's keys jj = t + TPR * x; q[c], dout[c] loaded once.
+        float raw[BWD_BLOCK_N / TPR], dp[BWD_BLOCK_N / TPR];
+#pragma unroll
+        for (int x = 0; x < BWD_BLOCK_N / TPR; ++x) raw[x] = dp[x] = 0.0f;
+        for (int c = 0; c < HEAD_DIM; ++c) {
+            const float qc = qs[r * ROW + c];
+            const float doc = dos[r * ROW + c];
+#pragma unroll
+            for (int x = 0; x < BWD_BLOCK_N / TPR; ++x) {
+                raw[x] += qc * ks[(t + TPR * x) * ROW + c];
+                dp[x] += doc * vs[(t + TPR * x) * ROW + c];
+            }
+        }
+#pragma unroll
+        for (int x = 0; x < BWD_BLOCK_N / TPR; ++x) {
+            const int jj = t + TPR * x;
             const int j = j0 + jj;
             float pr = 0.0f, ds = 0.0f;
             if (row_valid && j < s.len_k && lse != SF_NEG_INF && visible(p, i, j, off)) {
-                prob_and_dscore(p, qs + r * ROW, ks + jj * ROW, dos + r * ROW, vs + jj * ROW, lse,
-                                delta, &pr, &ds);
+                prob_and_dscore(p, raw[x], dp[x], lse, delta, &pr, &ds);
             }
             dss[r * (BWD_BLOCK_N + 1) + jj] = ds;
         }

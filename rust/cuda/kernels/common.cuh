@@ -11,6 +11,8 @@ typedef long long sf_i64;
 #define SF_RESTRICT __restrict__
 #define SF_DYNAMIC_SMEM(name) extern __shared__ float name[]
 #define SF_SYNC() __syncthreads()
+// Caps registers so a block of `n` threads always fits on an SM.
+#define SF_LAUNCH_BOUNDS(n) __launch_bounds__(n)
 SF_DEVICE float sf_bits_to_float(sf_u32 u) { return __uint_as_float(u); }
 SF_DEVICE sf_u32 sf_float_to_bits(float f) { return __float_as_uint(f); }
 SF_DEVICE float sf_half_to_float(sf_u16 h) {
