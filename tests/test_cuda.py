@@ -157,6 +157,7 @@ def test_every_kernel_compiles_to_ptx(arch):
     assert all(size > 1000 for size in modules.values()), modules
 
 
+@pytest.mark.slow
 def test_kernels_compile_to_cubin_for_hopper():
     nvrtc_or_skip()
     modules = _native.cuda_compile_check("sm_90")
@@ -180,23 +181,53 @@ def test_nvrtc_is_found_from_the_torch_wheels():
 
 def test_missing_driver_or_gpu_is_a_clean_error():
     """No panic reaches Python: without a GPU every entry raises RuntimeError."""
-    if torch.cuda.is_available() and _cuda.cuda_available():
-        assert _native.cuda_device_arch(0).startswith("sm_")
+    if _cuda.cuda_available():
+        assert _native.cuda_device_arch(torch.cuda.current_device()).startswith("sm_")
         return
-    assert not _cuda.cuda_available()
     assert _cuda.cuda_unavailable_reason()
-    with pytest.raises(RuntimeError, match="unavailable"):
-        _cuda.flash_attention_forward_cuda(*random_inputs(1, 4, 4, 1, 1, 8, torch.float32, 0)[:3])
-    with pytest.raises(RuntimeError, match="unavailable"):
-        _cuda.moe_permute_cuda(torch.zeros(2, 4), torch.zeros(2, dtype=torch.int64))
     if _native.built_with_cuda():
-        try:
+        with pytest.raises(RuntimeError, match="CUDA|driver|device"):
             _native.cuda_device_arch(0)
-        except RuntimeError as e:
-            assert "CUDA" in str(e) or "driver" in str(e)
+        call = dict(device=0, stream=0, dtype="float32", index_bits=64, x=16, token_of=16, xs=16)
+        with pytest.raises(RuntimeError):
+            _native.cuda_moe_permute(**call, rows_out=1, rows_x=1, dim=4)
     else:
         with pytest.raises(RuntimeError, match="cuda"):
             _native.cuda_compile_check("compute_80")
+
+
+def test_cpu_tensors_are_rejected_before_any_cuda_call():
+    q, k, v, dout = random_inputs(1, 4, 4, 1, 1, 8, torch.float32, 0)
+    with pytest.raises(TypeError, match="CUDA"):
+        _cuda.flash_attention_forward_cuda(q, k, v)
+    with pytest.raises(TypeError, match="CUDA"):
+        _cuda.flash_attention_backward_cuda(dout, q, k, v, q, torch.zeros(1, 1, 4))
+    with pytest.raises(TypeError, match="CUDA"):
+        _cuda.moe_permute_cuda(torch.zeros(2, 4), torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(TypeError, match="CUDA"):
+        _cuda.moe_combine_cuda(
+            torch.zeros(2, 4), torch.zeros(1, 2, dtype=torch.int64), torch.ones(1, 2)
+        )
+
+
+def test_native_launchers_validate_before_touching_the_gpu():
+    if not _native.built_with_cuda():
+        pytest.skip("extension built without the `cuda` feature")
+    base = dict(
+        device=0, stream=0, dtype="float32", q=16, k=16, v=16, out=16, lse=16, cu_seqlens=0,
+        batch=1, seqlen_q=4, seqlen_k=4, heads_q=4, heads_kv=2, head_dim=64, max_seqlen=0,
+        causal=False, window_left=-1, window_right=-1, softmax_scale=0.125, softcap=0.0,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="head_dim"):
+        _native.cuda_attention_forward(**{**base, "head_dim": 60})
+    with pytest.raises(ValueError, match="heads"):
+        _native.cuda_attention_forward(**{**base, "heads_kv": 3})
+    with pytest.raises(ValueError, match="null"):
+        _native.cuda_attention_forward(**{**base, "k": 0})
+    with pytest.raises(TypeError, match="dtype"):
+        _native.cuda_attention_forward(**{**base, "dtype": "int8"})
+    # Empty inputs are a no-op that needs no GPU.
+    _native.cuda_attention_forward(**{**base, "seqlen_q": 0, "q": 0, "out": 0, "lse": 0})
 
 
 # ----------------------------------------------------------------------------------------------

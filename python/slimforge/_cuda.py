@@ -278,8 +278,8 @@ def flash_attention_forward_cuda(
         varlen; natural-log sum of exp of the (scaled, capped) scores. Rows with no visible key
         give out 0 and lse -inf.
     """
-    _require_backend()
     shape = _AttnShape(q, k, v, cu_seqlens, max_seqlen)
+    _require_backend()
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
     lse = torch.empty(shape.lse_shape(), dtype=torch.float32, device=q.device)
@@ -322,7 +322,6 @@ def flash_attention_backward_cuda(
     (dq, dk, dv) with the shapes and dtype of (q, k, v); accumulation is fp32, and dk/dv sum over
     the query heads that share a kv head. Deterministic (no atomics).
     """
-    _require_backend()
     shape = _AttnShape(q, k, v, cu_seqlens, max_seqlen)
     _check_float("out", out, q.device, q.dtype)
     _check_float("dout", dout, q.device, q.dtype)
@@ -333,6 +332,7 @@ def flash_attention_backward_cuda(
     _check_float("lse", lse, q.device, torch.float32)
     if tuple(lse.shape) != shape.lse_shape():
         raise ValueError(f"lse must have shape {shape.lse_shape()}, got {tuple(lse.shape)}")
+    _require_backend()
     q, k, v, out, lse, dout = (t.contiguous() for t in (q, k, v, out, lse, dout))
     delta = torch.empty_like(lse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -387,13 +387,13 @@ def moe_permute_cuda(x: torch.Tensor, token_of: torch.Tensor) -> torch.Tensor:
     Returns:
         xs: (assignments, ...) with x's dtype.
     """
-    _require_backend()
     if not isinstance(x, torch.Tensor) or not x.is_cuda:
         raise TypeError("x must be a CUDA tensor")
     _check_float("x", x, x.device, None)
     if x.dim() < 1:
         raise ValueError("x must have a leading token dimension")
     bits = _check_index("token_of", token_of, x.device, 1)
+    _require_backend()
     x, token_of = x.contiguous(), token_of.contiguous()
     xs = torch.empty((token_of.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
     device = _device_index(x)
@@ -427,7 +427,6 @@ def moe_combine_cuda(ys: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor)
     Returns:
         y: (tokens, ...) with ys's dtype.
     """
-    _require_backend()
     if not isinstance(ys, torch.Tensor) or not ys.is_cuda:
         raise TypeError("ys must be a CUDA tensor")
     _check_float("ys", ys, ys.device, None)
@@ -442,6 +441,7 @@ def moe_combine_cuda(ys: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor)
         raise ValueError(
             f"weights must have pos's shape {tuple(pos.shape)}, got {tuple(weights.shape)}"
         )
+    _require_backend()
     ys, pos = ys.contiguous(), pos.contiguous()
     w = weights.to(torch.float32).contiguous()
     tokens, top_k = pos.shape

@@ -52,7 +52,7 @@ pub(crate) fn context(device: usize) -> Result<Arc<CudaContext>> {
     }
     let count = CudaContext::device_count().map_err(driver_err("cuDeviceGetCount"))?;
     if device >= count.max(0) as usize {
-        return Err(Error::value(format!(
+        return Err(Error::runtime(format!(
             "CUDA device {device} does not exist ({count} visible)"
         )));
     }
