@@ -315,7 +315,9 @@ def test_gptq_property_matches_reference(
     assert int(res.q.max()) <= 2**bits - 1
     assert res.g_idx.shape == (in_f,) and int(res.g_idx.max()) < n_groups
     # Every group has exactly group_size columns.
-    assert torch.equal(torch.bincount(res.g_idx.long(), minlength=n_groups), torch.full((n_groups,), gs))
+    assert torch.equal(
+        torch.bincount(res.g_idx.long(), minlength=n_groups), torch.full((n_groups,), gs)
+    )
     ref_codes, _ = _reference_gptq(w, h, bits, gs, 0.01, act_order, static_groups, sym)
     mismatch = int((res.q.double() != ref_codes).sum())
     assert mismatch <= max(1, out_f * in_f // 200), mismatch
@@ -329,7 +331,9 @@ def test_gptq_beats_rtn_on_correlated_data() -> None:
     rtn = fake_quantize(w, 4, 32)[0]
     rtn_err = ((x @ (w - rtn).T) ** 2).mean()
     for act_order, static in [(False, False), (True, False), (True, True)]:
-        res = gptq_quantize_weight(w, h, GPTQ(group_size=32, act_order=act_order, static_groups=static))
+        res = gptq_quantize_weight(
+            w, h, GPTQ(group_size=32, act_order=act_order, static_groups=static)
+        )
         err = ((x @ (w - res.dequantize()).T) ** 2).mean()
         assert err < 0.7 * rtn_err, (act_order, static, float(err), float(rtn_err))
 
@@ -339,7 +343,9 @@ def test_gptq_module_forward_equals_dequantized_weight() -> None:
     x = _correlated(256, 64)
     lin = nn.Linear(64, 32)
     model = nn.Sequential(lin)
-    results = quantize_gptq(model, GPTQ(group_size=16, act_order=True), [x[:128], x[128:]], progress=False)
+    results = quantize_gptq(
+        model, GPTQ(group_size=16, act_order=True), [x[:128], x[128:]], progress=False
+    )
     res = results["0"]
     assert res.perm is not None
     mod = model[0]
@@ -450,9 +456,7 @@ def test_quantize_gptq_blockwise_beats_rtn() -> None:
     rtn_err = ((_rtn_model(net, 4, 32)(x_eval) - ref) ** 2).mean()
     model = copy.deepcopy(net)
     results = quantize_gptq(model, GPTQ(group_size=32), calib, progress=False)
-    assert sorted(results) == sorted(
-        f"layers.{i}.{n}" for i in range(2) for n in ("a", "b", "c")
-    )
+    assert sorted(results) == sorted(f"layers.{i}.{n}" for i in range(2) for n in ("a", "b", "c"))
     err = ((model(x_eval) - ref) ** 2).mean()
     assert err < rtn_err, (err.item(), rtn_err.item())
 
@@ -461,7 +465,9 @@ def test_quantize_gptq_filter_fn_and_handler() -> None:
     net = _tiny_net()
     model = copy.deepcopy(net)
     calib = [_correlated(64, 64, s)[None] for s in range(2)]
-    quantize_gptq(model, GPTQ(group_size=32), calib, filter_fn=lambda m, n: n.endswith(".c"), progress=False)
+    quantize_gptq(
+        model, GPTQ(group_size=32), calib, filter_fn=lambda m, n: n.endswith(".c"), progress=False
+    )
     assert isinstance(model.layers[0].a, nn.Linear)
     assert not isinstance(model.layers[0].c, nn.Linear)
     with pytest.raises(ValueError, match="needs calibration"):
@@ -471,7 +477,9 @@ def test_quantize_gptq_filter_fn_and_handler() -> None:
     assert n == 1
     out = gptq_mod._quantize_linear_gptq(lin, GPTQ(group_size=32))
     x = calib[0]
-    assert ((out(x) - lin(x)) ** 2).mean() < ((x @ (lin.weight - fake_quantize(lin.weight, 4, 32)[0]).T) ** 2).mean()
+    assert ((out(x) - lin(x)) ** 2).mean() < (
+        (x @ (lin.weight - fake_quantize(lin.weight, 4, 32)[0]).T) ** 2
+    ).mean()
 
 
 # ---------------------------------------------------------------- AWQ
@@ -545,9 +553,13 @@ def test_awq_handler_and_errors() -> None:
     attach_calibration(nn.Sequential(lin), [x])
     out = awq_mod._quantize_linear_awq(lin, AWQ(group_size=32))
     assert isinstance(out, InputTransformedLinear)
-    assert ((out(x) - lin(x)) ** 2).mean() < ((x @ (lin.weight - fake_quantize(lin.weight, 4, 32)[0]).T) ** 2).mean()
+    assert ((out(x) - lin(x)) ** 2).mean() < (
+        (x @ (lin.weight - fake_quantize(lin.weight, 4, 32)[0]).T) ** 2
+    ).mean()
     with pytest.raises(ValueError, match="features"):
-        awq_search_scale([torch.randn(4, 32)], torch.randn(8, 16), torch.ones(16), AWQ(group_size=16))
+        awq_search_scale(
+            [torch.randn(4, 32)], torch.randn(8, 16), torch.ones(16), AWQ(group_size=16)
+        )
     xn = x.clone()
     xn[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
@@ -585,7 +597,9 @@ def test_qat_prepare_keeps_parameters_and_converts_exactly() -> None:
     assert not torch.equal(model[0].weight, model[0].weight.detach().clone() * 0)
     fq_out = model(x).detach()
     fq_w = model[0].fake_quant_weight().detach()
-    assert torch.allclose(fq_w, _reference_fake_quant(model[0].weight.detach(), 4, 16).float(), atol=1e-6)
+    assert torch.allclose(
+        fq_w, _reference_fake_quant(model[0].weight.detach(), 4, 16).float(), atol=1e-6
+    )
     convert(model)
     assert not any(isinstance(m, FakeQuantLinear) for m in model.modules())
     assert torch.allclose(model[0].dequantize(), fq_w, atol=1e-6)
@@ -602,7 +616,6 @@ def test_qat_recovers_rtn_gap_on_tiny_regression() -> None:
     x = _correlated(1024, 64, 3)
     y = teacher(x).detach()
     rtn = _rtn_model(teacher, 4, 32)
-    rtn_loss = F.mse_loss(rtn(x), y).item()
     student = prepare_qat(copy.deepcopy(teacher), QATConfig(bits=4, group_size=32))
     opt = torch.optim.Adam(student.parameters(), lr=5e-5)
     steps = 100

@@ -11,7 +11,6 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
 from slimforge.models.llama import (
     ByteLevelBPETokenizer,
     LlamaConfig,
@@ -81,9 +80,13 @@ def test_gptq_roundtrip_bit_exact(
     in_f = in_groups * gs
     st_ = _random_state(out_f, in_f, gs, bits, seed)
     tensors = export_gptq(st_, version=version)
-    assert tensors["qweight"].shape == (in_f // per, out_f) and tensors["qweight"].dtype == torch.int32
+    assert (
+        tensors["qweight"].shape == (in_f // per, out_f) and tensors["qweight"].dtype == torch.int32
+    )
     assert tensors["qzeros"].shape == (in_groups, out_f // per)
-    assert tensors["scales"].shape == (in_groups, out_f) and tensors["scales"].dtype == torch.float16
+    assert (
+        tensors["scales"].shape == (in_groups, out_f) and tensors["scales"].dtype == torch.float16
+    )
     q, s, z, g_idx = import_gptq(tensors, bits=bits, version=version)
     assert torch.equal(q, st_["q"])
     assert torch.equal(s, st_["scales"])
@@ -97,13 +100,19 @@ def test_gptq_roundtrip_bit_exact(
     # And tensors -> import -> export is the identity on every bit, for any word contents.
     gen = torch.Generator().manual_seed(seed + 7)
     raw = {
-        "qweight": torch.randint(-(2**31), 2**31 - 1, tensors["qweight"].shape, generator=gen, dtype=torch.int32),
-        "qzeros": torch.randint(-(2**31), 2**31 - 1, tensors["qzeros"].shape, generator=gen, dtype=torch.int32),
+        "qweight": torch.randint(
+            -(2**31), 2**31 - 1, tensors["qweight"].shape, generator=gen, dtype=torch.int32
+        ),
+        "qzeros": torch.randint(
+            -(2**31), 2**31 - 1, tensors["qzeros"].shape, generator=gen, dtype=torch.int32
+        ),
         "scales": tensors["scales"],
         "g_idx": tensors["g_idx"],
     }
     q2, s2, z2, g2 = import_gptq(raw, bits=bits, version=version)
-    again = export_gptq({"q": q2, "scales": s2, "zeros": z2, "g_idx": g2, "bits": bits}, version=version)
+    again = export_gptq(
+        {"q": q2, "scales": s2, "zeros": z2, "g_idx": g2, "bits": bits}, version=version
+    )
     for k in ("qweight", "qzeros", "scales", "g_idx"):
         assert torch.equal(again[k], raw[k]), k
 
@@ -152,7 +161,9 @@ def test_gptq_layout_error_paths() -> None:
     with pytest.raises(ValueError, match="g_idx"):
         export_gptq({**st_, "g_idx": torch.zeros(31, dtype=torch.long)})
     with pytest.raises(ValueError, match="multiples of 8"):
-        export_gptq({**st_, "q": st_["q"][:6], "scales": st_["scales"][:6], "zeros": st_["zeros"][:6]})
+        export_gptq(
+            {**st_, "q": st_["q"][:6], "scales": st_["scales"][:6], "zeros": st_["zeros"][:6]}
+        )
     t = export_gptq(st_)
     with pytest.raises(ValueError, match="lack 'qzeros'"):
         import_gptq({"qweight": t["qweight"], "scales": t["scales"]})
@@ -170,7 +181,9 @@ def test_gptq_layout_error_paths() -> None:
 _TYPES = {"Q4_0": (2, 18), "Q4_1": (3, 20), "Q8_0": (8, 34)}
 
 
-@given(kind=st.sampled_from(sorted(_TYPES)), n_blocks=st.integers(1, 40), seed=st.integers(0, 2**16))
+@given(
+    kind=st.sampled_from(sorted(_TYPES)), n_blocks=st.integers(1, 40), seed=st.integers(0, 2**16)
+)
 def test_gguf_block_dequant_matches_gguf_package(kind: str, n_blocks: int, seed: int) -> None:
     ttype, nbytes = _TYPES[kind]
     rng = np.random.default_rng(seed)
@@ -197,9 +210,14 @@ def test_gguf_dequant_of_quantized_weights(kind: str) -> None:
 def test_gguf_dequant_floats_and_errors() -> None:
     x = np.random.default_rng(1).normal(size=64).astype(np.float32)
     assert np.array_equal(dequantize_gguf_tensor(x.view(np.uint8), 0), x)
-    assert np.array_equal(dequantize_gguf_tensor(x.astype(np.float16).view(np.uint8), 1), x.astype(np.float16).astype(np.float32))
+    assert np.array_equal(
+        dequantize_gguf_tensor(x.astype(np.float16).view(np.uint8), 1),
+        x.astype(np.float16).astype(np.float32),
+    )
     bf = (x.view(np.uint32) >> 16).astype(np.uint16)
-    assert np.array_equal(dequantize_gguf_tensor(bf.view(np.uint8), 30), (bf.astype(np.uint32) << 16).view(np.float32))
+    assert np.array_equal(
+        dequantize_gguf_tensor(bf.view(np.uint8), 30), (bf.astype(np.uint32) << 16).view(np.float32)
+    )
     with pytest.raises(ValueError, match="not supported"):
         dequantize_gguf_tensor(np.zeros(144, np.uint8), 12)
     with pytest.raises(ValueError, match="whole number of blocks"):
@@ -244,7 +262,14 @@ def test_read_gguf_synthetic_file(tmp_path: Path) -> None:
         "d.weight": (rng.normal(size=(5,)), "F32"),
         "e.weight": (rng.normal(size=(3, 7)), "F16"),
     }
-    meta = {"x.count": 7, "x.ratio": 0.5, "x.name": "tiny", "x.flag": True, "x.list": ["a b", "c"], "x.ints": [1, 2, 3]}
+    meta = {
+        "x.count": 7,
+        "x.ratio": 0.5,
+        "x.name": "tiny",
+        "x.flag": True,
+        "x.list": ["a b", "c"],
+        "x.ints": [1, 2, 3],
+    }
     p = tmp_path / "t.gguf"
     _write_gguf(p, arrs, meta)
     f = read_gguf(p)
@@ -277,7 +302,11 @@ def test_read_gguf_synthetic_file(tmp_path: Path) -> None:
 
 def _llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp ``convert_hf_to_gguf`` q/k permutation (HF halves -> adjacent pairs)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def test_llama_from_gguf_matches_torch_model(tmp_path: Path) -> None:
@@ -296,7 +325,10 @@ def test_llama_from_gguf_matches_torch_model(tmp_path: Path) -> None:
         p = f"blk.{i}."
         at, mlp = layer.self_attn, layer.mlp
         arrs[p + "attn_norm.weight"] = (layer.input_layernorm.weight.detach().numpy(), "F32")
-        arrs[p + "ffn_norm.weight"] = (layer.post_attention_layernorm.weight.detach().numpy(), "F32")
+        arrs[p + "ffn_norm.weight"] = (
+            layer.post_attention_layernorm.weight.detach().numpy(),
+            "F32",
+        )
         arrs[p + "attn_q.weight"] = (_llamacpp_permute(at.q_proj.weight.detach().numpy(), 4), "F32")
         arrs[p + "attn_k.weight"] = (_llamacpp_permute(at.k_proj.weight.detach().numpy(), 2), "F32")
         arrs[p + "attn_v.weight"] = (at.v_proj.weight.detach().numpy(), "F32")

@@ -66,7 +66,9 @@ def rope_tables(
     seq_len: int, head_dim: int, theta: float, device: torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin: (seq_len, head_dim) float32."""
-    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    inv = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
+    )
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
@@ -165,7 +167,9 @@ class LlamaForCausalLM(nn.Module):
             intermediate_size=int(md["llama.feed_forward_length"]),
             num_layers=int(md["llama.block_count"]) if num_layers is None else num_layers,
             num_heads=int(md["llama.attention.head_count"]),
-            num_kv_heads=int(md.get("llama.attention.head_count_kv", md["llama.attention.head_count"])),
+            num_kv_heads=int(
+                md.get("llama.attention.head_count_kv", md["llama.attention.head_count"])
+            ),
             rope_theta=float(md.get("llama.rope.freq_base", 10000.0)),
             rms_norm_eps=float(md.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
             tie_embeddings="output.weight" not in f.tensors,
@@ -179,7 +183,11 @@ class LlamaForCausalLM(nn.Module):
 
         def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
             # Inverse of llama.cpp's convert permute (HF halves -> adjacent pairs).
-            return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+            return (
+                w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+                .swapaxes(1, 2)
+                .reshape(w.shape)
+            )
 
         with torch.no_grad():
             model.embed_tokens.weight.copy_(get("token_embd.weight"))
@@ -243,7 +251,9 @@ class ByteLevelBPETokenizer:
 
         md = read_gguf(path).metadata
         if md.get("tokenizer.ggml.model") != "gpt2":
-            raise ValueError(f"{path}: tokenizer model {md.get('tokenizer.ggml.model')!r} is not BPE")
+            raise ValueError(
+                f"{path}: tokenizer model {md.get('tokenizer.ggml.model')!r} is not BPE"
+            )
         return cls(md["tokenizer.ggml.tokens"], md["tokenizer.ggml.merges"],
                    split_digits=md.get("tokenizer.ggml.pre") == "smollm")  # fmt: skip
 
@@ -266,7 +276,10 @@ class ByteLevelBPETokenizer:
             return cached
         word = [self.byte_enc[b] for b in piece.encode("utf-8")]
         while len(word) > 1:
-            pairs = [(self.ranks.get((a, b), math.inf), i) for i, (a, b) in enumerate(zip(word, word[1:]))]
+            pairs = [
+                (self.ranks.get((a, b), math.inf), i)
+                for i, (a, b) in enumerate(zip(word, word[1:], strict=False))
+            ]
             rank, _ = min(pairs)
             if rank == math.inf:
                 break

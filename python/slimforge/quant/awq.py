@@ -24,8 +24,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 from slimforge.quant.api import register_quantize_handler
 from slimforge.quant.calibrate import (
     Batch,
@@ -38,6 +36,7 @@ from slimforge.quant.calibrate import (
     set_submodule,
 )
 from slimforge.quant.linear import QuantLinear
+from torch import nn
 
 __all__ = ["AWQ", "AWQResult", "awq_clip", "awq_search_scale", "quantize_awq"]
 
@@ -132,7 +131,9 @@ def awq_search_scale(
         if loss < best_loss:
             best_loss, best_s = loss, s
     if not math.isfinite(best_loss):
-        raise ValueError("AWQ scale search produced a non-finite loss (NaN/Inf in inputs or weights)")
+        raise ValueError(
+            "AWQ scale search produced a non-finite loss (NaN/Inf in inputs or weights)"
+        )
     return best_s, loss_rtn, best_loss
 
 

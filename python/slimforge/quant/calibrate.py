@@ -286,8 +286,9 @@ def run_sequential(
             if blocks is None:
                 units: list[nn.Module] = [model]
                 inputs: list[tuple[tuple, dict]] = [
-                    ((b,), {}) if isinstance(b, torch.Tensor) else
-                    (((), dict(b)) if isinstance(b, Mapping) else (tuple(b), {}))
+                    ((b,), {})
+                    if isinstance(b, torch.Tensor)
+                    else (((), dict(b)) if isinstance(b, Mapping) else (tuple(b), {}))
                     for b in batches
                 ]
             else:
@@ -330,7 +331,9 @@ def _capture_block_inputs(
             except _StopForward:
                 continue
             except (RuntimeError, ValueError, TypeError, IndexError) as e:
-                raise ValueError(f"calibration batch {i} could not be run through the model: {e}") from e
+                raise ValueError(
+                    f"calibration batch {i} could not be run through the model: {e}"
+                ) from e
             raise ValueError(f"calibration batch {i} never reached the first block")
     finally:
         handle.remove()
@@ -350,7 +353,9 @@ def _run_unit(unit: nn.Module, inputs: list[tuple[tuple, dict]]) -> None:
         except _StopForward:
             continue
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
-            raise ValueError(f"calibration batch {i} could not be run through the model: {e}") from e
+            raise ValueError(
+                f"calibration batch {i} could not be run through the model: {e}"
+            ) from e
 
 
 def _discover_groups(
@@ -446,9 +451,11 @@ def _is_norm(mod: nn.Module) -> bool:
     if isinstance(mod, nn.LayerNorm | nn.RMSNorm):
         return mod.weight is not None
     w = getattr(mod, "weight", None)
-    return type(mod).__name__.endswith(("RMSNorm", "LayerNorm")) and isinstance(
-        w, torch.Tensor
-    ) and w.dim() == 1
+    return (
+        type(mod).__name__.endswith(("RMSNorm", "LayerNorm"))
+        and isinstance(w, torch.Tensor)
+        and w.dim() == 1
+    )
 
 
 def attach_calibration(
@@ -483,7 +490,9 @@ def attach_calibration(
                 try:
                     _call(model, b)
                 except (RuntimeError, IndexError, TypeError) as e:
-                    raise ValueError(f"calibration batch {i} could not be run through the model: {e}") from e
+                    raise ValueError(
+                        f"calibration batch {i} could not be run through the model: {e}"
+                    ) from e
     finally:
         for h in handles:
             h.remove()

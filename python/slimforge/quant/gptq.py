@@ -23,8 +23,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 from slimforge.quant.api import register_quantize_handler
 from slimforge.quant.calibrate import (
     Batch,
@@ -38,6 +36,7 @@ from slimforge.quant.calibrate import (
     set_submodule,
 )
 from slimforge.quant.linear import QuantLinear
+from torch import nn
 
 __all__ = ["GPTQ", "GPTQResult", "gptq_quantize_weight", "quantize_gptq"]
 
@@ -121,9 +120,7 @@ class GPTQResult:
         return InputTransformedLinear(inner, perm=self.perm)
 
 
-def _inverse_cholesky(
-    h: torch.Tensor, damp: float, retries: int
-) -> tuple[torch.Tensor, float]:
+def _inverse_cholesky(h: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + d * mean(diag H) * I)^-1, raising d by 0.01 on failure."""
     n = h.shape[0]
     mean_diag = torch.diagonal(h).mean()
@@ -271,9 +268,7 @@ def quantize_gptq(
             lin.weight.data.copy_(res.dequantize().to(lin.weight.dtype))
             results[name] = res
 
-    run_sequential(
-        model, calibration, make_observer, process, filter_fn, progress, desc="GPTQ"
-    )
+    run_sequential(model, calibration, make_observer, process, filter_fn, progress, desc="GPTQ")
     for name, res in results.items():
         lin = model.get_submodule(name)
         set_submodule(model, name, res.to_module(lin.bias))

@@ -17,11 +17,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from slimforge.quant.api import register_quantize_handler
 from slimforge.quant.calibrate import _check_bits_group, group_qparams, set_submodule
 from slimforge.quant.linear import QuantLinear
+from torch import nn
 
 __all__ = ["FakeQuantLinear", "QATConfig", "convert", "fake_quantize_ste", "prepare_qat"]
 
@@ -130,11 +129,9 @@ def prepare_qat(
     bias Parameters are kept, so an existing optimizer still updates them). Returns ``model``."""
     filt = filter_fn or _default_filter
     targets = [
-        (n, m)
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and n and filt(m, n)
+        (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n and filt(m, n)
     ]
-    for name, lin in targets:
+    for _name, lin in targets:
         _check_bits_group(config.bits, config.group_size, lin.in_features)
     for name, lin in targets:
         set_submodule(model, name, FakeQuantLinear.from_linear(lin, config))

@@ -142,7 +142,9 @@ def read_gguf(path: str | Path) -> GGUFFile:
         if ttype in GGML_TYPES:
             _, block, nbytes = GGML_TYPES[ttype]
             if n % block:
-                raise ValueError(f"{path}: tensor {name} has {n} elements, not a multiple of {block}")
+                raise ValueError(
+                    f"{path}: tensor {name} has {n} elements, not a multiple of {block}"
+                )
             size = n // block * nbytes
         else:
             size = 0  # unsupported type: kept as an empty view, dequantize() raises
