@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import slimforge
 from hypothesis import given
 from hypothesis import strategies as st
+
+import slimforge
 from slimforge import _native
 from slimforge.dedup import (
     LSHIndex,
