@@ -312,6 +312,20 @@ def test_candidate_pairs_match_brute_force() -> None:
     assert got.dtype == np.int64 and [tuple(p) for p in got.tolist()] == want
 
 
+def test_huge_buckets_error_or_star_chain() -> None:
+    bh = np.full((70_000, 1), 5, dtype=np.uint64)
+    with pytest.raises(ValueError, match="largest bucket has 70000 documents"):
+        candidate_pairs(bh)
+    capped = candidate_pairs(bh, max_bucket=100)
+    assert capped.shape == (2 * 70_000 - 3, 2)
+    assert connected_components(70_000, capped).max() == 0
+    small = np.array([[1], [1], [1], [2]], dtype=np.uint64)
+    assert candidate_pairs(small, max_bucket=3).tolist() == [[0, 1], [0, 2], [1, 2]]
+    assert candidate_pairs(small, max_bucket=2).tolist() == [[0, 1], [0, 2], [1, 2]]
+    with pytest.raises(ValueError, match="max_bucket"):
+        candidate_pairs(small, max_bucket=1)
+
+
 def test_estimates_accept_readonly_memmap(tmp_path: Path) -> None:
     sigs = signatures(corpus_documents()[:50])
     path = tmp_path / "sigs.u32"
