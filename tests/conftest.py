@@ -19,9 +19,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 def asset_dir() -> Path:
     """Where scripts/fetch_assets.py put the sha256-pinned assets."""
-    return Path(
-        os.environ.get("SLIMFORGE_ASSETS", Path.home() / ".cache" / "slimforge" / "assets")
-    )
+    return Path(os.environ.get("SLIMFORGE_ASSETS", Path.home() / ".cache" / "slimforge" / "assets"))
 
 
 @pytest.fixture(scope="session")

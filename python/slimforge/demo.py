@@ -1,0 +1,44 @@
+"""The main job on the bundled corpus (`make demo`, `slimforge demo`).
+
+Stage 1, the one built so far: deduplicate the bundled public-domain corpus with the streaming
+file path (the same code as `slimforge dedup`) and report what was removed and why.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from slimforge.data import corpus_path, load_corpus
+from slimforge.dedup.files import FileDedupReport, dedup_files
+
+__all__ = ["run_demo"]
+
+
+def run_demo(out_dir: str | Path = "slimforge-demo", progress: bool = True) -> FileDedupReport:
+    """Deduplicate the bundled corpus into `out_dir` and print the report."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"== slimforge demo: deduplicating the bundled corpus ({corpus_path().name})")
+    report = dedup_files([corpus_path()], out / "corpus.dedup.jsonl.gz", progress=progress)
+    print(report.summary())
+
+    records = load_corpus()
+    with open(report.clusters_path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    removed_by_collection: Counter[str] = Counter()
+    twins: defaultdict[tuple[str, str], int] = defaultdict(int)
+    for row in rows:
+        if row["kept"] == "0":
+            i, keeper = int(row["index"]), int(row["cluster"])
+            removed_by_collection[records[i]["collection"]] += 1
+            twins[(records[keeper]["work"], records[i]["work"])] += 1
+    print("\nremoved documents by collection:")
+    for coll, count in sorted(removed_by_collection.items()):
+        total = sum(r["collection"] == coll for r in records)
+        print(f"  {coll:20s} {count:5d} of {total:5d}")
+    print("\nmost duplicated work pairs (kept work <- removed work: documents):")
+    for (kept, gone), count in sorted(twins.items(), key=lambda kv: -kv[1])[:10]:
+        print(f"  {kept} <- {gone}: {count}")
+    return report

