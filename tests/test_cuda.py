@@ -24,6 +24,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from slimforge import _cuda, _native
 
 ROOT = Path(__file__).resolve().parents[1]
