@@ -50,7 +50,11 @@ pub fn pool() -> Arc<ThreadPool> {
         .build()
         .expect("failed to start the slimforge thread pool");
     let pool = Arc::new(built);
-    *guard = Some(Pool { pid, threads, pool: Arc::clone(&pool) });
+    *guard = Some(Pool {
+        pid,
+        threads,
+        pool: Arc::clone(&pool),
+    });
     pool
 }
 
@@ -71,11 +75,16 @@ pub fn num_threads() -> usize {
 /// Resize the pool; work already running finishes on the old one.
 pub fn set_num_threads(n: usize) -> crate::error::Result<()> {
     if n == 0 {
-        return Err(crate::error::Error::value("number of threads must be at least 1"));
+        return Err(crate::error::Error::value(
+            "number of threads must be at least 1",
+        ));
     }
     *REQUESTED.lock().unwrap_or_else(|e| e.into_inner()) = Some(n);
     let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    if guard.as_ref().is_some_and(|p| p.threads != n || p.pid != std::process::id()) {
+    if guard
+        .as_ref()
+        .is_some_and(|p| p.threads != n || p.pid != std::process::id())
+    {
         if let Some(old) = guard.take() {
             if old.pid != std::process::id() {
                 std::mem::forget(old);
