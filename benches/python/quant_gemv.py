@@ -17,11 +17,12 @@ import subprocess
 import time
 from collections.abc import Callable
 
-import slimforge
 import torch
+from torch import nn
+
+import slimforge
 from slimforge import _native
 from slimforge.quant import QuantLinear
-from torch import nn
 
 
 def l3_bytes() -> int:

@@ -55,9 +55,7 @@ def lsh_index_load(
 ) -> tuple[float, int, int, int, NDArray[np.uint32], NDArray[np.int64] | list[str]]: ...
 
 # --- quant ---
-
-import numpy as np  # noqa: E402
-from numpy.typing import NDArray  # noqa: E402
+# (np and NDArray are imported in the dedup section above)
 
 def quant_choose_qparams(
     w: NDArray[np.float32], bits: int, group_size: int, symmetric: bool

@@ -212,7 +212,9 @@ fn prepare_int(
         for b in 0..nb {
             let blk = &row[b * ACT_BLOCK..(b + 1) * ACT_BLOCK];
             let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let scale = amax / 127.0;
+            // f32::max skips NaN: a NaN/Inf block gets a NaN scale so the output shows it.
+            let finite = blk.iter().all(|v| v.is_finite());
+            let scale = if finite { amax / 127.0 } else { f32::NAN };
             let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
             let mut sum = 0i32;
             for (c, &v) in codes[b * ACT_BLOCK..(b + 1) * ACT_BLOCK]
@@ -673,6 +675,24 @@ mod tests {
                         check(&c, m);
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn non_finite_activations_give_nan_on_every_route() {
+        let c = case(4, 128, 4, 32, false);
+        let mut x = lcg(2 * 128, 5);
+        x[7] = f32::NAN;
+        x[128 + 100] = f32::INFINITY;
+        for isa in [Isa::Portable, detect_isa()] {
+            for route in [Route::Float, Route::Int8Activations] {
+                let y = linear_with_isa(&x, 2, &c.weight(), None, route, isa).unwrap();
+                assert!(y[..4].iter().all(|v| v.is_nan()), "{isa:?} {route:?} {y:?}");
+                assert!(
+                    y[4..].iter().all(|v| !v.is_finite()),
+                    "{isa:?} {route:?} {y:?}"
+                );
             }
         }
     }
