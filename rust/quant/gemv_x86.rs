@@ -10,6 +10,16 @@ use std::arch::x86_64::*;
 
 use super::gemv::{ChunkGroups, FloatActs, IntActs, TOKEN_TILE};
 
+/// Bytes ahead of the current weight position to prefetch. Rows are contiguous, so this runs into
+/// the next row; the hardware prefetcher stops at 4 KiB pages, i.e. at every INT8 row of 4096.
+/// A prefetch is only a hint: addresses past the buffer never fault.
+const PREFETCH_BYTES: usize = 2048;
+
+#[inline(always)]
+unsafe fn prefetch(p: *const u8) {
+    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES) as *const i8);
+}
+
 /// Calls `tile::<T>(t0, T)` over token tiles of at most `TOKEN_TILE`.
 macro_rules! for_each_tile {
     ($m:expr, |$t0:ident, $n:ident| $body:expr) => {{
@@ -66,6 +76,9 @@ unsafe fn float_tile_avx512<const T: usize>(
             let sv = _mm512_set1_ps(*s.get_unchecked(gi));
             let nz = _mm512_set1_ps(*neg_zs.get_unchecked(gi));
             for j in gi * steps..(gi + 1) * steps {
+                if j % 4 == 0 {
+                    prefetch(qp.add(j * 16));
+                }
                 let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(qp.add(j * 16) as *const __m128i));
                 let lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, m15)), sv, nz);
                 let hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(v)), sv, nz);
@@ -83,6 +96,9 @@ unsafe fn float_tile_avx512<const T: usize>(
             let nz = _mm512_set1_ps(*neg_zs.get_unchecked(gi));
             for j in gi * pairs..(gi + 1) * pairs {
                 let p = qp.add(j * 32);
+                if j % 2 == 0 {
+                    prefetch(p);
+                }
                 let v0 =
                     _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i)));
                 let v1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
@@ -241,6 +257,7 @@ unsafe fn int_chunk_vnni<const T: usize>(
     let nbytes = q.len();
     let off = c * 64;
     let qp = q.as_ptr();
+    prefetch(qp.add(off));
     let wv = if off + 64 <= nbytes {
         _mm512_loadu_si512(qp.add(off) as *const _)
     } else {
