@@ -182,13 +182,15 @@ fn prepare_float(x: &[f32], m: usize, k: usize, half: usize) -> FloatActs {
     FloatActs { x: out, stride }
 }
 
-/// `chunk_elems`: inputs per 64-byte weight chunk (128 for INT4, 64 for INT8); 0 = portable.
+/// `chunk_elems`: inputs per weight chunk (a 64-byte chunk: 128 for INT4, 64 for INT8; a 32-byte
+/// chunk: half that), 0 = portable; `lanes_per_chunk`: its 32-bit lanes (16 or 8).
 fn prepare_int(
     x: &[f32],
     m: usize,
     k: usize,
     group_size: usize,
     chunk_elems: usize,
+    lanes_per_chunk: usize,
     zeros_split: bool,
 ) -> IntActs {
     let nb = k / ACT_BLOCK;
@@ -198,7 +200,6 @@ fn prepare_int(
     } else {
         k.div_ceil(chunk_elems) * chunk_elems
     };
-    let lanes_per_chunk = 16;
     let lane_stride = stride
         .checked_div(chunk_elems)
         .map_or(0, |c| c * lanes_per_chunk);
@@ -253,29 +254,29 @@ fn prepare_int(
     }
 }
 
-/// Per-chunk group lookup for the int8 route: the weight scale of each lane of a 64-byte chunk.
+/// Per-chunk group lookup for the int8 route: the weight scale of each lane of a weight chunk.
 pub(crate) struct ChunkGroups {
     /// First group of the chunk.
     pub first: Vec<u32>,
     /// Number of groups the chunk touches (1 for group sizes >= chunk).
     pub count: Vec<u32>,
-    /// `(chunks, 16)`: group of each lane, relative to `first`.
+    /// `(chunks, lanes)`: group of each lane, relative to `first`.
     pub lane_group: Vec<i32>,
 }
 
-fn chunk_groups(k: usize, group_size: usize, chunk_elems: usize) -> ChunkGroups {
+fn chunk_groups(k: usize, group_size: usize, chunk_elems: usize, lanes: usize) -> ChunkGroups {
     let nchunks = k.div_ceil(chunk_elems);
-    let lane_elems = chunk_elems / 16;
+    let lane_elems = chunk_elems / lanes;
     let mut first = Vec::with_capacity(nchunks);
     let mut count = Vec::with_capacity(nchunks);
-    let mut lane_group = Vec::with_capacity(nchunks * 16);
+    let mut lane_group = Vec::with_capacity(nchunks * lanes);
     for c in 0..nchunks {
         let start = c * chunk_elems;
         let last = (start + chunk_elems).min(k) - 1;
         let g0 = start / group_size;
         first.push(g0 as u32);
         count.push((last / group_size - g0 + 1) as u32);
-        for l in 0..16 {
+        for l in 0..lanes {
             let e = (start + l * lane_elems).min(last);
             lane_group.push((e / group_size - g0) as i32);
         }
@@ -359,18 +360,15 @@ pub fn linear_with_isa(
             });
         }
         Route::Int8Activations => {
-            let simd = isa == Isa::Avx512Vnni;
-            let chunk_elems = match (simd, int4) {
-                (false, _) => 0,
-                (true, true) => 128,
-                (true, false) => 64,
+            // 64-byte chunks of 16 lanes (VNNI) or 32-byte chunks of 8 lanes (AVX2 maddubs).
+            let (chunk_bytes, lanes) = match isa {
+                Isa::Avx512Vnni => (64, 16),
+                Isa::Avx512 | Isa::Avx2Fma => (32, 8),
+                Isa::Portable => (0, 0),
             };
-            let acts = prepare_int(x, m, k, g, chunk_elems, int4);
-            let groups = if simd {
-                Some(chunk_groups(k, g, chunk_elems))
-            } else {
-                None
-            };
+            let chunk_elems = if int4 { 2 * chunk_bytes } else { chunk_bytes };
+            let acts = prepare_int(x, m, k, g, chunk_elems, lanes, int4);
+            let groups = (chunk_elems > 0).then(|| chunk_groups(k, g, chunk_elems, lanes));
             for_each_row_block(&mut out_t, m, parallel, |task, chunk| {
                 for (i, y) in chunk.chunks_exact_mut(m).enumerate() {
                     let r = task * ROWS_PER_TASK + i;
@@ -379,9 +377,14 @@ pub fn linear_with_isa(
                     let q = &w.qweight[r * row_bytes..(r + 1) * row_bytes];
                     match &groups {
                         #[cfg(target_arch = "x86_64")]
-                        Some(cg) => {
+                        Some(cg) if lanes == 16 => {
                             // SAFETY: VNNI support was checked by `detect_isa`; shapes by `validate`.
                             unsafe { super::gemv_x86::int_row_vnni(int4, q, s, k, cg, &acts, y) }
+                        }
+                        #[cfg(target_arch = "x86_64")]
+                        Some(cg) => {
+                            // SAFETY: AVX2 support was checked by `detect_isa`; shapes by `validate`.
+                            unsafe { super::gemv_x86::int_row_avx2(int4, q, s, cg, &acts, y) }
                         }
                         _ => int_row_portable(int4, q, s, g, &acts, y),
                     }
