@@ -197,7 +197,7 @@ def test_forward_matches_float64_reference(
         ref = ref + lin.bias.detach().double()
     mag = x2.abs() @ w.abs().T + (lin.bias.detach().double().abs() if bias else 0.0)
     m = x2.shape[0]
-    route_used = _native.quant_default_route() if route == "auto" else route
+    route_used = _native.quant_default_route(bits) if route == "auto" else route
     fused = m <= ql.fused_max_tokens()
     # float32 accumulation; bfloat16 adds rounding of the output (and of the weight off the fused path)
     tol = 1e-5 * mag + 1e-6
@@ -305,7 +305,8 @@ def test_peer_torch_weight_int8pack_mm_agrees():
 
 
 def test_native_routes_and_isa_are_reported():
-    assert _native.quant_default_route() in ("float", "int8")
+    assert _native.quant_default_route(4) == "int8"
+    assert _native.quant_default_route(8) == "float"
     assert isinstance(_native.quant_kernel_isa(), str)
     _, ql = layer(8, 32, True, 8, 64, False, 0)
     with pytest.raises(ValueError, match="route"):

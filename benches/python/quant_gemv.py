@@ -93,7 +93,7 @@ def main() -> None:
     passes = 3 if args.quick else 7
     cap = 40 if args.quick else 400
     print(
-        f"isa={_native.quant_kernel_isa()} auto_route={_native.quant_default_route()} "
+        f"isa={_native.quant_kernel_isa()} auto_route=int4:{_native.quant_default_route(4)},int8:{_native.quant_default_route(8)} "
         f"L3={l3 >> 20} MiB cold={cold}x L3 shape={n}x{k} batch=1 torch={torch.__version__} "
         f"loadavg={os.getloadavg()[0]:.1f} cpus={os.cpu_count()}"
     )
@@ -134,7 +134,7 @@ def main() -> None:
             nb = n * k * bits // 8 + 2 * 4 * n * (k // (group or k))
             L = layer_count(nb, cold_bytes, cap)
             layers = make_quant_layers(L, k, n, bits, group)
-            for route in ("auto", "float"):
+            for route in ("int8", "float"):
                 for ql in layers:
                     ql.route = route
                 for x, xl in ((x32, "fp32"), (xbf, "bf16")):
