@@ -278,7 +278,7 @@ fn quant_kernel_isa() -> &'static str {
     gemv::detect_isa().name()
 }
 
-/// Route that `route="auto"` picks for `bits`: "int8" (INT4) or "float" (INT8).
+/// Route that `route="auto"` picks for `bits` on this CPU: "int8" or "float".
 #[pyfunction]
 fn quant_default_route(bits: u32) -> &'static str {
     match gemv::default_route(bits) {

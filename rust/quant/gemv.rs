@@ -114,14 +114,13 @@ pub fn detect_isa() -> Isa {
     })
 }
 
-/// The route `"auto"` picks: the int8 route for INT4 wherever a SIMD integer kernel exists (about
-/// 2x faster than the float route), the float route for INT8 (as fast on AVX-512, and it keeps
-/// INT8's accuracy: 4e-3 instead of 7e-3 relative error).
+/// The route `"auto"` picks: the faster one measured (docs/quant.md), i.e. the int8 route except
+/// for INT8 weights on AVX-512 without VNNI, where the float kernel beats the AVX2 integer one.
 pub fn default_route(bits: u32) -> Route {
-    if bits == 4 {
-        Route::Int8Activations
-    } else {
+    if bits == 8 && detect_isa() == Isa::Avx512 {
         Route::Float
+    } else {
+        Route::Int8Activations
     }
 }
 

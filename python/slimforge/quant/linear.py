@@ -132,7 +132,8 @@ class QuantLinear(nn.Module):
     ``route`` picks the CPU kernel: ``"float"`` (codes dequantized in registers, float32
     accumulation), ``"int8"`` (activations quantized to int8 per 32 inputs, integer dot
     products; faster, adds error at most ``sum |w| * absmax(block) / 254`` per output) or
-    ``"auto"`` (``"int8"`` for INT4, ``"float"`` for INT8: see docs/quant.md).
+    ``"auto"`` (the faster on this CPU, ``"int8"`` except for INT8 weights on AVX-512 without
+    VNNI; see docs/quant.md).
     """
 
     qweight: torch.Tensor
