@@ -63,9 +63,7 @@ def lsh_index_load(
 ) -> tuple[float, int, int, int, npt.NDArray[np.uint32], npt.NDArray[np.int64] | list[str]]: ...
 
 # --- quant ---
-
-import numpy as np  # noqa: E402
-from numpy.typing import NDArray  # noqa: E402
+# (np and NDArray are imported in the dedup section above)
 
 def quant_choose_qparams(
     w: NDArray[np.float32], bits: int, group_size: int, symmetric: bool
@@ -113,7 +111,7 @@ def quant_linear_bf16(
     route: str = "auto",
 ) -> NDArray[np.float32]: ...
 def quant_kernel_isa() -> str: ...
-def quant_default_route() -> str: ...
+def quant_default_route(bits: int) -> str: ...
 
 # --- attention ---
 # Arrays are C-contiguous numpy arrays of float32, float64, or uint16 holding bfloat16 bits (all of
