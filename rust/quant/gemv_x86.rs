@@ -4,7 +4,6 @@
 //! streamed from memory once per tile and its codes are widened once for all tokens of the tile.
 #![cfg(target_arch = "x86_64")]
 // AVX-512 intrinsics are stable since Rust 1.89; the crate's rust-version must be raised to match.
-#![allow(clippy::incompatible_msrv)]
 
 use std::arch::x86_64::*;
 
