@@ -640,3 +640,16 @@ def test_qat_recovers_rtn_gap_on_tiny_regression() -> None:
     rtn_eval = F.mse_loss(rtn(x_eval), y_eval).item()
     qat_eval = F.mse_loss(convert(student)(x_eval), y_eval).item()
     assert qat_eval < 0.5 * rtn_eval, (qat_eval, rtn_eval)
+
+
+def test_awq_search_loss_matches_direct_mse() -> None:
+    w = torch.randn(24, 32)
+    for n_rows in (16, 300):  # direct path (n <= in) and Gram path (n > in)
+        x = _outlier_inputs(n_rows, 32, 2)
+        cfg = AWQ(group_size=16, n_grid=5)
+        s, loss_rtn, loss = awq_search_scale([w], x, x.abs().mean(0), cfg)
+        wq = _reference_fake_quant(w * s, 4, 16) / s
+        assert loss == pytest.approx(float(((x @ (w - wq).T) ** 2).mean()), rel=1e-3)
+        rtn = _reference_fake_quant(w, 4, 16)
+        assert loss_rtn == pytest.approx(float(((x @ (w - rtn).T) ** 2).mean()), rel=1e-3)
+        assert loss <= loss_rtn

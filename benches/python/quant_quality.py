@@ -91,23 +91,43 @@ def find_gguf(arg: str | None) -> Path:
     return out
 
 
-def rtn(model: nn.Module, bits: int, group_size: int | None, symmetric: bool) -> nn.Module:
+def in_layers(n_layers: int):  # type: ignore[no-untyped-def]
+    """filter_fn selecting the linears of the first ``n_layers`` blocks (0 = all)."""
+
+    def keep(mod: nn.Module, name: str) -> bool:
+        if not (isinstance(mod, nn.Linear) and name.startswith("layers.")):
+            return False
+        return n_layers == 0 or int(name.split(".")[1]) < n_layers
+
+    return keep
+
+
+def rtn(
+    model: nn.Module, bits: int, group_size: int | None, symmetric: bool, n_layers: int
+) -> nn.Module:
     m = copy.deepcopy(model)
+    keep = in_layers(n_layers)
     with torch.no_grad():
         for name, mod in m.named_modules():
-            if isinstance(mod, nn.Linear) and name.startswith("layers."):
+            if keep(mod, name):
                 gs = group_size or mod.in_features
                 mod.weight.copy_(fake_quantize(mod.weight, bits, gs, symmetric)[0])
     return m
 
 
 def qat_finetune(
-    model: nn.Module, calib: list[torch.Tensor], bits: int, gs: int, steps: int, lr: float
+    model: nn.Module,
+    calib: list[torch.Tensor],
+    bits: int,
+    gs: int,
+    steps: int,
+    lr: float,
+    n_layers: int,
 ) -> nn.Module:
     """Distil the fp model into its fake-quantized copy (KL on logits), then convert."""
     teacher = model
     student = copy.deepcopy(model)
-    prepare_qat(student, QATConfig(bits, gs), filter_fn=lambda m, n: n.startswith("layers."))
+    prepare_qat(student, QATConfig(bits, gs), filter_fn=in_layers(n_layers))
     student.embed_tokens.weight.requires_grad_(False)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
@@ -136,11 +156,13 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--qat-steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--layers", type=int, default=0, help="quantize only the first N blocks")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        args.calib_seqs, args.qat_steps = 4, 0
+        args.calib_seqs, args.seq_len, args.qat_steps = 2, 128, 0
+        args.layers = args.layers or 4
 
     path = find_gguf(args.gguf)
     t0 = time.perf_counter()
@@ -158,7 +180,7 @@ def main() -> None:
 
     eval_ids = torch.tensor(tok.encode(eval_text))
     if args.quick:
-        eval_ids = eval_ids[:512]
+        eval_ids = eval_ids[:256]
     calib_all = torch.tensor(tok.encode(calib_text))
     n = args.seq_len
     calib = [
@@ -167,7 +189,8 @@ def main() -> None:
     ]
     print(
         f"eval: {eval_ids.numel()} tokens of Apache-2.0 in windows of {n}; "
-        f"calibration: {len(calib)} x {n} tokens of GPL-3; INT4 group size {args.group_size}"
+        f"calibration: {len(calib)} x {n} tokens of GPL-3; INT4 group size {args.group_size}; "
+        f"quantized blocks: {args.layers or 'all'} of {len(model.layers)}"
     )
 
     gs = args.group_size
@@ -181,23 +204,25 @@ def main() -> None:
 
     base = record("fp32 (dequantized Q4_1)", model, 0.0)
     t = time.perf_counter()
-    m8 = rtn(model, 8, None, True)
+    m8 = rtn(model, 8, None, True, args.layers)
     int8 = record("INT8 RTN per-channel sym", m8, time.perf_counter() - t)
     del m8
     t = time.perf_counter()
-    m4 = rtn(model, 4, gs, False)
+    m4 = rtn(model, 4, gs, False, args.layers)
     int4 = record(f"INT4 RTN g{gs}", m4, time.perf_counter() - t)
     del m4
 
     m = copy.deepcopy(model)
     t = time.perf_counter()
-    quantize_gptq(m, GPTQ(bits=4, group_size=gs), calib, progress=False)
+    quantize_gptq(m, GPTQ(bits=4, group_size=gs), calib, in_layers(args.layers), progress=False)
     gptq = record(f"GPTQ INT4 g{gs} act-order", m, time.perf_counter() - t)
     del m
 
     m = copy.deepcopy(model)
     t = time.perf_counter()
-    quantize_awq(m, AWQ(bits=4, group_size=gs, clip=not args.quick), calib, progress=False)
+    quantize_awq(
+        m, AWQ(bits=4, group_size=gs, clip=not args.quick), calib, in_layers(args.layers), False
+    )
     awq = record(
         f"AWQ INT4 g{gs}" + ("" if not args.quick else " (no clip)"), m, time.perf_counter() - t
     )
@@ -207,7 +232,7 @@ def main() -> None:
     if args.qat_steps:
         t = time.perf_counter()
         qat_batches = [c[:, :128] for c in calib]
-        m = qat_finetune(model, qat_batches, 4, gs, args.qat_steps, 1e-5)
+        m = qat_finetune(model, qat_batches, 4, gs, args.qat_steps, 1e-5, args.layers)
         qat = record(f"QAT INT4 g{gs} ({args.qat_steps} steps)", m, time.perf_counter() - t)
         del m
 
