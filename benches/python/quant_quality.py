@@ -248,6 +248,8 @@ def main() -> None:
         return f"{(int4 - p) / gap * 100:5.1f} %" if gap > 0 else "n/a"
 
     print("\nsummary (ratios to fp32; 'recovered' = share of the INT4 RTN gap closed):")
+    if args.quick:
+        print("  (--quick is a smoke test on 4 blocks and 256 tokens; targets apply to a full run)")
     print(f"  INT8 sym / fp32 = {int8 / base:.4f}, asym {int8a / base:.4f}  (target <= 1.01)")
     print(f"  INT4 RTN / fp32 = {int4 / base:.4f}")
     print(f"  GPTQ / fp32 = {gptq / base:.4f}, recovered {recovered(gptq)}  (target >= 50 %)")
