@@ -163,7 +163,7 @@ def awq_clip(
         wc = w[r0 : r0 + chunk].reshape(-1, ng, gs)
         ref = torch.einsum("ngk,ogk->ong", xg, wc)
         amax = wc.abs().amax(dim=-1, keepdim=True)
-        best_err = torch.full(wc.shape[:2], math.inf)
+        best_err = torch.full(wc.shape[:2], math.inf, device=w.device)
         best_max = amax.clone()
         for i in range(int(max_shrink * n_grid)):
             mx = amax * (1 - i / n_grid)
