@@ -318,9 +318,19 @@ def test_gptq_property_matches_reference(
     assert torch.equal(
         torch.bincount(res.g_idx.long(), minlength=n_groups), torch.full((n_groups,), gs)
     )
-    ref_codes, _ = _reference_gptq(w, h, bits, gs, 0.01, act_order, static_groups, sym)
-    mismatch = int((res.q.double() != ref_codes).sum())
-    assert mismatch <= max(1, out_f * in_f // 200), mismatch
+    ref_codes, ref_deq = _reference_gptq(w, h, bits, gs, 0.01, act_order, static_groups, sym)
+    if sym:
+        # Symmetric grids put the row extreme exactly on a rounding tie (amax / s = 2^(b-1) - 0.5),
+        # so roundoff may flip it and the flip propagates: compare the GPTQ objective instead.
+        def objective(deq: torch.Tensor) -> float:
+            d = w - deq
+            return float(torch.einsum("oi,ij,oj->", d, h, d))
+
+        ref_obj, obj = objective(ref_deq), objective(res.dequantize().double())
+        assert obj <= 1.25 * ref_obj + 1e-9 and ref_obj <= 1.25 * obj + 1e-9, (obj, ref_obj)
+    else:
+        mismatch = int((res.q.double() != ref_codes).sum())
+        assert mismatch <= max(1, out_f * in_f // 200), mismatch
 
 
 def test_gptq_beats_rtn_on_correlated_data() -> None:
@@ -630,3 +640,16 @@ def test_qat_recovers_rtn_gap_on_tiny_regression() -> None:
     rtn_eval = F.mse_loss(rtn(x_eval), y_eval).item()
     qat_eval = F.mse_loss(convert(student)(x_eval), y_eval).item()
     assert qat_eval < 0.5 * rtn_eval, (qat_eval, rtn_eval)
+
+
+def test_awq_search_loss_matches_direct_mse() -> None:
+    w = torch.randn(24, 32)
+    for n_rows in (16, 300):  # direct path (n <= in) and Gram path (n > in)
+        x = _outlier_inputs(n_rows, 32, 2)
+        cfg = AWQ(group_size=16, n_grid=5)
+        s, loss_rtn, loss = awq_search_scale([w], x, x.abs().mean(0), cfg)
+        wq = _reference_fake_quant(w * s, 4, 16) / s
+        assert loss == pytest.approx(float(((x @ (w - wq).T) ** 2).mean()), rel=1e-3)
+        rtn = _reference_fake_quant(w, 4, 16)
+        assert loss_rtn == pytest.approx(float(((x @ (w - rtn).T) ** 2).mean()), rel=1e-3)
+        assert loss <= loss_rtn
