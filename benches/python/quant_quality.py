@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import math
 import os
 import sys
 import tempfile
 import time
-import types
 import zipfile
 from pathlib import Path
 
@@ -28,50 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _ensure_quant_core() -> str:
-    """Use the real QuantLinear when present; else a pure-torch stand-in with its contract."""
-    try:
-        importlib.import_module("slimforge.quant.api")
-        importlib.import_module("slimforge.quant.linear")
-        return "slimforge QuantLinear"
-    except ImportError:
-        pass
-    api = types.ModuleType("slimforge.quant.api")
-    api.register_quantize_handler = lambda cls: lambda fn: fn  # type: ignore[attr-defined]
-    linear = types.ModuleType("slimforge.quant.linear")
-
-    class QuantLinear(nn.Module):
-        @classmethod
-        def from_quantized(cls, q, scales, zeros, bias, bits, group_size):  # type: ignore[no-untyped-def]
-            m = cls()
-            g = torch.arange(q.shape[1]) // group_size
-            w = (q.float() - zeros[:, g]) * scales[:, g]
-            m.register_buffer("weight", w)
-            m.register_buffer("bias", bias)
-            return m
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return F.linear(x, self.weight, self.bias)
-
-    linear.QuantLinear = QuantLinear  # type: ignore[attr-defined]
-    sys.modules["slimforge.quant.api"] = api
-    sys.modules["slimforge.quant.linear"] = linear
-    return "dequantized stand-in (quant core not installed)"
-
-
-BACKEND = _ensure_quant_core()
-
-from slimforge.models.llama import (  # noqa: E402
+from slimforge.models.llama import (
     ByteLevelBPETokenizer,
     LlamaForCausalLM,
     perplexity,
 )
-from slimforge.quant.awq import AWQ, quantize_awq  # noqa: E402
-from slimforge.quant.calibrate import fake_quantize  # noqa: E402
-from slimforge.quant.gptq import GPTQ, quantize_gptq  # noqa: E402
-from slimforge.quant.qat import QATConfig, convert, prepare_qat  # noqa: E402
+from slimforge.quant.awq import AWQ, quantize_awq
+from slimforge.quant.calibrate import fake_quantize
+from slimforge.quant.gptq import GPTQ, quantize_gptq
+from slimforge.quant.qat import QATConfig, convert, prepare_qat
 
+BACKEND = "slimforge QuantLinear (Rust kernels)"
 LICENSES = Path("/usr/share/common-licenses")
 
 
