@@ -279,16 +279,6 @@ fn check_len(name: &str, got: usize, want: usize) -> Result<()> {
     Ok(())
 }
 
-/// The final score of a raw product: scale, then the optional tanh cap.
-#[inline(always)]
-fn score<T: Real>(raw: T, scale: T, cap: T, inv_cap: T, capped: bool) -> T {
-    let s = raw * scale;
-    if capped {
-        cap * (s * inv_cap).tanh()
-    } else {
-        s
-    }
-}
 
 struct FwdCtx<'a, S: Storage> {
     q: &'a [S],
@@ -392,12 +382,17 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
     };
 
     // Everything is kept transposed (keys or features x queries) so softmax statistics are
-    // per-column vectors and no tile is ever transposed inside the key loop.
+    // per-column vectors and no tile is ever transposed inside the key loop. Scores are kept in
+    // base-2 units (scale * log2(e) folded into Q^T, or into the tanh of softcap) so P = exp2(s - m).
+    let log2e = S::Acc::from_f64(std::f64::consts::LOG2_E);
+    let q_mul = if capped { S::Acc::ONE } else { scale * log2e };
+    let cap2 = cap * log2e;
+    let scale_over_cap = scale * inv_cap;
     let mut q_t = vec![zero; d * BQ];
     for r in 0..rows {
         let src = &ctx.q[((q0 + i0 + r) * hq + h) * d..][..d];
         for (x, &qx) in src.iter().enumerate() {
-            *q_t.get_unchecked_mut(x * BQ + r) = qx.load();
+            *q_t.get_unchecked_mut(x * BQ + r) = qx.load() * q_mul;
         }
     }
     let mut k_tile = vec![zero; BK * dp];
@@ -417,13 +412,22 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
         if class == TileClass::Skip {
             continue;
         }
+        // K of full tiles of f32/f64 inputs with 16 | head_dim is read in place (rows are only
+        // broadcast from); V is always packed, as its strided columns would thrash L1.
+        let direct_k = if cols == BK && d == dp {
+            S::as_acc(ctx.k)
+        } else {
+            None
+        };
         for c in 0..cols {
             let base = ((k0 + j0 + c) * hkv + hk) * d;
-            for (dst, &x) in k_tile[c * dp..c * dp + d]
-                .iter_mut()
-                .zip(&ctx.k[base..base + d])
-            {
-                *dst = x.load();
+            if direct_k.is_none() {
+                for (dst, &x) in k_tile[c * dp..c * dp + d]
+                    .iter_mut()
+                    .zip(&ctx.k[base..base + d])
+                {
+                    *dst = x.load();
+                }
             }
             for (dst, &x) in v_tile[c * dp..c * dp + d]
                 .iter_mut()
@@ -432,14 +436,18 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
                 *dst = x.load();
             }
         }
+        let (k_ptr, k_stride) = match direct_k {
+            Some(k_acc) => (k_acc.as_ptr().add(((k0 + j0) * hkv + hk) * d), hkv * d),
+            None => (k_tile.as_ptr(), dp),
+        };
         // S^T = K Q^T (keys x queries); rows past `cols` are never read.
         let m_rows = round_up(cols, 8);
         S::Acc::gemm_for::<I>(
             m_rows,
             BQ,
             d,
-            k_tile.as_ptr(),
-            dp,
+            k_ptr,
+            k_stride,
             1,
             q_t.as_ptr(),
             BQ,
@@ -450,8 +458,10 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
         let mut tile_max = [neg_inf; BQ];
         for c in 0..cols {
             let row = &mut s_t[c * BQ..(c + 1) * BQ];
-            for x in row.iter_mut() {
-                *x = score(*x, scale, cap, inv_cap, capped);
+            if capped {
+                for x in row.iter_mut() {
+                    *x = cap2 * (*x * scale_over_cap).tanh();
+                }
             }
             if class == TileClass::Partial {
                 for (r, x) in row[..rows].iter_mut().enumerate() {
@@ -468,14 +478,14 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
             let m_new = m[r].max(tile_max[r]);
             // A column that has seen nothing keeps m = -inf; shifting by 0 gives P = 0, not NaN.
             m_use[r] = if m_new == neg_inf { zero } else { m_new };
-            alpha[r] = (m[r] - m_use[r]).exp();
+            alpha[r] = (m[r] - m_use[r]).exp2();
             m[r] = m_new;
         }
         tile_sum.fill(zero);
         for c in 0..cols {
             let row = &mut s_t[c * BQ..(c + 1) * BQ];
             for ((x, &mu), t) in row.iter_mut().zip(&m_use).zip(tile_sum.iter_mut()) {
-                let p = (*x - mu).exp();
+                let p = (*x - mu).exp2();
                 *x = p;
                 *t = *t + p;
             }
@@ -505,6 +515,7 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
     }
 
     let lse_base = shape.lse_base(b, h) + i0;
+    let ln2 = S::Acc::from_f64(std::f64::consts::LN_2);
     for r in 0..rows {
         let out_row = ctx.out.ptr().add(((q0 + i0 + r) * hq + h) * d);
         if l[r] == zero {
@@ -515,7 +526,7 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
         for x in 0..d {
             *out_row.add(x) = S::store(acc_t[x * BQ + r] * inv);
         }
-        *ctx.lse.ptr().add(lse_base + r) = m[r] + l[r].ln();
+        *ctx.lse.ptr().add(lse_base + r) = m[r] * ln2 + l[r].ln();
     }
 }
 
