@@ -279,7 +279,6 @@ fn check_len(name: &str, got: usize, want: usize) -> Result<()> {
     Ok(())
 }
 
-
 struct FwdCtx<'a, S: Storage> {
     q: &'a [S],
     k: &'a [S],
