@@ -79,7 +79,7 @@ def main() -> None:
         _native.set_num_threads(args.threads)
     threads = _native.get_num_threads()
     torch_threads = torch.get_num_threads()
-    reps = 1 if args.quick else 3
+    reps = 1 if args.quick else 2
     sizes = [1024] if args.quick else [1024, 2048, 4096]
     b, h, d = (1 if args.quick else 4), 8, 64
     peak = sgemm_rate(2048 if args.quick else 4096, reps)

@@ -954,9 +954,13 @@ unsafe fn backward_part<S: Storage, I: IsaChoice>(
                     false,
                 );
                 for r in 0..rows {
-                    let dst = dq_part.add(((q0 + i0 + r) * hq + h) * d);
-                    for x in 0..d {
-                        *dst.add(x) = *dst.add(x) + dq_tile[r * dp + x];
+                    // A slice (not pointer arithmetic) so the compiler sees no aliasing and vectorises.
+                    let dst = std::slice::from_raw_parts_mut(
+                        dq_part.add(((q0 + i0 + r) * hq + h) * d),
+                        d,
+                    );
+                    for (o, &g) in dst.iter_mut().zip(&dq_tile[r * dp..r * dp + d]) {
+                        *o = *o + g;
                     }
                 }
             }
