@@ -279,10 +279,76 @@ fn check_len(name: &str, got: usize, want: usize) -> Result<()> {
     Ok(())
 }
 
+/// K and V of every (sequence, kv head) as contiguous, zero-padded rows of `round_up(d, 16)`
+/// accumulation-type values, `round_up(seqlen_k, FWD_BLOCK_K)` rows each: the forward's key tiles
+/// are then plain slices (no per-tile packing, no cache-aliasing strided reads).
+struct PackedKv<T> {
+    k: Vec<T>,
+    v: Vec<T>,
+    /// First row of each sequence (all kv heads of earlier sequences come before it).
+    seq_base: Vec<usize>,
+    dp: usize,
+}
+
+impl<T: Real> PackedKv<T> {
+    fn new<S: Storage<Acc = T>>(shape: &Shape, k: &[S], v: &[S]) -> Self {
+        let (hkv, d) = (shape.heads_kv, shape.head_dim);
+        let dp = round_up(d, 16);
+        let mut seq_base = Vec::with_capacity(shape.batch() + 1);
+        let mut rows = 0;
+        for b in 0..shape.batch() {
+            seq_base.push(rows);
+            rows += hkv * round_up(shape.seq_k(b).1, FWD_BLOCK_K);
+        }
+        seq_base.push(rows);
+        let mut packed = PackedKv {
+            k: vec![T::ZERO; rows * dp],
+            v: vec![T::ZERO; rows * dp],
+            seq_base,
+            dp,
+        };
+        let (kp, vp) = (
+            SharedMut(packed.k.as_mut_ptr()),
+            SharedMut(packed.v.as_mut_ptr()),
+        );
+        let pairs: Vec<(usize, usize)> = (0..shape.batch())
+            .flat_map(|b| (0..hkv).map(move |h| (b, h)))
+            .collect();
+        let this = &packed;
+        crate::parallel::install(|| {
+            pairs.par_iter().for_each(|&(b, hk)| {
+                let (k0, nk) = shape.seq_k(b);
+                for j in 0..nk {
+                    let src = ((k0 + j) * hkv + hk) * d;
+                    let dst = this.row(shape, b, hk, j);
+                    // SAFETY: (b, hk) pairs own disjoint rows; `row` stays inside the buffers.
+                    unsafe {
+                        let krow = std::slice::from_raw_parts_mut(kp.ptr().add(dst), d);
+                        let vrow = std::slice::from_raw_parts_mut(vp.ptr().add(dst), d);
+                        for ((ko, vo), (&kx, &vx)) in krow
+                            .iter_mut()
+                            .zip(vrow.iter_mut())
+                            .zip(k[src..src + d].iter().zip(&v[src..src + d]))
+                        {
+                            *ko = kx.load();
+                            *vo = vx.load();
+                        }
+                    }
+                }
+            })
+        });
+        packed
+    }
+
+    /// Element offset of row `j` of (sequence b, kv head hk).
+    fn row(&self, shape: &Shape, b: usize, hk: usize, j: usize) -> usize {
+        (self.seq_base[b] + hk * round_up(shape.seq_k(b).1, FWD_BLOCK_K) + j) * self.dp
+    }
+}
+
 struct FwdCtx<'a, S: Storage> {
     q: &'a [S],
-    k: &'a [S],
-    v: &'a [S],
+    kv: &'a PackedKv<S::Acc>,
     shape: &'a Shape,
     opts: Options,
     out: SharedMut<S>,
@@ -312,10 +378,10 @@ pub fn forward<S: Storage>(
             tasks.extend((0..nqt).map(|it| (b, h, it)));
         }
     }
+    let kv = PackedKv::new(shape, k, v);
     let ctx = FwdCtx {
         q,
-        k,
-        v,
+        kv: &kv,
         shape,
         opts: *opts,
         out: SharedMut(out.as_mut_ptr()),
@@ -367,7 +433,7 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
     let dp = round_up(d, 16);
     let hk = h / (hq / hkv);
     let (q0, nq) = shape.seq_q(b);
-    let (k0, nk) = shape.seq_k(b);
+    let nk = shape.seq_k(b).1;
     let i0 = it * BQ;
     let rows = BQ.min(nq - i0);
     let mask = ctx.opts.mask(nq, nk);
@@ -394,8 +460,6 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
             *q_t.get_unchecked_mut(x * BQ + r) = qx.load() * q_mul;
         }
     }
-    let mut k_tile = vec![zero; BK * dp];
-    let mut v_tile = vec![zero; BK * dp];
     let mut s_t = vec![zero; BK * BQ];
     let mut acc_t = vec![zero; dp * BQ];
     let mut m = [neg_inf; BQ];
@@ -411,34 +475,8 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
         if class == TileClass::Skip {
             continue;
         }
-        // K of full tiles of f32/f64 inputs with 16 | head_dim is read in place (rows are only
-        // broadcast from); V is always packed, as its strided columns would thrash L1.
-        let direct_k = if cols == BK && d == dp {
-            S::as_acc(ctx.k)
-        } else {
-            None
-        };
-        for c in 0..cols {
-            let base = ((k0 + j0 + c) * hkv + hk) * d;
-            if direct_k.is_none() {
-                for (dst, &x) in k_tile[c * dp..c * dp + d]
-                    .iter_mut()
-                    .zip(&ctx.k[base..base + d])
-                {
-                    *dst = x.load();
-                }
-            }
-            for (dst, &x) in v_tile[c * dp..c * dp + d]
-                .iter_mut()
-                .zip(&ctx.v[base..base + d])
-            {
-                *dst = x.load();
-            }
-        }
-        let (k_ptr, k_stride) = match direct_k {
-            Some(k_acc) => (k_acc.as_ptr().add(((k0 + j0) * hkv + hk) * d), hkv * d),
-            None => (k_tile.as_ptr(), dp),
-        };
+        let k_ptr = ctx.kv.k.as_ptr().add(ctx.kv.row(shape, b, hk, j0));
+        let v_ptr = ctx.kv.v.as_ptr().add(ctx.kv.row(shape, b, hk, j0));
         // S^T = K Q^T (keys x queries); rows past `cols` are never read.
         let m_rows = round_up(cols, 8);
         S::Acc::gemm_for::<I>(
@@ -446,7 +484,7 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
             BQ,
             d,
             k_ptr,
-            k_stride,
+            dp,
             1,
             q_t.as_ptr(),
             BQ,
@@ -502,7 +540,7 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
             dp,
             BQ,
             cols,
-            v_tile.as_ptr(),
+            v_ptr,
             1,
             dp,
             s_t.as_ptr(),
