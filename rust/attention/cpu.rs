@@ -567,40 +567,41 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
     }
 }
 
-/// Query-side tensors stored transposed, one (head_dim x BWD_BLOCK_Q) tile per (sequence, head,
-/// query tile), so the backward never transposes inside its key loop. Padding columns are zero.
-struct TransposedTiles {
-    /// First tile of each sequence (all heads of earlier sequences come before it).
+/// Query-side tensors (Q, dO) of every (sequence, head) as contiguous, zero-padded rows of
+/// `round_up(d, 16)` accumulation-type values, `round_up(seqlen_q, BWD_BLOCK_Q)` rows each, so the
+/// backward reads query tiles as plain slices instead of packing them per (query, key) tile pair.
+struct QueryRows {
+    /// First row of each sequence (all heads of earlier sequences come before it).
     seq_base: Vec<usize>,
     shape: Shape,
+    dp: usize,
 }
 
-impl TransposedTiles {
+impl QueryRows {
     fn new(shape: &Shape) -> Self {
         let mut seq_base = Vec::with_capacity(shape.batch() + 1);
         let mut total = 0;
         for b in 0..shape.batch() {
             seq_base.push(total);
-            total += shape.heads_q * shape.seq_q(b).1.div_ceil(BWD_BLOCK_Q);
+            total += shape.heads_q * round_up(shape.seq_q(b).1, BWD_BLOCK_Q);
         }
         seq_base.push(total);
-        TransposedTiles {
+        QueryRows {
             seq_base,
             shape: shape.clone(),
+            dp: round_up(shape.head_dim, 16),
         }
     }
 
-    /// Offset of the tile (sequence b, head h, query tile it).
-    fn offset(&self, b: usize, h: usize, it: usize) -> usize {
-        let nqt = self.shape.seq_q(b).1.div_ceil(BWD_BLOCK_Q);
-        (self.seq_base[b] + h * nqt + it) * self.shape.head_dim * BWD_BLOCK_Q
+    /// Element offset of row `i` of (sequence b, head h).
+    fn row(&self, b: usize, h: usize, i: usize) -> usize {
+        (self.seq_base[b] + h * round_up(self.shape.seq_q(b).1, BWD_BLOCK_Q) + i) * self.dp
     }
 
     fn build<S: Storage>(&self, x: &[S]) -> Vec<S::Acc> {
         let shape = &self.shape;
         let (hq, d) = (shape.heads_q, shape.head_dim);
-        let total = self.seq_base[shape.batch()] * d * BWD_BLOCK_Q;
-        let mut out = vec![S::Acc::ZERO; total];
+        let mut out = vec![S::Acc::ZERO; self.seq_base[shape.batch()] * self.dp];
         let dst = SharedMut(out.as_mut_ptr());
         let pairs: Vec<(usize, usize)> = (0..shape.batch())
             .flat_map(|b| (0..hq).map(move |h| (b, h)))
@@ -609,11 +610,13 @@ impl TransposedTiles {
             pairs.par_iter().for_each(|&(b, h)| {
                 let (q0, nq) = shape.seq_q(b);
                 for i in 0..nq {
-                    let tile = dst.ptr().wrapping_add(self.offset(b, h, i / BWD_BLOCK_Q));
                     let src = &x[((q0 + i) * hq + h) * d..][..d];
-                    for (col, &value) in src.iter().enumerate() {
-                        // SAFETY: (b, h) pairs own disjoint tiles; the offset is inside `out`.
-                        unsafe { *tile.add(col * BWD_BLOCK_Q + i % BWD_BLOCK_Q) = value.load() };
+                    // SAFETY: (b, h) pairs own disjoint rows; `row` stays inside `out`.
+                    let row = unsafe {
+                        std::slice::from_raw_parts_mut(dst.ptr().add(self.row(b, h, i)), d)
+                    };
+                    for (o, &value) in row.iter_mut().zip(src) {
+                        *o = value.load();
                     }
                 }
             })
@@ -623,17 +626,15 @@ impl TransposedTiles {
 }
 
 struct BwdCtx<'a, S: Storage> {
-    dout: &'a [S],
-    q: &'a [S],
     k: &'a [S],
     v: &'a [S],
     lse: &'a [S::Acc],
     /// rowsum(dO * O), laid out like lse.
     delta: &'a [S::Acc],
-    /// Q^T and dO^T in query tiles of (head_dim x BWD_BLOCK_Q), see [`TransposedTiles`].
-    q_t: &'a [S::Acc],
-    do_t: &'a [S::Acc],
-    tiles: &'a TransposedTiles,
+    /// Q and dO rows, see [`QueryRows`].
+    q_rows: &'a [S::Acc],
+    do_rows: &'a [S::Acc],
+    rows: &'a QueryRows,
     shape: &'a Shape,
     opts: Options,
     parts: usize,
@@ -688,9 +689,9 @@ pub fn backward<S: Storage>(
         })
     });
 
-    let tiles = TransposedTiles::new(shape);
-    let q_t = tiles.build(q);
-    let do_t = tiles.build(dout);
+    let rows = QueryRows::new(shape);
+    let q_rows = rows.build(q);
+    let do_rows = rows.build(dout);
 
     let max_kv_tiles = (0..batch)
         .map(|b| shape.seq_k(b).1.div_ceil(BWD_BLOCK_K))
@@ -705,15 +706,13 @@ pub fn backward<S: Storage>(
     let mut dk = vec![S::store(zero); k.len()];
     let mut dv = vec![S::store(zero); v.len()];
     let ctx = BwdCtx {
-        dout,
-        q,
         k,
         v,
         lse,
         delta: &delta,
-        q_t: &q_t,
-        do_t: &do_t,
-        tiles: &tiles,
+        q_rows: &q_rows,
+        do_rows: &do_rows,
+        rows: &rows,
         shape,
         opts: *opts,
         parts,
@@ -808,18 +807,16 @@ unsafe fn backward_part<S: Storage, I: IsaChoice>(
     let q_len = shape.total_q() * hq * d;
     let dq_part = ctx.dq_parts.ptr().add(part * q_len);
 
+    // Key side, packed once per key tile: K rows, K^T and V^T (zero beyond `cols`).
     let mut k_tile = vec![zero; BK * dp];
-    let mut v_tile = vec![zero; BK * dp];
-    let mut q_tile = vec![zero; BQ * dp];
-    let mut do_tile = vec![zero; BQ * dp];
-    let mut p_t = vec![zero; BK * BQ];
-    let mut ds_t = vec![zero; BK * BQ];
-    let mut tanh_t = vec![zero; if capped { BK * BQ } else { 0 }];
+    let mut k_t = vec![zero; d * BK];
+    let mut v_t = vec![zero; d * BK];
+    let mut p = vec![zero; BQ * BK];
+    let mut ds = vec![zero; BQ * BK];
+    let mut tanh_s = vec![zero; if capped { BQ * BK } else { 0 }];
     let mut dq_tile = vec![zero; BQ * dp];
     let mut dk_acc = vec![zero; BK * dp];
     let mut dv_acc = vec![zero; BK * dp];
-    let mut lse_row = [zero; BQ];
-    let mut delta_row = [zero; BQ];
 
     let mut jt = part;
     while jt < nk.div_ceil(BK) {
@@ -827,21 +824,16 @@ unsafe fn backward_part<S: Storage, I: IsaChoice>(
         let cols = BK.min(nk - j0);
         if cols < BK {
             k_tile.fill(zero);
-            v_tile.fill(zero);
+            k_t.fill(zero);
+            v_t.fill(zero);
         }
         for c in 0..cols {
             let base = ((k0 + j0 + c) * hkv + hk) * d;
-            for (dst, &x) in k_tile[c * dp..c * dp + d]
-                .iter_mut()
-                .zip(&ctx.k[base..base + d])
-            {
-                *dst = x.load();
-            }
-            for (dst, &x) in v_tile[c * dp..c * dp + d]
-                .iter_mut()
-                .zip(&ctx.v[base..base + d])
-            {
-                *dst = x.load();
+            for x in 0..d {
+                let kv = ctx.k.get_unchecked(base + x).load();
+                *k_tile.get_unchecked_mut(c * dp + x) = kv;
+                *k_t.get_unchecked_mut(x * BK + c) = kv;
+                *v_t.get_unchecked_mut(x * BK + c) = ctx.v.get_unchecked(base + x).load();
             }
         }
         dk_acc.fill(zero);
@@ -855,136 +847,116 @@ unsafe fn backward_part<S: Storage, I: IsaChoice>(
                 if class == TileClass::Skip {
                     continue;
                 }
-                let q_t = ctx.q_t.as_ptr().add(ctx.tiles.offset(b, h, it));
-                let do_t = ctx.do_t.as_ptr().add(ctx.tiles.offset(b, h, it));
-                if rows < BQ {
-                    q_tile.fill(zero);
-                    do_tile.fill(zero);
-                }
-                for r in 0..rows {
-                    let base = ((q0 + i0 + r) * hq + h) * d;
-                    for (dst, &x) in q_tile[r * dp..r * dp + d]
-                        .iter_mut()
-                        .zip(&ctx.q[base..base + d])
-                    {
-                        *dst = x.load();
-                    }
-                    for (dst, &x) in do_tile[r * dp..r * dp + d]
-                        .iter_mut()
-                        .zip(&ctx.dout[base..base + d])
-                    {
-                        *dst = x.load();
-                    }
-                    let lse = ctx.lse[lse_base + i0 + r];
-                    // A row that sees nothing has lse = -inf; +inf makes its P exactly 0.
-                    lse_row[r] = if lse == S::Acc::NEG_INFINITY {
-                        S::Acc::INFINITY
-                    } else {
-                        lse
-                    };
-                    delta_row[r] = ctx.delta[lse_base + i0 + r];
-                }
-                // Padding rows get P = exp(s - inf) = 0.
-                lse_row[rows..].fill(S::Acc::INFINITY);
-                // S^T = K Q^T (keys x queries)
+                let q_tile = ctx.q_rows.as_ptr().add(ctx.rows.row(b, h, i0));
+                let do_tile = ctx.do_rows.as_ptr().add(ctx.rows.row(b, h, i0));
+                // S = Q K^T (queries x keys)
                 S::Acc::gemm_for::<I>(
-                    BK,
                     BQ,
+                    BK,
                     d,
-                    k_tile.as_ptr(),
+                    q_tile,
                     dp,
                     1,
-                    q_t,
-                    BQ,
-                    p_t.as_mut_ptr(),
-                    BQ,
+                    k_t.as_ptr(),
+                    BK,
+                    p.as_mut_ptr(),
+                    BK,
                     false,
                 );
-                for c in 0..cols {
-                    let row = &mut p_t[c * BQ..(c + 1) * BQ];
+                for r in 0..rows {
+                    let lse = ctx.lse[lse_base + i0 + r];
+                    let row = &mut p[r * BK..(r + 1) * BK];
+                    if lse == S::Acc::NEG_INFINITY {
+                        // The row sees no key: P = 0 (and never exp(s + inf)).
+                        row.fill(zero);
+                        continue;
+                    }
                     if capped {
-                        let trow = &mut tanh_t[c * BQ..(c + 1) * BQ];
-                        for ((x, t), &lse) in row.iter_mut().zip(trow.iter_mut()).zip(&lse_row) {
+                        let trow = &mut tanh_s[r * BK..(r + 1) * BK];
+                        for (x, t) in row[..cols].iter_mut().zip(trow.iter_mut()) {
                             let th = (*x * scale * inv_cap).tanh();
                             *t = th;
                             *x = (cap * th - lse).exp();
                         }
                     } else {
-                        for (x, &lse) in row.iter_mut().zip(&lse_row) {
+                        for x in row[..cols].iter_mut() {
                             *x = (*x * scale - lse).exp();
                         }
                     }
                     if class == TileClass::Partial {
-                        for (r, x) in row[..rows].iter_mut().enumerate() {
+                        for (c, x) in row[..cols].iter_mut().enumerate() {
                             if !mask.visible(i0 + r, j0 + c) {
                                 *x = zero;
                             }
                         }
                     }
+                    row[cols..].fill(zero);
                 }
-                p_t[cols * BQ..].fill(zero);
-                // dV += P^T dO
+                p[rows * BK..].fill(zero);
+                // dV += P^T dO, with P^T a transposed view of P
                 S::Acc::gemm_for::<I>(
                     BK,
                     dp,
                     rows,
-                    p_t.as_ptr(),
-                    BQ,
+                    p.as_ptr(),
                     1,
-                    do_tile.as_ptr(),
+                    BK,
+                    do_tile,
                     dp,
                     dv_acc.as_mut_ptr(),
                     dp,
                     true,
                 );
-                // dP^T = V dO^T
+                // dP = dO V^T
                 S::Acc::gemm_for::<I>(
-                    BK,
                     BQ,
+                    BK,
                     d,
-                    v_tile.as_ptr(),
+                    do_tile,
                     dp,
                     1,
-                    do_t,
-                    BQ,
-                    ds_t.as_mut_ptr(),
-                    BQ,
+                    v_t.as_ptr(),
+                    BK,
+                    ds.as_mut_ptr(),
+                    BK,
                     false,
                 );
-                for c in 0..BK {
-                    let prow = &p_t[c * BQ..(c + 1) * BQ];
-                    let row = &mut ds_t[c * BQ..(c + 1) * BQ];
-                    for ((x, &p), &dlt) in row.iter_mut().zip(prow).zip(&delta_row) {
-                        *x = p * (*x - dlt);
+                for r in 0..rows {
+                    let dlt = ctx.delta[lse_base + i0 + r];
+                    let prow = &p[r * BK..(r + 1) * BK];
+                    let row = &mut ds[r * BK..(r + 1) * BK];
+                    for (x, &pv) in row.iter_mut().zip(prow) {
+                        *x = pv * (*x - dlt);
                     }
                     if capped {
-                        for (x, &t) in row.iter_mut().zip(&tanh_t[c * BQ..(c + 1) * BQ]) {
+                        for (x, &t) in row.iter_mut().zip(&tanh_s[r * BK..(r + 1) * BK]) {
                             *x = *x * (one - t * t);
                         }
                     }
                 }
-                // dK += dS^T Q (scaled at the end)
+                // dK += dS^T Q (scaled at the end), with dS^T a transposed view of dS
                 S::Acc::gemm_for::<I>(
                     BK,
                     dp,
                     rows,
-                    ds_t.as_ptr(),
-                    BQ,
+                    ds.as_ptr(),
                     1,
-                    q_tile.as_ptr(),
+                    BK,
+                    q_tile,
                     dp,
                     dk_acc.as_mut_ptr(),
                     dp,
                     true,
                 );
-                // dQ_tile = dS K, with dS read as a transposed view of dS^T
+                // dQ_tile = dS K (rows past `rows` are never read)
+                let m_rows = round_up(rows, 8);
                 S::Acc::gemm_for::<I>(
-                    BQ,
+                    m_rows,
                     dp,
                     cols,
-                    ds_t.as_ptr(),
+                    ds.as_ptr(),
+                    BK,
                     1,
-                    BQ,
                     k_tile.as_ptr(),
                     dp,
                     dq_tile.as_mut_ptr(),
