@@ -225,8 +225,6 @@ pub trait Storage: Copy + Send + Sync + 'static {
     type Acc: Real;
     fn load(self) -> Self::Acc;
     fn store(x: Self::Acc) -> Self;
-    /// The data itself when it is already in the accumulation type (no conversion needed).
-    fn as_acc(data: &[Self]) -> Option<&[Self::Acc]>;
 }
 
 impl Storage for f32 {
@@ -238,10 +236,6 @@ impl Storage for f32 {
     #[inline(always)]
     fn store(x: f32) -> Self {
         x
-    }
-    #[inline(always)]
-    fn as_acc(data: &[Self]) -> Option<&[f32]> {
-        Some(data)
     }
 }
 
@@ -255,10 +249,6 @@ impl Storage for f64 {
     fn store(x: f64) -> Self {
         x
     }
-    #[inline(always)]
-    fn as_acc(data: &[Self]) -> Option<&[f64]> {
-        Some(data)
-    }
 }
 
 impl Storage for bf16 {
@@ -271,10 +261,6 @@ impl Storage for bf16 {
     #[inline(always)]
     fn store(x: f32) -> Self {
         bf16::from_f32(x)
-    }
-    #[inline(always)]
-    fn as_acc(_: &[Self]) -> Option<&[f32]> {
-        None
     }
 }
 
