@@ -5,6 +5,9 @@ counts 3.5x the forward. Also: a 256-wide sliding window at N = 4096 vs SDPA wit
 the machine's sgemm rate (torch.mm 4096^3) as the peak reference.
 
     PYTHONPATH=python python benches/python/attention_bench.py [--quick] [--threads N]
+
+`--cpu-time`: one thread, N = 2048, B = 1, process CPU time instead of wall clock (robust on a
+busy machine: time spent waiting for a core is not counted).
 """
 
 from __future__ import annotations
@@ -70,17 +73,51 @@ def fwd_bwd(fn, q, k, v, g, *args):
     return run
 
 
+def cpu_time_comparison() -> None:
+    torch.set_num_threads(1)
+    _native.set_num_threads(1)
+    b, h, n, d = 1, 8, 2048, 64
+    g = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(b, n, h, d, generator=g) for _ in range(4))
+    print(f"1 thread, process CPU time, B={b} H={h} N={n} D={d} fp32, best of 3")
+    for causal in (False, True):
+        flops = 4 * b * h * n * n * d / (2 if causal else 1) / 1e9
+        cases = {
+            "ours fwd": lambda: flash_attention(q, k, v, causal=causal),  # noqa: B023
+            "sdpa fwd": lambda: sdpa(q, k, v, causal),  # noqa: B023
+            "ours fwd+bwd": fwd_bwd(flash_attention, q, k, v, dout, causal),
+            "sdpa fwd+bwd": fwd_bwd(sdpa, q, k, v, dout, causal),
+        }
+        best = dict.fromkeys(cases, float("inf"))
+        for _ in range(3):
+            for name, fn in cases.items():
+                t = time.process_time()
+                fn()
+                best[name] = min(best[name], time.process_time() - t)
+        kind = "causal" if causal else "full"
+        for mode, mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):
+            ours, ref = best[f"ours {mode}"], best[f"sdpa {mode}"]
+            print(
+                f"{kind:<6} {mode:<8} ours {ours:.3f} s {flops * mult / ours:6.1f} GF/s   "
+                f"sdpa {ref:.3f} s {flops * mult / ref:6.1f} GF/s   ours/sdpa speed {ref / ours:.2f}x"
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="N = 1024 and 2048 only, one repetition")
     ap.add_argument("--threads", type=int, default=None, help="threads for torch and slimforge")
+    ap.add_argument("--cpu-time", action="store_true", help="1-thread CPU-time comparison only")
     args = ap.parse_args()
+    if args.cpu_time:
+        cpu_time_comparison()
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
         _native.set_num_threads(args.threads)
     threads = _native.get_num_threads()
     torch_threads = torch.get_num_threads()
-    reps = 1 if args.quick else 3
+    reps = 1 if args.quick else 2
     sizes = [1024] if args.quick else [1024, 2048, 4096]
     b, h, d = (1 if args.quick else 4), 8, 64
     peak = sgemm_rate(2048 if args.quick else 4096, reps)

@@ -279,21 +279,76 @@ fn check_len(name: &str, got: usize, want: usize) -> Result<()> {
     Ok(())
 }
 
-/// The final score of a raw product: scale, then the optional tanh cap.
-#[inline(always)]
-fn score<T: Real>(raw: T, scale: T, cap: T, inv_cap: T, capped: bool) -> T {
-    let s = raw * scale;
-    if capped {
-        cap * (s * inv_cap).tanh()
-    } else {
-        s
+/// K and V of every (sequence, kv head) as contiguous, zero-padded rows of `round_up(d, 16)`
+/// accumulation-type values, `round_up(seqlen_k, FWD_BLOCK_K)` rows each: the forward's key tiles
+/// are then plain slices (no per-tile packing, no cache-aliasing strided reads).
+struct PackedKv<T> {
+    k: Vec<T>,
+    v: Vec<T>,
+    /// First row of each sequence (all kv heads of earlier sequences come before it).
+    seq_base: Vec<usize>,
+    dp: usize,
+}
+
+impl<T: Real> PackedKv<T> {
+    fn new<S: Storage<Acc = T>>(shape: &Shape, k: &[S], v: &[S]) -> Self {
+        let (hkv, d) = (shape.heads_kv, shape.head_dim);
+        let dp = round_up(d, 16);
+        let mut seq_base = Vec::with_capacity(shape.batch() + 1);
+        let mut rows = 0;
+        for b in 0..shape.batch() {
+            seq_base.push(rows);
+            rows += hkv * round_up(shape.seq_k(b).1, FWD_BLOCK_K);
+        }
+        seq_base.push(rows);
+        let mut packed = PackedKv {
+            k: vec![T::ZERO; rows * dp],
+            v: vec![T::ZERO; rows * dp],
+            seq_base,
+            dp,
+        };
+        let (kp, vp) = (
+            SharedMut(packed.k.as_mut_ptr()),
+            SharedMut(packed.v.as_mut_ptr()),
+        );
+        let pairs: Vec<(usize, usize)> = (0..shape.batch())
+            .flat_map(|b| (0..hkv).map(move |h| (b, h)))
+            .collect();
+        let this = &packed;
+        crate::parallel::install(|| {
+            pairs.par_iter().for_each(|&(b, hk)| {
+                let (k0, nk) = shape.seq_k(b);
+                for j in 0..nk {
+                    let src = ((k0 + j) * hkv + hk) * d;
+                    let dst = this.row(shape, b, hk, j);
+                    // SAFETY: (b, hk) pairs own disjoint rows; `row` stays inside the buffers.
+                    unsafe {
+                        let krow = std::slice::from_raw_parts_mut(kp.ptr().add(dst), d);
+                        let vrow = std::slice::from_raw_parts_mut(vp.ptr().add(dst), d);
+                        for ((ko, vo), (&kx, &vx)) in krow
+                            .iter_mut()
+                            .zip(vrow.iter_mut())
+                            .zip(k[src..src + d].iter().zip(&v[src..src + d]))
+                        {
+                            *ko = kx.load();
+                            *vo = vx.load();
+                        }
+                    }
+                }
+            })
+        });
+        packed
+    }
+
+    /// Element offset of row `j` of (sequence b, kv head hk).
+    fn row(&self, shape: &Shape, b: usize, hk: usize, j: usize) -> usize {
+        (self.seq_base[b] + hk * round_up(shape.seq_k(b).1, FWD_BLOCK_K) + j) * self.dp
     }
 }
 
 struct FwdCtx<'a, S: Storage> {
     q: &'a [S],
-    k: &'a [S],
-    v: &'a [S],
+    kv: &'a PackedKv<S::Acc>,
     shape: &'a Shape,
     opts: Options,
     out: SharedMut<S>,
@@ -323,10 +378,10 @@ pub fn forward<S: Storage>(
             tasks.extend((0..nqt).map(|it| (b, h, it)));
         }
     }
+    let kv = PackedKv::new(shape, k, v);
     let ctx = FwdCtx {
         q,
-        k,
-        v,
+        kv: &kv,
         shape,
         opts: *opts,
         out: SharedMut(out.as_mut_ptr()),
@@ -378,7 +433,7 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
     let dp = round_up(d, 16);
     let hk = h / (hq / hkv);
     let (q0, nq) = shape.seq_q(b);
-    let (k0, nk) = shape.seq_k(b);
+    let nk = shape.seq_k(b).1;
     let i0 = it * BQ;
     let rows = BQ.min(nq - i0);
     let mask = ctx.opts.mask(nq, nk);
@@ -392,16 +447,19 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
     };
 
     // Everything is kept transposed (keys or features x queries) so softmax statistics are
-    // per-column vectors and no tile is ever transposed inside the key loop.
+    // per-column vectors and no tile is ever transposed inside the key loop. Scores are kept in
+    // base-2 units (scale * log2(e) folded into Q^T, or into the tanh of softcap) so P = exp2(s - m).
+    let log2e = S::Acc::from_f64(std::f64::consts::LOG2_E);
+    let q_mul = if capped { S::Acc::ONE } else { scale * log2e };
+    let cap2 = cap * log2e;
+    let scale_over_cap = scale * inv_cap;
     let mut q_t = vec![zero; d * BQ];
     for r in 0..rows {
         let src = &ctx.q[((q0 + i0 + r) * hq + h) * d..][..d];
         for (x, &qx) in src.iter().enumerate() {
-            *q_t.get_unchecked_mut(x * BQ + r) = qx.load();
+            *q_t.get_unchecked_mut(x * BQ + r) = qx.load() * q_mul;
         }
     }
-    let mut k_tile = vec![zero; BK * dp];
-    let mut v_tile = vec![zero; BK * dp];
     let mut s_t = vec![zero; BK * BQ];
     let mut acc_t = vec![zero; dp * BQ];
     let mut m = [neg_inf; BQ];
@@ -417,28 +475,15 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
         if class == TileClass::Skip {
             continue;
         }
-        for c in 0..cols {
-            let base = ((k0 + j0 + c) * hkv + hk) * d;
-            for (dst, &x) in k_tile[c * dp..c * dp + d]
-                .iter_mut()
-                .zip(&ctx.k[base..base + d])
-            {
-                *dst = x.load();
-            }
-            for (dst, &x) in v_tile[c * dp..c * dp + d]
-                .iter_mut()
-                .zip(&ctx.v[base..base + d])
-            {
-                *dst = x.load();
-            }
-        }
+        let k_ptr = ctx.kv.k.as_ptr().add(ctx.kv.row(shape, b, hk, j0));
+        let v_ptr = ctx.kv.v.as_ptr().add(ctx.kv.row(shape, b, hk, j0));
         // S^T = K Q^T (keys x queries); rows past `cols` are never read.
         let m_rows = round_up(cols, 8);
         S::Acc::gemm_for::<I>(
             m_rows,
             BQ,
             d,
-            k_tile.as_ptr(),
+            k_ptr,
             dp,
             1,
             q_t.as_ptr(),
@@ -450,8 +495,10 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
         let mut tile_max = [neg_inf; BQ];
         for c in 0..cols {
             let row = &mut s_t[c * BQ..(c + 1) * BQ];
-            for x in row.iter_mut() {
-                *x = score(*x, scale, cap, inv_cap, capped);
+            if capped {
+                for x in row.iter_mut() {
+                    *x = cap2 * (*x * scale_over_cap).tanh();
+                }
             }
             if class == TileClass::Partial {
                 for (r, x) in row[..rows].iter_mut().enumerate() {
@@ -468,14 +515,14 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
             let m_new = m[r].max(tile_max[r]);
             // A column that has seen nothing keeps m = -inf; shifting by 0 gives P = 0, not NaN.
             m_use[r] = if m_new == neg_inf { zero } else { m_new };
-            alpha[r] = (m[r] - m_use[r]).exp();
+            alpha[r] = (m[r] - m_use[r]).exp2();
             m[r] = m_new;
         }
         tile_sum.fill(zero);
         for c in 0..cols {
             let row = &mut s_t[c * BQ..(c + 1) * BQ];
             for ((x, &mu), t) in row.iter_mut().zip(&m_use).zip(tile_sum.iter_mut()) {
-                let p = (*x - mu).exp();
+                let p = (*x - mu).exp2();
                 *x = p;
                 *t = *t + p;
             }
@@ -493,7 +540,7 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
             dp,
             BQ,
             cols,
-            v_tile.as_ptr(),
+            v_ptr,
             1,
             dp,
             s_t.as_ptr(),
@@ -505,6 +552,7 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
     }
 
     let lse_base = shape.lse_base(b, h) + i0;
+    let ln2 = S::Acc::from_f64(std::f64::consts::LN_2);
     for r in 0..rows {
         let out_row = ctx.out.ptr().add(((q0 + i0 + r) * hq + h) * d);
         if l[r] == zero {
@@ -515,44 +563,45 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
         for x in 0..d {
             *out_row.add(x) = S::store(acc_t[x * BQ + r] * inv);
         }
-        *ctx.lse.ptr().add(lse_base + r) = m[r] + l[r].ln();
+        *ctx.lse.ptr().add(lse_base + r) = m[r] * ln2 + l[r].ln();
     }
 }
 
-/// Query-side tensors stored transposed, one (head_dim x BWD_BLOCK_Q) tile per (sequence, head,
-/// query tile), so the backward never transposes inside its key loop. Padding columns are zero.
-struct TransposedTiles {
-    /// First tile of each sequence (all heads of earlier sequences come before it).
+/// Query-side tensors (Q, dO) of every (sequence, head) as contiguous, zero-padded rows of
+/// `round_up(d, 16)` accumulation-type values, `round_up(seqlen_q, BWD_BLOCK_Q)` rows each, so the
+/// backward reads query tiles as plain slices instead of packing them per (query, key) tile pair.
+struct QueryRows {
+    /// First row of each sequence (all heads of earlier sequences come before it).
     seq_base: Vec<usize>,
     shape: Shape,
+    dp: usize,
 }
 
-impl TransposedTiles {
+impl QueryRows {
     fn new(shape: &Shape) -> Self {
         let mut seq_base = Vec::with_capacity(shape.batch() + 1);
         let mut total = 0;
         for b in 0..shape.batch() {
             seq_base.push(total);
-            total += shape.heads_q * shape.seq_q(b).1.div_ceil(BWD_BLOCK_Q);
+            total += shape.heads_q * round_up(shape.seq_q(b).1, BWD_BLOCK_Q);
         }
         seq_base.push(total);
-        TransposedTiles {
+        QueryRows {
             seq_base,
             shape: shape.clone(),
+            dp: round_up(shape.head_dim, 16),
         }
     }
 
-    /// Offset of the tile (sequence b, head h, query tile it).
-    fn offset(&self, b: usize, h: usize, it: usize) -> usize {
-        let nqt = self.shape.seq_q(b).1.div_ceil(BWD_BLOCK_Q);
-        (self.seq_base[b] + h * nqt + it) * self.shape.head_dim * BWD_BLOCK_Q
+    /// Element offset of row `i` of (sequence b, head h).
+    fn row(&self, b: usize, h: usize, i: usize) -> usize {
+        (self.seq_base[b] + h * round_up(self.shape.seq_q(b).1, BWD_BLOCK_Q) + i) * self.dp
     }
 
     fn build<S: Storage>(&self, x: &[S]) -> Vec<S::Acc> {
         let shape = &self.shape;
         let (hq, d) = (shape.heads_q, shape.head_dim);
-        let total = self.seq_base[shape.batch()] * d * BWD_BLOCK_Q;
-        let mut out = vec![S::Acc::ZERO; total];
+        let mut out = vec![S::Acc::ZERO; self.seq_base[shape.batch()] * self.dp];
         let dst = SharedMut(out.as_mut_ptr());
         let pairs: Vec<(usize, usize)> = (0..shape.batch())
             .flat_map(|b| (0..hq).map(move |h| (b, h)))
@@ -561,11 +610,13 @@ impl TransposedTiles {
             pairs.par_iter().for_each(|&(b, h)| {
                 let (q0, nq) = shape.seq_q(b);
                 for i in 0..nq {
-                    let tile = dst.ptr().wrapping_add(self.offset(b, h, i / BWD_BLOCK_Q));
                     let src = &x[((q0 + i) * hq + h) * d..][..d];
-                    for (col, &value) in src.iter().enumerate() {
-                        // SAFETY: (b, h) pairs own disjoint tiles; the offset is inside `out`.
-                        unsafe { *tile.add(col * BWD_BLOCK_Q + i % BWD_BLOCK_Q) = value.load() };
+                    // SAFETY: (b, h) pairs own disjoint rows; `row` stays inside `out`.
+                    let row = unsafe {
+                        std::slice::from_raw_parts_mut(dst.ptr().add(self.row(b, h, i)), d)
+                    };
+                    for (o, &value) in row.iter_mut().zip(src) {
+                        *o = value.load();
                     }
                 }
             })
@@ -575,17 +626,15 @@ impl TransposedTiles {
 }
 
 struct BwdCtx<'a, S: Storage> {
-    dout: &'a [S],
-    q: &'a [S],
     k: &'a [S],
     v: &'a [S],
     lse: &'a [S::Acc],
     /// rowsum(dO * O), laid out like lse.
     delta: &'a [S::Acc],
-    /// Q^T and dO^T in query tiles of (head_dim x BWD_BLOCK_Q), see [`TransposedTiles`].
-    q_t: &'a [S::Acc],
-    do_t: &'a [S::Acc],
-    tiles: &'a TransposedTiles,
+    /// Q and dO rows, see [`QueryRows`].
+    q_rows: &'a [S::Acc],
+    do_rows: &'a [S::Acc],
+    rows: &'a QueryRows,
     shape: &'a Shape,
     opts: Options,
     parts: usize,
@@ -640,9 +689,9 @@ pub fn backward<S: Storage>(
         })
     });
 
-    let tiles = TransposedTiles::new(shape);
-    let q_t = tiles.build(q);
-    let do_t = tiles.build(dout);
+    let rows = QueryRows::new(shape);
+    let q_rows = rows.build(q);
+    let do_rows = rows.build(dout);
 
     let max_kv_tiles = (0..batch)
         .map(|b| shape.seq_k(b).1.div_ceil(BWD_BLOCK_K))
@@ -657,15 +706,13 @@ pub fn backward<S: Storage>(
     let mut dk = vec![S::store(zero); k.len()];
     let mut dv = vec![S::store(zero); v.len()];
     let ctx = BwdCtx {
-        dout,
-        q,
         k,
         v,
         lse,
         delta: &delta,
-        q_t: &q_t,
-        do_t: &do_t,
-        tiles: &tiles,
+        q_rows: &q_rows,
+        do_rows: &do_rows,
+        rows: &rows,
         shape,
         opts: *opts,
         parts,
@@ -760,18 +807,16 @@ unsafe fn backward_part<S: Storage, I: IsaChoice>(
     let q_len = shape.total_q() * hq * d;
     let dq_part = ctx.dq_parts.ptr().add(part * q_len);
 
+    // Key side, packed once per key tile: K rows, K^T and V^T (zero beyond `cols`).
     let mut k_tile = vec![zero; BK * dp];
-    let mut v_tile = vec![zero; BK * dp];
-    let mut q_tile = vec![zero; BQ * dp];
-    let mut do_tile = vec![zero; BQ * dp];
-    let mut p_t = vec![zero; BK * BQ];
-    let mut ds_t = vec![zero; BK * BQ];
-    let mut tanh_t = vec![zero; if capped { BK * BQ } else { 0 }];
+    let mut k_t = vec![zero; d * BK];
+    let mut v_t = vec![zero; d * BK];
+    let mut p = vec![zero; BQ * BK];
+    let mut ds = vec![zero; BQ * BK];
+    let mut tanh_s = vec![zero; if capped { BQ * BK } else { 0 }];
     let mut dq_tile = vec![zero; BQ * dp];
     let mut dk_acc = vec![zero; BK * dp];
     let mut dv_acc = vec![zero; BK * dp];
-    let mut lse_row = [zero; BQ];
-    let mut delta_row = [zero; BQ];
 
     let mut jt = part;
     while jt < nk.div_ceil(BK) {
@@ -779,21 +824,16 @@ unsafe fn backward_part<S: Storage, I: IsaChoice>(
         let cols = BK.min(nk - j0);
         if cols < BK {
             k_tile.fill(zero);
-            v_tile.fill(zero);
+            k_t.fill(zero);
+            v_t.fill(zero);
         }
         for c in 0..cols {
             let base = ((k0 + j0 + c) * hkv + hk) * d;
-            for (dst, &x) in k_tile[c * dp..c * dp + d]
-                .iter_mut()
-                .zip(&ctx.k[base..base + d])
-            {
-                *dst = x.load();
-            }
-            for (dst, &x) in v_tile[c * dp..c * dp + d]
-                .iter_mut()
-                .zip(&ctx.v[base..base + d])
-            {
-                *dst = x.load();
+            for x in 0..d {
+                let kv = ctx.k.get_unchecked(base + x).load();
+                *k_tile.get_unchecked_mut(c * dp + x) = kv;
+                *k_t.get_unchecked_mut(x * BK + c) = kv;
+                *v_t.get_unchecked_mut(x * BK + c) = ctx.v.get_unchecked(base + x).load();
             }
         }
         dk_acc.fill(zero);
@@ -807,136 +847,116 @@ unsafe fn backward_part<S: Storage, I: IsaChoice>(
                 if class == TileClass::Skip {
                     continue;
                 }
-                let q_t = ctx.q_t.as_ptr().add(ctx.tiles.offset(b, h, it));
-                let do_t = ctx.do_t.as_ptr().add(ctx.tiles.offset(b, h, it));
-                if rows < BQ {
-                    q_tile.fill(zero);
-                    do_tile.fill(zero);
-                }
-                for r in 0..rows {
-                    let base = ((q0 + i0 + r) * hq + h) * d;
-                    for (dst, &x) in q_tile[r * dp..r * dp + d]
-                        .iter_mut()
-                        .zip(&ctx.q[base..base + d])
-                    {
-                        *dst = x.load();
-                    }
-                    for (dst, &x) in do_tile[r * dp..r * dp + d]
-                        .iter_mut()
-                        .zip(&ctx.dout[base..base + d])
-                    {
-                        *dst = x.load();
-                    }
-                    let lse = ctx.lse[lse_base + i0 + r];
-                    // A row that sees nothing has lse = -inf; +inf makes its P exactly 0.
-                    lse_row[r] = if lse == S::Acc::NEG_INFINITY {
-                        S::Acc::INFINITY
-                    } else {
-                        lse
-                    };
-                    delta_row[r] = ctx.delta[lse_base + i0 + r];
-                }
-                // Padding rows get P = exp(s - inf) = 0.
-                lse_row[rows..].fill(S::Acc::INFINITY);
-                // S^T = K Q^T (keys x queries)
+                let q_tile = ctx.q_rows.as_ptr().add(ctx.rows.row(b, h, i0));
+                let do_tile = ctx.do_rows.as_ptr().add(ctx.rows.row(b, h, i0));
+                // S = Q K^T (queries x keys)
                 S::Acc::gemm_for::<I>(
-                    BK,
                     BQ,
+                    BK,
                     d,
-                    k_tile.as_ptr(),
+                    q_tile,
                     dp,
                     1,
-                    q_t,
-                    BQ,
-                    p_t.as_mut_ptr(),
-                    BQ,
+                    k_t.as_ptr(),
+                    BK,
+                    p.as_mut_ptr(),
+                    BK,
                     false,
                 );
-                for c in 0..cols {
-                    let row = &mut p_t[c * BQ..(c + 1) * BQ];
+                for r in 0..rows {
+                    let lse = ctx.lse[lse_base + i0 + r];
+                    let row = &mut p[r * BK..(r + 1) * BK];
+                    if lse == S::Acc::NEG_INFINITY {
+                        // The row sees no key: P = 0 (and never exp(s + inf)).
+                        row.fill(zero);
+                        continue;
+                    }
                     if capped {
-                        let trow = &mut tanh_t[c * BQ..(c + 1) * BQ];
-                        for ((x, t), &lse) in row.iter_mut().zip(trow.iter_mut()).zip(&lse_row) {
+                        let trow = &mut tanh_s[r * BK..(r + 1) * BK];
+                        for (x, t) in row[..cols].iter_mut().zip(trow.iter_mut()) {
                             let th = (*x * scale * inv_cap).tanh();
                             *t = th;
                             *x = (cap * th - lse).exp();
                         }
                     } else {
-                        for (x, &lse) in row.iter_mut().zip(&lse_row) {
+                        for x in row[..cols].iter_mut() {
                             *x = (*x * scale - lse).exp();
                         }
                     }
                     if class == TileClass::Partial {
-                        for (r, x) in row[..rows].iter_mut().enumerate() {
+                        for (c, x) in row[..cols].iter_mut().enumerate() {
                             if !mask.visible(i0 + r, j0 + c) {
                                 *x = zero;
                             }
                         }
                     }
+                    row[cols..].fill(zero);
                 }
-                p_t[cols * BQ..].fill(zero);
-                // dV += P^T dO
+                p[rows * BK..].fill(zero);
+                // dV += P^T dO, with P^T a transposed view of P
                 S::Acc::gemm_for::<I>(
                     BK,
                     dp,
                     rows,
-                    p_t.as_ptr(),
-                    BQ,
+                    p.as_ptr(),
                     1,
-                    do_tile.as_ptr(),
+                    BK,
+                    do_tile,
                     dp,
                     dv_acc.as_mut_ptr(),
                     dp,
                     true,
                 );
-                // dP^T = V dO^T
+                // dP = dO V^T
                 S::Acc::gemm_for::<I>(
-                    BK,
                     BQ,
+                    BK,
                     d,
-                    v_tile.as_ptr(),
+                    do_tile,
                     dp,
                     1,
-                    do_t,
-                    BQ,
-                    ds_t.as_mut_ptr(),
-                    BQ,
+                    v_t.as_ptr(),
+                    BK,
+                    ds.as_mut_ptr(),
+                    BK,
                     false,
                 );
-                for c in 0..BK {
-                    let prow = &p_t[c * BQ..(c + 1) * BQ];
-                    let row = &mut ds_t[c * BQ..(c + 1) * BQ];
-                    for ((x, &p), &dlt) in row.iter_mut().zip(prow).zip(&delta_row) {
-                        *x = p * (*x - dlt);
+                for r in 0..rows {
+                    let dlt = ctx.delta[lse_base + i0 + r];
+                    let prow = &p[r * BK..(r + 1) * BK];
+                    let row = &mut ds[r * BK..(r + 1) * BK];
+                    for (x, &pv) in row.iter_mut().zip(prow) {
+                        *x = pv * (*x - dlt);
                     }
                     if capped {
-                        for (x, &t) in row.iter_mut().zip(&tanh_t[c * BQ..(c + 1) * BQ]) {
+                        for (x, &t) in row.iter_mut().zip(&tanh_s[r * BK..(r + 1) * BK]) {
                             *x = *x * (one - t * t);
                         }
                     }
                 }
-                // dK += dS^T Q (scaled at the end)
+                // dK += dS^T Q (scaled at the end), with dS^T a transposed view of dS
                 S::Acc::gemm_for::<I>(
                     BK,
                     dp,
                     rows,
-                    ds_t.as_ptr(),
-                    BQ,
+                    ds.as_ptr(),
                     1,
-                    q_tile.as_ptr(),
+                    BK,
+                    q_tile,
                     dp,
                     dk_acc.as_mut_ptr(),
                     dp,
                     true,
                 );
-                // dQ_tile = dS K, with dS read as a transposed view of dS^T
+                // dQ_tile = dS K (rows past `rows` are never read)
+                let m_rows = round_up(rows, 8);
                 S::Acc::gemm_for::<I>(
-                    BQ,
+                    m_rows,
                     dp,
                     cols,
-                    ds_t.as_ptr(),
+                    ds.as_ptr(),
+                    BK,
                     1,
-                    BQ,
                     k_tile.as_ptr(),
                     dp,
                     dq_tile.as_mut_ptr(),
@@ -944,9 +964,13 @@ unsafe fn backward_part<S: Storage, I: IsaChoice>(
                     false,
                 );
                 for r in 0..rows {
-                    let dst = dq_part.add(((q0 + i0 + r) * hq + h) * d);
-                    for x in 0..d {
-                        *dst.add(x) = *dst.add(x) + dq_tile[r * dp + x];
+                    // A slice (not pointer arithmetic) so the compiler sees no aliasing and vectorises.
+                    let dst = std::slice::from_raw_parts_mut(
+                        dq_part.add(((q0 + i0 + r) * hq + h) * d),
+                        d,
+                    );
+                    for (o, &g) in dst.iter_mut().zip(&dq_tile[r * dp..r * dp + d]) {
+                        *o = *o + g;
                     }
                 }
             }

@@ -28,6 +28,8 @@ pub trait Real:
     /// `exp`, vectorisable; `exp(-inf) = 0`.
     fn exp(self) -> Self;
     fn ln(self) -> Self;
+    /// `2^x`, vectorisable; `exp2(-inf) = 0`.
+    fn exp2(self) -> Self;
     /// `tanh`, vectorisable.
     fn tanh(self) -> Self;
     fn max(self, other: Self) -> Self;
@@ -68,6 +70,10 @@ impl Real for f32 {
     #[inline(always)]
     fn ln(self) -> Self {
         f32::ln(self)
+    }
+    #[inline(always)]
+    fn exp2(self) -> Self {
+        fast_exp2_f32(self)
     }
     #[inline(always)]
     fn tanh(self) -> Self {
@@ -129,6 +135,10 @@ impl Real for f64 {
         f64::ln(self)
     }
     #[inline(always)]
+    fn exp2(self) -> Self {
+        f64::exp2(self)
+    }
+    #[inline(always)]
     fn tanh(self) -> Self {
         f64::tanh(self)
     }
@@ -186,6 +196,27 @@ pub fn fast_exp_f32(x: f32) -> f32 {
         0.0
     } else {
         out
+    }
+}
+
+/// `2^x` for f32 in branch-free, vectorisable form (same polynomial as [`fast_exp_f32`]).
+#[inline(always)]
+pub fn fast_exp2_f32(x: f32) -> f32 {
+    let xc = x.clamp(-126.0, 127.0);
+    let n = (xc + 0.5).floor();
+    let r = (xc - n) * std::f32::consts::LN_2;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    let scale = f32::from_bits((n + (127.0 + 8_388_608.0)).to_bits() << 23);
+    if x < -126.0 {
+        0.0
+    } else {
+        y * scale
     }
 }
 
@@ -401,7 +432,48 @@ unsafe fn micro<T: Real, F: MulAdd, const MR: usize, const NR: usize>(
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// `C = [C +] A B` with 8 x 32 register blocks (16-wide tail). `m % 8 == 0`, `n % 16 == 0`.
+    /// One `MR x (16 NV)` block of C kept in registers over the whole k loop.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn block_avx512<const MR: usize, const NV: usize>(
+        k: usize,
+        a: *const f32,
+        a_rs: usize,
+        a_cs: usize,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+        for p in 0..k {
+            let mut bv = [_mm512_setzero_ps(); NV];
+            for (v, slot) in bv.iter_mut().enumerate() {
+                *slot = _mm512_loadu_ps(b.add(p * ldb + 16 * v));
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*a.add(r * a_rs + p * a_cs));
+                for (slot, &bvec) in row.iter_mut().zip(&bv) {
+                    *slot = _mm512_fmadd_ps(av, bvec, *slot);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (v, &value) in row.iter().enumerate() {
+                let dst = c.add(r * ldc + 16 * v);
+                let value = if accumulate {
+                    _mm512_add_ps(value, _mm512_loadu_ps(dst))
+                } else {
+                    value
+                };
+                _mm512_storeu_ps(dst, value);
+            }
+        }
+    }
+
+    /// `C = [C +] A B` with 4 x 64 register blocks when 64 | n, else 8 x 32 (16-wide tail).
+    /// Needs `m % 8 == 0` (4 when 64 | n) and `n % 16 == 0`.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub unsafe fn gemm_avx512(
@@ -417,59 +489,55 @@ mod x86 {
         ldc: usize,
         accumulate: bool,
     ) {
-        debug_assert!(m % 8 == 0 && n % 16 == 0);
-        let mut i = 0;
-        while i < m {
-            let ai = a.add(i * a_rs);
-            let ci = c.add(i * ldc);
+        debug_assert!(m % 4 == 0 && n % 16 == 0);
+        if n % 64 == 0 {
+            for i in (0..m).step_by(4) {
+                for j in (0..n).step_by(64) {
+                    block_avx512::<4, 4>(
+                        k,
+                        a.add(i * a_rs),
+                        a_rs,
+                        a_cs,
+                        b.add(j),
+                        ldb,
+                        c.add(i * ldc + j),
+                        ldc,
+                        accumulate,
+                    );
+                }
+            }
+            return;
+        }
+        debug_assert!(m % 8 == 0);
+        for i in (0..m).step_by(8) {
             let mut j = 0;
             while j + 32 <= n {
-                let mut acc0 = [_mm512_setzero_ps(); 8];
-                let mut acc1 = [_mm512_setzero_ps(); 8];
-                for p in 0..k {
-                    let b0 = _mm512_loadu_ps(b.add(p * ldb + j));
-                    let b1 = _mm512_loadu_ps(b.add(p * ldb + j + 16));
-                    for r in 0..8 {
-                        let av = _mm512_set1_ps(*ai.add(r * a_rs + p * a_cs));
-                        acc0[r] = _mm512_fmadd_ps(av, b0, acc0[r]);
-                        acc1[r] = _mm512_fmadd_ps(av, b1, acc1[r]);
-                    }
-                }
-                for r in 0..8 {
-                    let dst = ci.add(r * ldc + j);
-                    if accumulate {
-                        acc0[r] = _mm512_add_ps(acc0[r], _mm512_loadu_ps(dst));
-                        acc1[r] = _mm512_add_ps(acc1[r], _mm512_loadu_ps(dst.add(16)));
-                    }
-                    _mm512_storeu_ps(dst, acc0[r]);
-                    _mm512_storeu_ps(dst.add(16), acc1[r]);
-                }
+                block_avx512::<8, 2>(
+                    k,
+                    a.add(i * a_rs),
+                    a_rs,
+                    a_cs,
+                    b.add(j),
+                    ldb,
+                    c.add(i * ldc + j),
+                    ldc,
+                    accumulate,
+                );
                 j += 32;
             }
-            while j < n {
-                let mut acc = [_mm512_setzero_ps(); 8];
-                for p in 0..k {
-                    let b0 = _mm512_loadu_ps(b.add(p * ldb + j));
-                    for (r, slot) in acc.iter_mut().enumerate() {
-                        *slot = _mm512_fmadd_ps(
-                            _mm512_set1_ps(*ai.add(r * a_rs + p * a_cs)),
-                            b0,
-                            *slot,
-                        );
-                    }
-                }
-                for (r, &value) in acc.iter().enumerate() {
-                    let dst = ci.add(r * ldc + j);
-                    let value = if accumulate {
-                        _mm512_add_ps(value, _mm512_loadu_ps(dst))
-                    } else {
-                        value
-                    };
-                    _mm512_storeu_ps(dst, value);
-                }
-                j += 16;
+            if j < n {
+                block_avx512::<8, 1>(
+                    k,
+                    a.add(i * a_rs),
+                    a_rs,
+                    a_cs,
+                    b.add(j),
+                    ldb,
+                    c.add(i * ldc + j),
+                    ldc,
+                    accumulate,
+                );
             }
-            i += 8;
         }
     }
 
@@ -540,6 +608,19 @@ mod tests {
         assert_eq!(fast_exp_f32(f32::NEG_INFINITY), 0.0);
         assert_eq!(fast_exp_f32(-1000.0), 0.0);
         assert_eq!(fast_exp_f32(0.0), 1.0);
+    }
+
+    #[test]
+    fn fast_exp2_matches_std() {
+        let mut worst = 0.0f32;
+        let mut x = -125.0f32;
+        while x < 127.0 {
+            worst = worst.max((fast_exp2_f32(x) - x.exp2()).abs() / x.exp2());
+            x += 0.0173;
+        }
+        assert!(worst < 4e-7, "worst relative error {worst}");
+        assert_eq!(fast_exp2_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(fast_exp2_f32(0.0), 1.0);
     }
 
     #[test]
