@@ -428,7 +428,6 @@ unsafe fn micro<T: Real, F: MulAdd, const MR: usize, const NR: usize>(
 /// Hand-blocked f32 micro-kernels: `MR` rows of C held in registers, 2 vectors wide.
 // The AVX-512 intrinsics are stable since Rust 1.89: the crate's rust-version must be >= 1.89.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::incompatible_msrv)]
 mod x86 {
     use std::arch::x86_64::*;
 
