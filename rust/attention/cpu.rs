@@ -132,7 +132,7 @@ impl Shape {
                 self.head_dim
             )));
         }
-        if self.heads_q == 0 || self.heads_kv == 0 || self.heads_q % self.heads_kv != 0 {
+        if self.heads_q == 0 || self.heads_kv == 0 || !self.heads_q.is_multiple_of(self.heads_kv) {
             return Err(Error::value(format!(
                 "query heads ({}) must be a positive multiple of key/value heads ({})",
                 self.heads_q, self.heads_kv

@@ -353,7 +353,7 @@ pub unsafe fn gemm<T: Real, F: MulAdd, const MR: usize, const NR: usize>(
     ldc: usize,
     accumulate: bool,
 ) {
-    debug_assert!(m % MR == 0 && n % 16 == 0);
+    debug_assert!(m.is_multiple_of(MR) && n.is_multiple_of(16));
     let mut i = 0;
     while i < m {
         let mut j = 0;
@@ -488,8 +488,8 @@ mod x86 {
         ldc: usize,
         accumulate: bool,
     ) {
-        debug_assert!(m % 4 == 0 && n % 16 == 0);
-        if n % 64 == 0 {
+        debug_assert!(m.is_multiple_of(4) && n.is_multiple_of(16));
+        if n.is_multiple_of(64) {
             for i in (0..m).step_by(4) {
                 for j in (0..n).step_by(64) {
                     block_avx512::<4, 4>(
@@ -507,7 +507,7 @@ mod x86 {
             }
             return;
         }
-        debug_assert!(m % 8 == 0);
+        debug_assert!(m.is_multiple_of(8));
         for i in (0..m).step_by(8) {
             let mut j = 0;
             while j + 32 <= n {
@@ -556,7 +556,7 @@ mod x86 {
         ldc: usize,
         accumulate: bool,
     ) {
-        debug_assert!(m % 4 == 0 && n % 16 == 0);
+        debug_assert!(m.is_multiple_of(4) && n.is_multiple_of(16));
         let mut i = 0;
         while i < m {
             let ai = a.add(i * a_rs);

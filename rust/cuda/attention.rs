@@ -142,13 +142,13 @@ fn to_i32(v: usize, what: &str) -> Result<i32> {
 
 impl AttnCall {
     fn validate(&self) -> Result<()> {
-        if self.head_dim == 0 || self.head_dim % 8 != 0 || self.head_dim > 256 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(8) || self.head_dim > 256 {
             return Err(Error::value(format!(
                 "head_dim must be a multiple of 8 in [8, 256], got {}",
                 self.head_dim
             )));
         }
-        if self.heads_q == 0 || self.heads_kv == 0 || self.heads_q % self.heads_kv != 0 {
+        if self.heads_q == 0 || self.heads_kv == 0 || !self.heads_q.is_multiple_of(self.heads_kv) {
             return Err(Error::value(format!(
                 "heads_q ({}) must be a positive multiple of heads_kv ({})",
                 self.heads_q, self.heads_kv

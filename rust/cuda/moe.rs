@@ -81,7 +81,8 @@ pub fn moe_permute(call: &PermuteCall, elem: ElemType) -> Result<()> {
         let module = kernels::moe_module(elem, call.index_bits);
         let row_bytes = call.dim * elem.size();
         // Rows of whole, aligned 16-byte units move as uint4.
-        let vec16 = row_bytes % 16 == 0 && call.x % 16 == 0 && call.xs % 16 == 0;
+        let vec16 =
+            row_bytes.is_multiple_of(16) && call.x.is_multiple_of(16) && call.xs.is_multiple_of(16);
         let (name, units) = if vec16 {
             ("moe_permute_v16", row_bytes / 16)
         } else {

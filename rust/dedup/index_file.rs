@@ -98,7 +98,7 @@ pub fn write_index(
     keys: KeysRef<'_>,
 ) -> Result<()> {
     let k = header.num_perm;
-    if k == 0 || signatures.len() % k != 0 {
+    if k == 0 || !signatures.len().is_multiple_of(k) {
         return Err(Error::value(format!(
             "signatures of {} values do not split into rows of num_perm = {k}",
             signatures.len()

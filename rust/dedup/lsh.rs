@@ -111,7 +111,7 @@ pub fn check_threshold(threshold: f64) -> Result<()> {
 /// Band hashes of row-major `(n, num_perm)` signatures: row-major `(n, bands)`.
 pub fn band_hashes(sigs: &[u32], num_perm: usize, bands: usize, rows: usize) -> Result<Vec<u64>> {
     check_banding(bands, rows, num_perm)?;
-    if sigs.len() % num_perm != 0 {
+    if !sigs.len().is_multiple_of(num_perm) {
         return Err(Error::value(format!(
             "signatures of {} values do not split into rows of num_perm = {num_perm}",
             sigs.len()
@@ -184,7 +184,7 @@ pub fn candidate_pairs(
     bands: usize,
     max_bucket: usize,
 ) -> Result<Vec<[i64; 2]>> {
-    if bands == 0 || band_hashes.len() % bands != 0 {
+    if bands == 0 || !band_hashes.len().is_multiple_of(bands) {
         return Err(Error::value(format!(
             "band hashes of {} values do not split into rows of {bands} bands",
             band_hashes.len()

@@ -120,7 +120,7 @@ pub fn kernel_name() -> &'static str {
 }
 
 fn min_affine_dispatch(xs: &[u32], a: &[u32], b: &[u32], out: &mut [u32]) {
-    debug_assert!(a.len() % PAD == 0 && a.len() == b.len() && a.len() == out.len());
+    debug_assert!(a.len().is_multiple_of(PAD) && a.len() == b.len() && a.len() == out.len());
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     {
         if std::is_x86_feature_detected!("avx512f") {
@@ -243,7 +243,7 @@ pub fn estimate_jaccard_pairs(
     num_perm: usize,
     pairs: &[[i64; 2]],
 ) -> Result<Vec<f64>> {
-    if num_perm == 0 || sigs.len() % num_perm != 0 {
+    if num_perm == 0 || !sigs.len().is_multiple_of(num_perm) {
         return Err(Error::value(format!(
             "signatures of {} values do not split into rows of num_perm = {num_perm}",
             sigs.len()

@@ -145,7 +145,7 @@ pub fn dequantize_packed(
         return dequantize(qweight, rows, cols, scales, zeros, group_size);
     }
     let ng = groups_per_row(cols, group_size)?;
-    if cols % 2 != 0 || group_size % 2 != 0 {
+    if !cols.is_multiple_of(2) || !group_size.is_multiple_of(2) {
         return Err(Error::value(format!(
             "INT4 needs an even in_features and group_size, got {cols} and {group_size}"
         )));

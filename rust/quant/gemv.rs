@@ -53,7 +53,7 @@ impl QuantWeight<'_> {
         if self.bits == 8 {
             return Ok(self.in_features);
         }
-        if self.in_features % 2 != 0 || self.group_size % 2 != 0 {
+        if !self.in_features.is_multiple_of(2) || !self.group_size.is_multiple_of(2) {
             return Err(Error::value(format!(
                 "INT4 needs an even in_features and group_size, got {} and {}",
                 self.in_features, self.group_size

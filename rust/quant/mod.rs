@@ -28,7 +28,7 @@ pub fn groups_per_row(cols: usize, group_size: usize) -> Result<usize> {
     if group_size == 0 {
         return Err(Error::value("group_size must be positive"));
     }
-    if cols % group_size != 0 {
+    if !cols.is_multiple_of(group_size) {
         return Err(Error::value(format!(
             "in_features ({cols}) must be divisible by group_size ({group_size})"
         )));

@@ -38,7 +38,7 @@ fn unpack_into(out: &mut [u8], p: &[u8]) {
 
 /// Packs codes in `[0, 15]` two per byte; `q.len()` must be even.
 pub fn pack_int4(q: &[u8]) -> Result<Vec<u8>> {
-    if q.len() % 2 != 0 {
+    if !q.len().is_multiple_of(2) {
         return Err(Error::value(format!(
             "pack_int4 needs an even number of codes, got {}",
             q.len()
