@@ -320,10 +320,10 @@ enum Sink {
 }
 
 impl Sink {
-    fn create(path: &Path) -> Result<Self> {
+    fn create(path: &Path, gzip: bool) -> Result<Self> {
         let f =
             BufWriter::with_capacity(1 << 20, File::create(path).map_err(|e| io_error(path, e))?);
-        Ok(if is_gzip(path) {
+        Ok(if gzip {
             Sink::Gzip(GzEncoder::new(f, Compression::new(6)))
         } else {
             Sink::Plain(f)
@@ -356,8 +356,8 @@ pub struct KeptWriter {
 }
 
 impl KeptWriter {
-    /// Creates `output` and `clusters` (with the TSV header).
-    pub fn create(output: &Path, clusters: &Path) -> Result<Self> {
+    /// Creates `output` (gzip-compressed when `gzip`) and `clusters` (with the TSV header).
+    pub fn create(output: &Path, gzip: bool, clusters: &Path) -> Result<Self> {
         let mut c = BufWriter::with_capacity(
             1 << 20,
             File::create(clusters).map_err(|e| io_error(clusters, e))?,
@@ -365,7 +365,7 @@ impl KeptWriter {
         c.write_all(b"index\tfile\tline\tcluster\tkept\n")
             .map_err(|e| io_error(clusters, e))?;
         Ok(Self {
-            output: Sink::create(output)?,
+            output: Sink::create(output, gzip)?,
             output_path: output.to_owned(),
             clusters: c,
             clusters_path: clusters.to_owned(),
@@ -589,7 +589,7 @@ mod tests {
         for out_name in ["out.jsonl", "out.jsonl.gz"] {
             let out = dir.join(out_name);
             let tsv = dir.join("out.tsv");
-            let mut w = KeptWriter::create(&out, &tsv).unwrap();
+            let mut w = KeptWriter::create(&out, is_gzip(&out), &tsv).unwrap();
             w.open_input(&p, "text", "in.jsonl").unwrap();
             let keep = [true, true, false];
             let cluster = [0, 1, 0];
@@ -616,7 +616,7 @@ mod tests {
             );
         }
         // More documents than the mask covers means the input changed.
-        let mut w = KeptWriter::create(&dir.join("o2.jsonl"), &dir.join("o2.tsv")).unwrap();
+        let mut w = KeptWriter::create(&dir.join("o2.jsonl"), false, &dir.join("o2.tsv")).unwrap();
         w.open_input(&p, "text", "in").unwrap();
         let err = loop {
             match w.step(&[true], &[0], 100) {

@@ -492,8 +492,8 @@ struct JsonlKeptWriter {
 #[pymethods]
 impl JsonlKeptWriter {
     #[new]
-    fn new(py: Python<'_>, output: PathBuf, clusters: PathBuf) -> PyResult<Self> {
-        let w = py.detach(|| jsonl::KeptWriter::create(&output, &clusters))?;
+    fn new(py: Python<'_>, output: PathBuf, gzip: bool, clusters: PathBuf) -> PyResult<Self> {
+        let w = py.detach(|| jsonl::KeptWriter::create(&output, gzip, &clusters))?;
         Ok(Self {
             inner: Mutex::new(Some(w)),
         })
