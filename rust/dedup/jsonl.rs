@@ -316,17 +316,20 @@ impl JsonlReader {
 
 enum Sink {
     Plain(BufWriter<File>),
-    Gzip(GzEncoder<BufWriter<File>>),
+    Gzip(BufWriter<GzEncoder<File>>),
 }
 
 impl Sink {
     fn create(path: &Path, gzip: bool) -> Result<Self> {
-        let f =
-            BufWriter::with_capacity(1 << 20, File::create(path).map_err(|e| io_error(path, e))?);
+        let f = File::create(path).map_err(|e| io_error(path, e))?;
+        // Buffer above the compressor so it sees large blocks, not single lines.
         Ok(if gzip {
-            Sink::Gzip(GzEncoder::new(f, Compression::new(6)))
+            Sink::Gzip(BufWriter::with_capacity(
+                1 << 20,
+                GzEncoder::new(f, Compression::new(6)),
+            ))
         } else {
-            Sink::Plain(f)
+            Sink::Plain(BufWriter::with_capacity(1 << 20, f))
         })
     }
     fn writer(&mut self) -> &mut dyn Write {
@@ -338,7 +341,11 @@ impl Sink {
     fn finish(self) -> std::io::Result<()> {
         match self {
             Sink::Plain(mut w) => w.flush(),
-            Sink::Gzip(w) => w.finish()?.flush(),
+            Sink::Gzip(w) => w
+                .into_inner()
+                .map_err(|e| e.into_error())?
+                .finish()?
+                .flush(),
         }
     }
 }
