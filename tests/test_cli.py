@@ -320,6 +320,13 @@ def test_iter_records_merges_rejects_in_line_order(tmp_path: Path) -> None:
     with pytest.raises(InputError) as e:
         list(iter_records(src))
     assert (e.value.line, e.value.reason) == (1, "expected a JSON object, got list")
+    # documents before the first malformed line still come out, as the reader goes
+    src2 = tmp_path / "y.jsonl"
+    src2.write_bytes(b'{"text": "a"}\n\n{"text": 1}\n{"text": "b"}\n')
+    got: list[Record | Reject] = []
+    with pytest.raises(InputError, match=r"y.jsonl:3: field 'text' is int"):
+        got.extend(iter_records(src2))
+    assert [(r.line, getattr(r, "text", None)) for r in got] == [(1, "a")]
 
 
 def test_against_and_save_index_dedup_shards(

@@ -134,6 +134,9 @@ def iter_batches(
     while (b := reader.next_batch()) is not None:
         texts, lines, rejects, text_bytes, empty, raws = b
         if rejects and on_error == "fail":
+            # The reader stopped at the first reject: hand back the documents before it.
+            if texts:
+                yield DocBatch(p, texts, lines, [], text_bytes, empty, raws)
             line, reason, _ = rejects[0]
             raise InputError(p, line, reason)
         yield DocBatch(
