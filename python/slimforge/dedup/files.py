@@ -240,8 +240,6 @@ def dedup_files(
         sizes = np.bincount(cluster, minlength=n)
         dup_clusters = int((sizes > 1).sum())
         cluster[external] = -1
-        if save_index is not None:
-            _save_kept_index(save_index, sig_path, n, num_perm, keep, threshold, bands, rows)
 
         # ---- pass 3: write kept documents and the clusters file -------------------------
         in_fmts = {detect_format(p) for p in in_paths}
@@ -273,6 +271,9 @@ def dedup_files(
                 raise RuntimeError(
                     f"inputs changed while deduplicating: read {n} then {written} documents"
                 )
+        # After pass 3 succeeded, so a failed run leaves no index behind.
+        if save_index is not None:
+            _save_kept_index(save_index, sig_path, n, num_perm, keep, threshold, bands, rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
