@@ -584,6 +584,22 @@ mod tests {
     }
 
     #[test]
+    fn concatenated_gzip_members_are_one_stream() {
+        let dir = tmp("unused.jsonl", b"").parent().unwrap().to_owned();
+        let p = dir.join("multi.jsonl.gz");
+        let mut bytes = Vec::new();
+        for part in [&b"{\"text\": \"one\"}\n"[..], b"{\"text\": \"two\"}\n"] {
+            let mut e = GzEncoder::new(Vec::new(), Compression::fast());
+            e.write_all(part).unwrap();
+            bytes.extend(e.finish().unwrap());
+        }
+        std::fs::write(&p, bytes).unwrap();
+        let all = read_all(&p, 10);
+        assert_eq!(all.texts, vec!["one", "two"]);
+        assert_eq!(all.lines, vec![1, 2]);
+    }
+
+    #[test]
     fn missing_file_is_an_io_error() {
         let r = JsonlReader::open(Path::new("/nonexistent/x.jsonl"), "text");
         assert!(matches!(r, Err(Error::Io(_))));
