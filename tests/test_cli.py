@@ -229,3 +229,164 @@ def test_one_million_short_documents_stay_under_2gb(tmp_path: Path) -> None:
     assert result["documents"] == 1_000_000
     assert result["maxrss_kb"] < 2 * 1024 * 1024, result
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 2 * 1024 * 1024
+
+
+def _clusters(path: Path) -> list[list[str]]:
+    return [r.split("\t") for r in path.read_text().splitlines()[1:]]
+
+
+@pytest.mark.parametrize("out_suffix", [".jsonl", ".jsonl.gz", ".parquet"])
+def test_formats_agree_and_raw_lines_are_byte_exact(tmp_path: Path, out_suffix: str) -> None:
+    docs = _docs()
+    lines = [json.dumps(d).encode() for d in docs]
+    # CRLF endings, blank lines, escaped unicode/newlines and a last line without newline
+    lines[0] = json.dumps({"id": 0, "text": docs[0]["text"] + " caf\u00e9\nx"}).encode()
+    body = b"\r\n".join(lines[:5]) + b"\r\n\n  \n" + b"\n".join(lines[5:])
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(body)
+    out = tmp_path / f"out{out_suffix}"
+    report = dedup_files([src], out, progress=False, batch_size=3)
+    raw_lines = [ln for ln in body.splitlines(keepends=True) if ln.strip()]
+    kept_rows = [r for r in _clusters(tmp_path / "out.clusters.tsv") if r[4] == "1"]
+    assert report.kept == len(kept_rows) == len(docs) - 3
+    if out_suffix == ".parquet":
+        pq = pytest.importorskip("pyarrow.parquet")
+        assert [r["id"] for r in pq.read_table(out).to_pylist()] == [
+            json.loads(raw_lines[int(r[0])])["id"] for r in kept_rows
+        ]
+        return
+    opener = gzip.open if out_suffix.endswith(".gz") else open
+    with opener(out, "rb") as f:
+        written = f.read()
+    expect = b"".join(
+        raw_lines[int(r[0])] + (b"" if raw_lines[int(r[0])].endswith(b"\n") else b"\n")
+        for r in kept_rows
+    )
+    assert written == expect
+    # line numbers count blank lines, as an editor does
+    assert [int(r[2]) for r in _clusters(tmp_path / "out.clusters.tsv")][5:7] == [8, 9]
+
+
+def test_parquet_input_matches_jsonl_input(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    docs = _docs() + [{"id": 200, "text": None}]
+    src_pq = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(docs), src_pq)
+    src_js = tmp_path / "in.jsonl"
+    _write_jsonl(src_js, docs)
+    r1 = dedup_files([src_pq], tmp_path / "a.parquet", on_error="skip", progress=False)
+    r2 = dedup_files([src_js], tmp_path / "b.jsonl", on_error="skip", progress=False)
+    a, b = _clusters(tmp_path / "a.clusters.tsv"), _clusters(tmp_path / "b.clusters.tsv")
+    assert [(r[3], r[4]) for r in a] == [(r[3], r[4]) for r in b]
+    assert [int(r[2]) + 1 for r in a] == [int(r[2]) for r in b], "rows 0-based, lines 1-based"
+    assert r1.rejected == r2.rejected == 1 and r1.kept == r2.kept
+    with pytest.raises(InputError, match=r"in.parquet:24: column 'text' is NoneType"):
+        dedup_files([src_pq], tmp_path / "c.parquet", progress=False)
+
+
+def test_several_inputs_number_documents_globally(tmp_path: Path) -> None:
+    docs = _docs()
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"
+    _write_jsonl(a, docs[:12])
+    _write_jsonl(b, docs[12:])
+    mem = deduplicate([str(d["text"]) for d in docs], threshold=0.8)
+    dedup_files([a, b], tmp_path / "o.jsonl", progress=False, batch_size=5)
+    rows = _clusters(tmp_path / "o.clusters.tsv")
+    assert [r[1] for r in rows] == [str(a)] * 12 + [str(b)] * (len(docs) - 12)
+    assert [int(r[2]) for r in rows] == list(range(1, 13)) + list(range(1, len(docs) - 11))
+    np.testing.assert_array_equal([int(r[3]) for r in rows], mem.cluster)
+    assert [d["id"] for d in _read_jsonl(tmp_path / "o.jsonl")] == [
+        d["id"] for d, k in zip(docs, mem.keep, strict=True) if k
+    ]
+
+
+def test_iter_records_merges_rejects_in_line_order(tmp_path: Path) -> None:
+    src = tmp_path / "x.jsonl.gz"
+    with gzip.open(src, "wb") as f:
+        f.write(b'[1]\n{"text": "a"}\n{"text": 1}\n\n{"text": "b\\u00e9"}\nnull')
+    items = list(iter_records(src, on_error="skip"))
+    assert [(type(i).__name__, i.line) for i in items] == [
+        ("Reject", 1),
+        ("Record", 2),
+        ("Reject", 3),
+        ("Record", 5),
+        ("Reject", 6),
+    ]
+    assert items[3].text == "b\u00e9" and items[3].raw == b'{"text": "b\\u00e9"}\n'
+    assert items[0].reason == "expected a JSON object, got list"
+    assert items[4].reason == "expected a JSON object, got NoneType"
+    assert items[2].reason == "field 'text' is int, expected a string"
+    with pytest.raises(InputError) as e:
+        list(iter_records(src))
+    assert (e.value.line, e.value.reason) == (1, "expected a JSON object, got list")
+    # documents before the first malformed line still come out, as the reader goes
+    src2 = tmp_path / "y.jsonl"
+    src2.write_bytes(b'{"text": "a"}\n\n{"text": 1}\n{"text": "b"}\n')
+    got: list[Record | Reject] = []
+    with pytest.raises(InputError, match=r"y.jsonl:3: field 'text' is int"):
+        got.extend(iter_records(src2))
+    assert [(r.line, getattr(r, "text", None)) for r in got] == [(1, "a")]
+
+
+def test_against_and_save_index_dedup_shards(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from slimforge.dedup import LSHIndex
+
+    docs = _docs()
+    shard1, shard2 = tmp_path / "s1.jsonl", tmp_path / "s2.jsonl"
+    _write_jsonl(shard1, docs[:10])
+    fresh = [
+        {"id": 300 + i, "text": " ".join(random.Random(900 + i).choices(VOCAB, k=60))}
+        for i in range(3)
+    ]
+    shard2_docs = [docs[2], fresh[0], {"id": 400, "text": str(docs[4]["text"]) + " alpha"}]
+    shard2_docs += fresh[1:] + [fresh[1]]
+    _write_jsonl(shard2, shard2_docs)
+    idx1 = tmp_path / "s1.lsh"
+    out1 = tmp_path / "o1.jsonl"
+    assert main(["dedup", str(shard1), "-o", str(out1), "-q", "--save-index", str(idx1)]) == 0
+    capsys.readouterr()
+    index = LSHIndex.load(idx1)
+    assert len(index) == 10
+    assert sorted(index._key(np.arange(10))) == list(range(10))
+    out2 = tmp_path / "o2.jsonl"
+    idx2 = tmp_path / "s2.lsh"
+    argv = ["dedup", str(shard2), "-o", str(out2), "-q", "--json", "--against", str(idx1)]
+    assert main([*argv, "--save-index", str(idx2)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["external_duplicates"] == 2
+    assert report["exact_duplicates"] == 1
+    assert report["kept"] == 3
+    rows = _clusters(tmp_path / "o2.clusters.tsv")
+    assert [(r[3], r[4]) for r in rows] == [
+        ("-1", "0"),
+        ("1", "1"),
+        ("-1", "0"),
+        ("3", "1"),
+        ("4", "1"),
+        ("3", "0"),
+    ]
+    assert [d["id"] for d in _read_jsonl(out2)] == [300, 301, 302]
+    assert sorted(LSHIndex.load(idx2)._key(np.arange(3))) == [1, 3, 4]
+    # an index made with other signature settings is refused
+    bad = LSHIndex(num_perm=64)
+    bad.insert(np.zeros((1, 64), np.uint32))
+    bad.save(tmp_path / "bad.lsh")
+    assert (
+        main(["dedup", str(shard2), "-o", str(out2), "-q", "--against", str(tmp_path / "bad.lsh")])
+        == 2
+    )
+    assert "num_perm" in capsys.readouterr().err
+
+
+def test_exact_verification_collects_texts_across_batches(tmp_path: Path) -> None:
+    docs = _docs()
+    src = tmp_path / "in.jsonl"
+    _write_jsonl(src, docs)
+    mem = deduplicate([str(d["text"]) for d in docs], threshold=0.8, verify="exact")
+    dedup_files([src], tmp_path / "o.jsonl", verify="exact", batch_size=4, progress=False)
+    rows = _clusters(tmp_path / "o.clusters.tsv")
+    np.testing.assert_array_equal([int(r[3]) for r in rows], mem.cluster)
+    np.testing.assert_array_equal([r[4] == "1" for r in rows], mem.keep)

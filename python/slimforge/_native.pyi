@@ -62,6 +62,46 @@ def lsh_index_load(
     path: str | os.PathLike[str],
 ) -> tuple[float, int, int, int, npt.NDArray[np.uint32], npt.NDArray[np.int64] | list[str]]: ...
 
+from typing import final  # noqa: E402
+
+@final
+class JsonlBatchReader:
+    def __new__(
+        cls,
+        path: str | os.PathLike[str],
+        field: str = "text",
+        batch_size: int = 8192,
+        stop_at_reject: bool = False,
+        with_raw: bool = False,
+    ) -> JsonlBatchReader: ...
+    def next_batch(
+        self,
+    ) -> (
+        tuple[
+            list[bytes],
+            npt.NDArray[np.int64],
+            list[tuple[int, str, bytes]],
+            int,
+            int,
+            list[bytes] | None,
+        ]
+        | None
+    ): ...
+
+@final
+class JsonlKeptWriter:
+    def __new__(
+        cls, output: str | os.PathLike[str], gzip: bool, clusters: str | os.PathLike[str]
+    ) -> JsonlKeptWriter: ...
+    def open_input(self, path: str | os.PathLike[str], field: str, display: str) -> None: ...
+    def step(
+        self,
+        keep: npt.NDArray[np.bool_],
+        cluster: npt.NDArray[np.int64],
+        max_lines: int = 65536,
+    ) -> int | None: ...
+    def finish(self) -> int: ...
+
 # --- quant ---
 # (np and NDArray are imported in the dedup section above)
 

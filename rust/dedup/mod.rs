@@ -4,10 +4,11 @@
 //! Staged, each step a pure function of its inputs: `shingle` (normalise, tokenise, hash
 //! shingles), `minhash` (signatures, estimated Jaccard), `lsh` (band hashes, candidate pairs,
 //! bands x rows), `verify` (exact Jaccard of candidates), `cluster` (union-find), and
-//! `index_file` (the on-disk LSH index).
+//! `index_file` (the on-disk LSH index), `jsonl` (batch reading of JSONL document files).
 
 pub mod cluster;
 pub mod index_file;
+pub mod jsonl;
 pub mod lsh;
 pub mod minhash;
 pub mod shingle;

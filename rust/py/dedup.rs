@@ -2,11 +2,12 @@
 
 use std::borrow::Cow;
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 use numpy::ndarray::Array2;
 use numpy::{
-    IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArray,
-    PyUntypedArrayMethods,
+    IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
+    PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -14,6 +15,7 @@ use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 use rayon::prelude::*;
 
 use crate::dedup::index_file::{self, IndexHeader, Keys, KeysRef};
+use crate::dedup::jsonl;
 use crate::dedup::{self, lsh, minhash, MinHasher, Permutations, Shingler, Tokenizer};
 use crate::error::{Error, Result};
 
@@ -388,7 +390,169 @@ fn lsh_index_load<'py>(
     Ok((h.threshold, h.num_perm, h.bands, h.rows, sigs, keys))
 }
 
+fn lock<'a, T>(
+    m: &'a Mutex<Option<T>>,
+    what: &str,
+) -> Result<std::sync::MutexGuard<'a, Option<T>>> {
+    m.lock()
+        .map_err(|_| Error::runtime(format!("{what} was poisoned by an earlier panic")))
+}
+
+/// Reads a JSONL file (gzip when named `*.gz`) in batches; see `slimforge.io.iter_jsonl_batches`.
+#[pyclass(module = "slimforge._native")]
+struct JsonlBatchReader {
+    inner: Mutex<Option<jsonl::JsonlReader>>,
+    batch_size: usize,
+    stop_at_reject: bool,
+    with_raw: bool,
+}
+
+/// One batch: texts (UTF-8 bytes), 1-based line numbers, rejects, text bytes, empty texts,
+/// raw lines (or None).
+type PyBatch<'py> = (
+    Bound<'py, PyList>,
+    Bound<'py, PyArray1<i64>>,
+    Bound<'py, PyList>,
+    u64,
+    u64,
+    Option<Bound<'py, PyList>>,
+);
+
+#[pymethods]
+impl JsonlBatchReader {
+    #[new]
+    #[pyo3(signature = (path, field="text", batch_size=8192, stop_at_reject=false, with_raw=false))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        field: &str,
+        batch_size: usize,
+        stop_at_reject: bool,
+        with_raw: bool,
+    ) -> PyResult<Self> {
+        if batch_size == 0 {
+            return Err(PyValueError::new_err("batch_size must be >= 1, got 0"));
+        }
+        let reader =
+            py.detach(|| jsonl::JsonlReader::open(&path, field).map(|r| r.with_raw(with_raw)))?;
+        Ok(Self {
+            inner: Mutex::new(Some(reader)),
+            batch_size,
+            stop_at_reject,
+            with_raw,
+        })
+    }
+
+    /// The next batch `(texts, lines, rejects, text_bytes, empty, raws)`, or None at end of
+    /// file. `rejects` is a list of `(line, reason, raw)`; `raws` is None unless `with_raw`.
+    fn next_batch<'py>(&self, py: Python<'py>) -> PyResult<Option<PyBatch<'py>>> {
+        let batch = py.detach(|| -> Result<Option<jsonl::Batch>> {
+            let mut guard = lock(&self.inner, "reader")?;
+            let Some(reader) = guard.as_mut() else {
+                return Ok(None);
+            };
+            let b = reader.next_batch(self.batch_size, self.stop_at_reject)?;
+            if b.is_none() {
+                *guard = None;
+            }
+            Ok(b)
+        })?;
+        let Some(b) = batch else {
+            return Ok(None);
+        };
+        let texts = PyList::new(py, b.texts.iter().map(|t| PyBytes::new(py, t.as_bytes())))?;
+        let rejects = PyList::new(
+            py,
+            b.rejects
+                .iter()
+                .map(|r| (r.line, r.reason.as_str(), PyBytes::new(py, &r.raw))),
+        )?;
+        let raws = if self.with_raw {
+            Some(PyList::new(py, b.raws.iter().map(|r| PyBytes::new(py, r)))?)
+        } else {
+            None
+        };
+        Ok(Some((
+            texts,
+            b.lines.into_pyarray(py),
+            rejects,
+            b.text_bytes,
+            b.empty,
+            raws,
+        )))
+    }
+}
+
+/// Pass 3 of the file deduplicator: copies kept JSONL lines and writes the clusters TSV.
+#[pyclass(module = "slimforge._native")]
+struct JsonlKeptWriter {
+    inner: Mutex<Option<jsonl::KeptWriter>>,
+}
+
+#[pymethods]
+impl JsonlKeptWriter {
+    #[new]
+    fn new(py: Python<'_>, output: PathBuf, gzip: bool, clusters: PathBuf) -> PyResult<Self> {
+        let w = py.detach(|| jsonl::KeptWriter::create(&output, gzip, &clusters))?;
+        Ok(Self {
+            inner: Mutex::new(Some(w)),
+        })
+    }
+
+    /// Starts copying from `path`, named `display` in the clusters file.
+    fn open_input(
+        &self,
+        py: Python<'_>,
+        path: PathBuf,
+        field: &str,
+        display: &str,
+    ) -> PyResult<()> {
+        Ok(py.detach(|| -> Result<()> {
+            let mut g = lock(&self.inner, "writer")?;
+            g.as_mut()
+                .ok_or_else(|| Error::value("writer is finished"))?
+                .open_input(&path, field, display)
+        })?)
+    }
+
+    /// Handles up to `max_lines` more lines; the documents seen, or None at end of the input.
+    /// `keep` (bool) and `cluster` (int64) cover all documents of all inputs.
+    #[pyo3(signature = (keep, cluster, max_lines=65536))]
+    fn step(
+        &self,
+        py: Python<'_>,
+        keep: PyReadonlyArray1<'_, bool>,
+        cluster: PyReadonlyArray1<'_, i64>,
+        max_lines: usize,
+    ) -> PyResult<Option<usize>> {
+        let keep = keep
+            .as_slice()
+            .map_err(|e| PyTypeError::new_err(format!("keep: {e}")))?;
+        let cluster = cluster
+            .as_slice()
+            .map_err(|e| PyTypeError::new_err(format!("cluster: {e}")))?;
+        Ok(py.detach(|| -> Result<Option<usize>> {
+            let mut g = lock(&self.inner, "writer")?;
+            g.as_mut()
+                .ok_or_else(|| Error::value("writer is finished"))?
+                .step(keep, cluster, max_lines.max(1))
+        })?)
+    }
+
+    /// Flushes both files; returns the number of documents written to the clusters file.
+    fn finish(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(py.detach(|| -> Result<usize> {
+            let w = lock(&self.inner, "writer")?
+                .take()
+                .ok_or_else(|| Error::value("writer is finished"))?;
+            w.finish()
+        })?)
+    }
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<JsonlBatchReader>()?;
+    m.add_class::<JsonlKeptWriter>()?;
     m.add_function(wrap_pyfunction!(signatures, m)?)?;
     m.add_function(wrap_pyfunction!(exact_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(band_hashes, m)?)?;

@@ -54,6 +54,19 @@ def _add_dedup(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--work-dir", default=None, help="where signatures spill (default: by OUTPUT)")
     p.add_argument("--clusters", default=None, help="clusters TSV path (default: beside OUTPUT)")
+    p.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        metavar="INDEX_FILE",
+        help="drop documents matching this LSHIndex file of earlier shards (repeatable)",
+    )
+    p.add_argument(
+        "--save-index",
+        default=None,
+        metavar="PATH",
+        help="write an LSHIndex of the kept documents (keys: global document index)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_dedup)
@@ -81,6 +94,8 @@ def _run_dedup(args: argparse.Namespace) -> int:
         memory_mb=args.memory_mb,
         work_dir=args.work_dir,
         clusters_path=args.clusters,
+        against=args.against,
+        save_index=args.save_index,
         progress=not args.quiet,
     )
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.summary())

@@ -1,9 +1,11 @@
 """Streaming readers and atomic writers for JSONL (plain or gzip) and Parquet document files.
 
-Readers yield `Record`s in file order with their line (or row) number and never load a whole
-file; malformed lines are reported with their location and either raise or are handed back as
-rejects, so nothing is lost silently. Writers write to a temporary file beside the target and
-rename it into place only when everything was written.
+`iter_batches` yields `DocBatch`es (texts, line or row numbers, rejects) read and parsed in
+Rust for JSONL and by pyarrow for Parquet, so no Python code runs per document; `iter_records`
+is the per-document convenience view of the same. Malformed lines are reported with their
+location and either raise or are handed back as rejects, so nothing is lost silently. Writers
+write to a temporary file beside the target and rename it into place only when everything was
+written.
 """
 
 from __future__ import annotations
@@ -18,12 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+from numpy.typing import NDArray
+
+from slimforge import _native
+
 __all__ = [
+    "DocBatch",
     "InputError",
     "Record",
     "Reject",
     "atomic_path",
     "detect_format",
+    "iter_batches",
     "iter_records",
     "open_writer",
 ]
@@ -63,6 +72,26 @@ class Reject:
     raw: bytes
 
 
+@dataclass
+class DocBatch:
+    """Consecutive documents of one file.
+
+    ``texts``: list of the documents' texts (UTF-8 ``bytes`` for JSONL, ``str`` for Parquet),
+    ``lines``: ``(len(texts),)`` int64, 1-based line (JSONL) or 0-based row (Parquet) numbers;
+    ``rejects``: the malformed lines met in this stretch; ``text_bytes``: total UTF-8 bytes of
+    the texts; ``empty``: texts that are empty or whitespace; ``raws``: each document's raw line
+    (JSONL read with ``with_raw=True``) else None.
+    """
+
+    path: Path
+    texts: list[Any]
+    lines: NDArray[np.int64]
+    rejects: list[Reject]
+    text_bytes: int
+    empty: int
+    raws: list[bytes] | None = None
+
+
 def detect_format(path: str | os.PathLike[str]) -> str:
     """`jsonl`, `jsonl.gz` or `parquet`, from the file name."""
     name = Path(path).name.lower()
@@ -75,61 +104,112 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     raise ValueError(f"{path}: unknown format; expected a .jsonl, .jsonl.gz or .parquet file name")
 
 
-def _open_lines(path: Path) -> IO[bytes]:
-    if detect_format(path) == "jsonl.gz":
-        return gzip.open(path, "rb")
-    return path.open("rb")
+def iter_batches(
+    path: str | os.PathLike[str],
+    field: str = "text",
+    on_error: str = "fail",
+    batch_size: int = 8192,
+    with_raw: bool = False,
+) -> Iterator[DocBatch]:
+    """Yield the documents of `path` in `DocBatch`es of up to `batch_size` lines (rows).
+
+    `on_error="fail"` raises `InputError` (``path:line: reason``) at the first malformed line
+    (invalid UTF-8, invalid JSON, not an object, missing or non-string `field`); `"skip"`
+    hands such lines back in ``DocBatch.rejects``. Blank JSONL lines are skipped. JSONL is read
+    and parsed in Rust (in parallel, without the GIL).
+    """
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"input file not found: {p}")
+    if detect_format(p) == "parquet":
+        yield from _parquet_batches(p, field, on_error, batch_size)
+        return
+    reader = _native.JsonlBatchReader(
+        os.fspath(p), field, batch_size, stop_at_reject=on_error == "fail", with_raw=with_raw
+    )
+    while (b := reader.next_batch()) is not None:
+        texts, lines, rejects, text_bytes, empty, raws = b
+        if rejects and on_error == "fail":
+            # The reader stopped at the first reject: hand back the documents before it.
+            if texts:
+                yield DocBatch(p, texts, lines, [], text_bytes, empty, raws)
+            line, reason, _ = rejects[0]
+            raise InputError(p, line, reason)
+        yield DocBatch(
+            p,
+            texts,
+            lines,
+            [Reject(p, line, reason, raw) for line, reason, raw in rejects],
+            text_bytes,
+            empty,
+            raws,
+        )
 
 
 def iter_records(
     path: str | os.PathLike[str], field: str = "text", on_error: str = "fail"
 ) -> Iterator[Record | Reject]:
-    """Yield each document of `path` in order.
+    """Yield each document of `path` in order (a per-document view of `iter_batches`).
 
     `on_error="fail"` raises `InputError` at the first malformed line (invalid JSON, invalid
     UTF-8, not an object, missing or non-string `field`); `on_error="skip"` yields a `Reject`
     for it instead and goes on.
     """
-    if on_error not in ("fail", "skip"):
-        raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"input file not found: {p}")
-    fmt = detect_format(p)
-    if fmt == "parquet":
+    if p.exists() and detect_format(p) == "parquet":
+        if on_error not in ("fail", "skip"):
+            raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
         yield from _iter_parquet(p, field, on_error)
         return
-    with _open_lines(p) as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            reason = None
-            text = None
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                reason = f"invalid UTF-8 at byte {e.start}"
-            except json.JSONDecodeError as e:
-                reason = f"invalid JSON ({e.msg} at column {e.colno})"
-            else:
-                if not isinstance(obj, dict):
-                    reason = f"expected a JSON object, got {type(obj).__name__}"
-                elif field not in obj:
-                    reason = f"missing field {field!r}"
-                elif not isinstance(obj[field], str):
-                    reason = f"field {field!r} is {type(obj[field]).__name__}, expected a string"
-                else:
-                    text = obj[field]
-            if reason is not None:
-                if on_error == "fail":
-                    raise InputError(p, lineno, reason)
-                yield Reject(p, lineno, reason, raw)
-                continue
-            assert text is not None
-            yield Record(p, lineno, text, raw)
+    for batch in iter_batches(p, field, on_error, with_raw=True):
+        assert batch.raws is not None
+        docs = zip(batch.lines.tolist(), batch.texts, batch.raws, strict=True)
+        rejects = iter(batch.rejects)
+        nxt = next(rejects, None)
+        for line, text, raw in docs:
+            while nxt is not None and nxt.line < line:
+                yield nxt
+                nxt = next(rejects, None)
+            yield Record(p, line, text.decode("utf-8"), raw)
+        if nxt is not None:
+            yield nxt
+        yield from rejects
 
 
-def _iter_parquet(p: Path, field: str, on_error: str) -> Iterator[Record | Reject]:
+def _parquet_batches(p: Path, field: str, on_error: str, batch_size: int) -> Iterator[DocBatch]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    pf = _parquet_file(p, field)
+    row = 0
+    for batch in pf.iter_batches(batch_size=batch_size):
+        col = batch.column(field)
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            valid = col.is_valid().to_numpy(zero_copy_only=False)
+            good = col.filter(col.is_valid())
+        else:
+            valid = np.zeros(len(batch), dtype=bool)
+            good = pa.array([], type=pa.string())
+        bad = np.flatnonzero(~valid)
+        rejects = []
+        for j in bad.tolist():  # only malformed rows reach Python one by one
+            rec = batch.slice(j, 1).to_pylist()[0]
+            reason = f"column {field!r} is {type(rec.get(field)).__name__}, expected a string"
+            if on_error == "fail":
+                raise InputError(p, row + j, reason)
+            rejects.append(Reject(p, row + j, reason, json.dumps(rec, default=str).encode()))
+        lines = np.flatnonzero(valid).astype(np.int64) + row
+        text_bytes = int(pc.sum(pc.binary_length(good)).as_py() or 0)
+        empty = int(pc.sum(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(good)), 0)).as_py() or 0)
+        yield DocBatch(p, good.to_pylist(), lines, rejects, text_bytes, empty)
+        row += len(batch)
+
+
+def _parquet_file(p: Path, field: str) -> Any:
     try:
         import pyarrow.parquet as pq
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -137,6 +217,11 @@ def _iter_parquet(p: Path, field: str, on_error: str) -> Iterator[Record | Rejec
     pf = pq.ParquetFile(p)
     if field not in pf.schema_arrow.names:
         raise InputError(p, 0, f"missing column {field!r} (columns: {pf.schema_arrow.names})")
+    return pf
+
+
+def _iter_parquet(p: Path, field: str, on_error: str) -> Iterator[Record | Reject]:
+    pf = _parquet_file(p, field)
     row = 0
     for batch in pf.iter_batches(batch_size=8192):
         for rec in batch.to_pylist():
