@@ -13,16 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from slimforge.cli import main
 from slimforge.data import corpus_path, lm_splits, load_corpus, load_texts
 from slimforge.dedup import deduplicate
 from slimforge.dedup.files import dedup_files
 from slimforge.io import InputError, Record, Reject, iter_records
 
-BASE = (
-    "the quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat "
-    "and the bird sings a song about the river that runs past the old mill near the town"
-)
+VOCAB = [f"word{i}" for i in range(300)]
+BASE = " ".join(random.Random(12345).choices(VOCAB, k=120))
 
 
 def _near(text: str, k: int, seed: int) -> str:
@@ -34,7 +33,7 @@ def _near(text: str, k: int, seed: int) -> str:
 
 
 def _docs() -> list[dict[str, object]]:
-    unique = [" ".join(random.Random(s).choices(BASE.split(), k=40)) for s in range(20)]
+    unique = [" ".join(random.Random(s).choices(VOCAB, k=60)) for s in range(20)]
     docs: list[dict[str, object]] = [{"id": i, "text": t} for i, t in enumerate(unique)]
     docs.append({"id": 100, "text": unique[3]})  # exact duplicate of 3
     docs.append({"id": 101, "text": unique[5].upper()})  # exact after normalisation

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 import slimforge
 from slimforge.dedup import MinHasher
 
@@ -81,14 +82,13 @@ def test_gil_is_released_during_rust_work() -> None:
 
 
 def _other_pythons() -> list[str]:
+    """CPython 3.10, 3.12 and 3.13 interpreters present on this machine (pyenv or PATH)."""
     found = []
+    pyenv = Path.home() / ".pyenv" / "versions"
     for v in ("3.10", "3.12", "3.13"):
-        exe = shutil.which(f"python{v}")
-        pyenv = Path.home() / ".pyenv" / "versions"
-        if exe is None and pyenv.exists():
-            cands = sorted(pyenv.glob(f"{v}.*/bin/python{v}"))
-            exe = str(cands[-1]) if cands else None
-        if exe:
+        cands = sorted(pyenv.glob(f"{v}.*/bin/python{v}")) if pyenv.exists() else []
+        exe = str(cands[-1]) if cands else shutil.which(f"python{v}")
+        if exe and "shims" not in exe:
             found.append(exe)
     return found
 

@@ -14,9 +14,142 @@ def built_with_cuda() -> bool: ...
 
 # --- dedup ---
 
+import os  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+
+import numpy as np  # noqa: E402
+from numpy.typing import NDArray  # noqa: E402
+
+def signatures(
+    texts: Sequence[str | bytes],
+    num_perm: int = 128,
+    ngram: int = 5,
+    tokenizer: str = "word",
+    seed: int = 1,
+    errors: str = "strict",
+) -> NDArray[np.uint32]: ...
+def exact_hashes(texts: Sequence[str | bytes], errors: str = "strict") -> NDArray[np.uint64]: ...
+def band_hashes(signatures: NDArray[np.uint32], bands: int, rows: int) -> NDArray[np.uint64]: ...
+def candidate_pairs(band_hashes: NDArray[np.uint64]) -> NDArray[np.int64]: ...
+def estimate_jaccard_pairs(
+    signatures: NDArray[np.uint32], pairs: NDArray[np.int64]
+) -> NDArray[np.float64]: ...
+def exact_jaccard_pairs(
+    texts: Sequence[str | bytes],
+    pairs: NDArray[np.int64],
+    ngram: int = 5,
+    tokenizer: str = "word",
+    errors: str = "strict",
+) -> NDArray[np.float64]: ...
+def connected_components(n: int, pairs: NDArray[np.int64]) -> NDArray[np.int64]: ...
+def optimal_bands(
+    threshold: float, num_perm: int = 128, fp_weight: float = 0.05, fn_weight: float = 0.95
+) -> tuple[int, int]: ...
+def xxh3_64(data: bytes, seed: int = 0) -> int: ...
+def minhash_kernel() -> str: ...
+def lsh_index_save(
+    path: str | os.PathLike[str],
+    threshold: float,
+    bands: int,
+    rows: int,
+    signatures: NDArray[np.uint32],
+    keys: NDArray[np.int64] | Sequence[str],
+) -> None: ...
+def lsh_index_load(
+    path: str | os.PathLike[str],
+) -> tuple[float, int, int, int, NDArray[np.uint32], NDArray[np.int64] | list[str]]: ...
+
 # --- quant ---
 
+import numpy as np  # noqa: E402
+from numpy.typing import NDArray  # noqa: E402
+
+def quant_choose_qparams(
+    w: NDArray[np.float32], bits: int, group_size: int, symmetric: bool
+) -> tuple[NDArray[np.float32], NDArray[np.float32]]: ...
+def quant_quantize(
+    w: NDArray[np.float32],
+    scales: NDArray[np.float32],
+    zeros: NDArray[np.float32],
+    bits: int,
+    group_size: int,
+) -> NDArray[np.uint8]: ...
+def quant_dequantize(
+    q: NDArray[np.uint8],
+    scales: NDArray[np.float32],
+    zeros: NDArray[np.float32],
+    group_size: int,
+) -> NDArray[np.float32]: ...
+def quant_dequantize_packed(
+    qweight: NDArray[np.uint8],
+    scales: NDArray[np.float32],
+    zeros: NDArray[np.float32],
+    bits: int,
+    group_size: int,
+) -> NDArray[np.float32]: ...
+def quant_pack_int4(q: NDArray[np.uint8]) -> NDArray[np.uint8]: ...
+def quant_unpack_int4(packed: NDArray[np.uint8]) -> NDArray[np.uint8]: ...
+def quant_linear(
+    x: NDArray[np.float32],
+    qweight: NDArray[np.uint8],
+    scales: NDArray[np.float32],
+    zeros: NDArray[np.float32],
+    bias: NDArray[np.float32] | None,
+    bits: int,
+    group_size: int,
+    route: str = "auto",
+) -> NDArray[np.float32]: ...
+def quant_linear_bf16(
+    x: NDArray[np.int16],
+    qweight: NDArray[np.uint8],
+    scales: NDArray[np.float32],
+    zeros: NDArray[np.float32],
+    bias: NDArray[np.float32] | None,
+    bits: int,
+    group_size: int,
+    route: str = "auto",
+) -> NDArray[np.float32]: ...
+def quant_kernel_isa() -> str: ...
+def quant_default_route() -> str: ...
+
 # --- attention ---
+# Arrays are C-contiguous numpy arrays of float32, float64, or uint16 holding bfloat16 bits (all of
+# one dtype). Without cu_seqlens: q (batch, seqlen_q, heads_q, head_dim), k/v (batch, seqlen_k,
+# heads_kv, head_dim), lse (batch, heads_q, seqlen_q). With cu_seqlens_q/_k (int32, batch + 1):
+# q (total_q, heads_q, head_dim), k/v (total_k, heads_kv, head_dim), lse (heads_q, total_q).
+# lse is float64 for float64 inputs, float32 otherwise.
+
+ATTENTION_MAX_HEAD_DIM: int
+
+def flash_attn_fwd(
+    q: npt.NDArray[Any],
+    k: npt.NDArray[Any],
+    v: npt.NDArray[Any],
+    cu_seqlens_q: npt.NDArray[np.int32] | None,
+    cu_seqlens_k: npt.NDArray[np.int32] | None,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softmax_scale: float,
+    softcap: float,
+    num_global: int,
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]: ...
+def flash_attn_bwd(
+    dout: npt.NDArray[Any],
+    q: npt.NDArray[Any],
+    k: npt.NDArray[Any],
+    v: npt.NDArray[Any],
+    out: npt.NDArray[Any],
+    lse: npt.NDArray[Any],
+    cu_seqlens_q: npt.NDArray[np.int32] | None,
+    cu_seqlens_k: npt.NDArray[np.int32] | None,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softmax_scale: float,
+    softcap: float,
+    num_global: int,
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]: ...
 
 # --- moe ---
 # bfloat16 rows cross as their uint16 bits; weights/scales are float64 for float64 rows, else float32.
@@ -57,3 +190,92 @@ def moe_combine(
 def moe_rowdot(
     dy: npt.NDArray[Any], ys: npt.NDArray[Any], pos: npt.NDArray[np.int64]
 ) -> npt.NDArray[np.float32] | npt.NDArray[np.float64]: ...
+
+# --- cuda ---
+# Always present; without the `cuda` feature every function raises RuntimeError. Pointers are
+# `tensor.data_ptr()`, `stream` is `torch.cuda.current_stream().cuda_stream`; use slimforge._cuda.
+
+def cuda_nvrtc_version() -> tuple[int, int]: ...
+def cuda_device_arch(device: int) -> str: ...
+def cuda_compile_check(arch: str) -> dict[str, int]: ...
+def cuda_attention_forward(
+    *,
+    device: int,
+    stream: int,
+    dtype: str,
+    q: int,
+    k: int,
+    v: int,
+    out: int,
+    lse: int,
+    cu_seqlens: int,
+    batch: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    heads_q: int,
+    heads_kv: int,
+    head_dim: int,
+    max_seqlen: int,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softmax_scale: float,
+    softcap: float,
+) -> None: ...
+def cuda_attention_backward(
+    *,
+    device: int,
+    stream: int,
+    dtype: str,
+    q: int,
+    k: int,
+    v: int,
+    out: int,
+    lse: int,
+    dout: int,
+    delta: int,
+    dq: int,
+    dk: int,
+    dv: int,
+    cu_seqlens: int,
+    batch: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    heads_q: int,
+    heads_kv: int,
+    head_dim: int,
+    max_seqlen: int,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softmax_scale: float,
+    softcap: float,
+) -> None: ...
+def cuda_moe_permute(
+    *,
+    device: int,
+    stream: int,
+    dtype: str,
+    index_bits: int,
+    x: int,
+    token_of: int,
+    xs: int,
+    rows_out: int,
+    rows_x: int,
+    dim: int,
+) -> None: ...
+def cuda_moe_combine(
+    *,
+    device: int,
+    stream: int,
+    dtype: str,
+    index_bits: int,
+    ys: int,
+    pos: int,
+    weights: int,
+    y: int,
+    tokens: int,
+    top_k: int,
+    rows_ys: int,
+    dim: int,
+) -> None: ...

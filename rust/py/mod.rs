@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 use crate::error::Error;
 
 mod attention;
+mod cuda;
 mod dedup;
 mod moe;
 mod quant;
@@ -49,5 +50,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     quant::register(m)?;
     attention::register(m)?;
     moe::register(m)?;
+    cuda::register(m)?;
     Ok(())
 }

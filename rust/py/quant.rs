@@ -1,7 +1,302 @@
-//! Python bindings for `crate::quant`.
+//! Python bindings for `crate::quant`: argument conversion, GIL release and error mapping only.
 
+use numpy::{
+    IntoPyArray, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
+    PyUntypedArrayMethods,
+};
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+use crate::quant::gemv::{self, QuantWeight, Route};
+use crate::quant::{affine, pack};
+
+fn slice<'a, T: numpy::Element>(name: &str, a: &'a PyReadonlyArray2<'_, T>) -> PyResult<&'a [T]> {
+    a.as_slice()
+        .map_err(|_| PyTypeError::new_err(format!("{name} must be a C-contiguous array")))
+}
+
+fn dims<T: numpy::Element>(a: &PyReadonlyArray2<'_, T>) -> (usize, usize) {
+    let s = a.shape();
+    (s[0], s[1])
+}
+
+fn to_2d<'py, T: numpy::Element>(
+    py: Python<'py>,
+    v: Vec<T>,
+    rows: usize,
+    cols: usize,
+) -> PyResult<Bound<'py, PyArray2<T>>> {
+    v.into_pyarray(py).reshape([rows, cols])
+}
+
+type Params<'py> = (Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<f32>>);
+
+/// Per-group scales and zero points of a float32 `(out, in)` weight.
+#[pyfunction]
+fn quant_choose_qparams<'py>(
+    py: Python<'py>,
+    w: PyReadonlyArray2<'py, f32>,
+    bits: u32,
+    group_size: usize,
+    symmetric: bool,
+) -> PyResult<Params<'py>> {
+    let (rows, cols) = dims(&w);
+    let ws = slice("w", &w)?;
+    let (s, z) =
+        py.detach(|| affine::choose_qparams(ws, rows, cols, bits, group_size, symmetric))?;
+    let ng = cols / group_size;
+    Ok((to_2d(py, s, rows, ng)?, to_2d(py, z, rows, ng)?))
+}
+
+/// Unpacked uint8 codes `(out, in)` of a float32 weight.
+#[pyfunction]
+fn quant_quantize<'py>(
+    py: Python<'py>,
+    w: PyReadonlyArray2<'py, f32>,
+    scales: PyReadonlyArray2<'py, f32>,
+    zeros: PyReadonlyArray2<'py, f32>,
+    bits: u32,
+    group_size: usize,
+) -> PyResult<Bound<'py, PyArray2<u8>>> {
+    let (rows, cols) = dims(&w);
+    let (ws, ss, zs) = (
+        slice("w", &w)?,
+        slice("scales", &scales)?,
+        slice("zeros", &zeros)?,
+    );
+    let q = py.detach(|| affine::quantize(ws, rows, cols, ss, zs, bits, group_size))?;
+    to_2d(py, q, rows, cols)
+}
+
+/// Float32 `(out, in)` from unpacked uint8 codes.
+#[pyfunction]
+fn quant_dequantize<'py>(
+    py: Python<'py>,
+    q: PyReadonlyArray2<'py, u8>,
+    scales: PyReadonlyArray2<'py, f32>,
+    zeros: PyReadonlyArray2<'py, f32>,
+    group_size: usize,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let (rows, cols) = dims(&q);
+    let (qs, ss, zs) = (
+        slice("q", &q)?,
+        slice("scales", &scales)?,
+        slice("zeros", &zeros)?,
+    );
+    let w = py.detach(|| affine::dequantize(qs, rows, cols, ss, zs, group_size))?;
+    to_2d(py, w, rows, cols)
+}
+
+fn in_features(bits: u32, cols: usize) -> PyResult<usize> {
+    match bits {
+        8 => Ok(cols),
+        4 => Ok(cols * 2),
+        _ => Err(PyValueError::new_err(format!(
+            "bits must be 4 or 8, got {bits}"
+        ))),
+    }
+}
+
+/// Float32 `(out, in)` from a packed `qweight` (`(out, in)` INT8 or `(out, in / 2)` INT4).
+#[pyfunction]
+fn quant_dequantize_packed<'py>(
+    py: Python<'py>,
+    qweight: PyReadonlyArray2<'py, u8>,
+    scales: PyReadonlyArray2<'py, f32>,
+    zeros: PyReadonlyArray2<'py, f32>,
+    bits: u32,
+    group_size: usize,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let (rows, cols) = dims(&qweight);
+    let k = in_features(bits, cols)?;
+    let (qs, ss, zs) = (
+        slice("qweight", &qweight)?,
+        slice("scales", &scales)?,
+        slice("zeros", &zeros)?,
+    );
+    let w = py.detach(|| affine::dequantize_packed(qs, rows, k, ss, zs, bits, group_size))?;
+    to_2d(py, w, rows, k)
+}
+
+/// Packs `(rows, cols)` codes in [0, 15] into `(rows, cols / 2)` bytes, low nibble first.
+#[pyfunction]
+fn quant_pack_int4<'py>(
+    py: Python<'py>,
+    q: PyReadonlyArray2<'py, u8>,
+) -> PyResult<Bound<'py, PyArray2<u8>>> {
+    let (rows, cols) = dims(&q);
+    if cols % 2 != 0 {
+        return Err(PyValueError::new_err(format!(
+            "pack_int4 needs an even last dimension, got {cols}"
+        )));
+    }
+    let qs = slice("q", &q)?;
+    let p = py.detach(|| pack::pack_int4(qs))?;
+    to_2d(py, p, rows, cols / 2)
+}
+
+/// Unpacks `(rows, cols)` bytes into `(rows, 2 * cols)` codes.
+#[pyfunction]
+fn quant_unpack_int4<'py>(
+    py: Python<'py>,
+    packed: PyReadonlyArray2<'py, u8>,
+) -> PyResult<Bound<'py, PyArray2<u8>>> {
+    let (rows, cols) = dims(&packed);
+    let ps = slice("packed", &packed)?;
+    let q = py.detach(|| pack::unpack_int4(ps));
+    to_2d(py, q, rows, cols * 2)
+}
+
+fn parse_route(route: &str) -> PyResult<Route> {
+    match route {
+        "auto" => Ok(gemv::default_route()),
+        "float" => Ok(Route::Float),
+        "int8" => Ok(Route::Int8Activations),
+        _ => Err(PyValueError::new_err(format!(
+            "route must be 'auto', 'float' or 'int8', got {route:?}"
+        ))),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_linear<'py>(
+    py: Python<'py>,
+    x: Vec<f32>,
+    m: usize,
+    qweight: &PyReadonlyArray2<'py, u8>,
+    scales: &PyReadonlyArray2<'py, f32>,
+    zeros: &PyReadonlyArray2<'py, f32>,
+    bias: Option<&PyReadonlyArray1<'py, f32>>,
+    bits: u32,
+    group_size: usize,
+    route: &str,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let route = parse_route(route)?;
+    let (n, cols) = dims(qweight);
+    let k = in_features(bits, cols)?;
+    let b = match bias {
+        Some(b) => Some(
+            b.as_slice()
+                .map_err(|_| PyTypeError::new_err("bias must be a C-contiguous array"))?,
+        ),
+        None => None,
+    };
+    let w = QuantWeight {
+        qweight: slice("qweight", qweight)?,
+        scales: slice("scales", scales)?,
+        zeros: slice("zeros", zeros)?,
+        out_features: n,
+        in_features: k,
+        bits,
+        group_size,
+    };
+    let y = py.detach(|| gemv::linear(&x, m, &w, b, route))?;
+    to_2d(py, y, m, n)
+}
+
+fn check_x_cols(cols: usize, qcols: usize, bits: u32) -> PyResult<()> {
+    let k = in_features(bits, qcols)?;
+    if cols != k {
+        return Err(PyValueError::new_err(format!(
+            "x has {cols} features, the weight expects {k}"
+        )));
+    }
+    Ok(())
+}
+
+/// `x @ dequant(W).T + bias` for float32 `x` `(m, in)`; returns float32 `(m, out)`.
+#[pyfunction]
+#[pyo3(signature = (x, qweight, scales, zeros, bias, bits, group_size, route = "auto"))]
+#[allow(clippy::too_many_arguments)]
+fn quant_linear<'py>(
+    py: Python<'py>,
+    x: PyReadonlyArray2<'py, f32>,
+    qweight: PyReadonlyArray2<'py, u8>,
+    scales: PyReadonlyArray2<'py, f32>,
+    zeros: PyReadonlyArray2<'py, f32>,
+    bias: Option<PyReadonlyArray1<'py, f32>>,
+    bits: u32,
+    group_size: usize,
+    route: &str,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let (m, k) = dims(&x);
+    check_x_cols(k, dims(&qweight).1, bits)?;
+    let xv = slice("x", &x)?.to_vec();
+    run_linear(
+        py,
+        xv,
+        m,
+        &qweight,
+        &scales,
+        &zeros,
+        bias.as_ref(),
+        bits,
+        group_size,
+        route,
+    )
+}
+
+/// As `quant_linear` for bfloat16 `x` passed as its raw bits (an int16 view); returns float32.
+#[pyfunction]
+#[pyo3(signature = (x, qweight, scales, zeros, bias, bits, group_size, route = "auto"))]
+#[allow(clippy::too_many_arguments)]
+fn quant_linear_bf16<'py>(
+    py: Python<'py>,
+    x: PyReadonlyArray2<'py, i16>,
+    qweight: PyReadonlyArray2<'py, u8>,
+    scales: PyReadonlyArray2<'py, f32>,
+    zeros: PyReadonlyArray2<'py, f32>,
+    bias: Option<PyReadonlyArray1<'py, f32>>,
+    bits: u32,
+    group_size: usize,
+    route: &str,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let (m, k) = dims(&x);
+    check_x_cols(k, dims(&qweight).1, bits)?;
+    let xs = slice("x", &x)?;
+    let xv: Vec<f32> = xs
+        .iter()
+        .map(|&b| half::bf16::from_bits(b as u16).to_f32())
+        .collect();
+    run_linear(
+        py,
+        xv,
+        m,
+        &qweight,
+        &scales,
+        &zeros,
+        bias.as_ref(),
+        bits,
+        group_size,
+        route,
+    )
+}
+
+/// Instruction set the fused kernels use on this CPU.
+#[pyfunction]
+fn quant_kernel_isa() -> &'static str {
+    gemv::detect_isa().name()
+}
+
+/// Route that `route="auto"` picks on this CPU: "int8" or "float".
+#[pyfunction]
+fn quant_default_route() -> &'static str {
+    match gemv::default_route() {
+        Route::Float => "float",
+        Route::Int8Activations => "int8",
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(quant_choose_qparams, m)?)?;
+    m.add_function(wrap_pyfunction!(quant_quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(quant_dequantize, m)?)?;
+    m.add_function(wrap_pyfunction!(quant_dequantize_packed, m)?)?;
+    m.add_function(wrap_pyfunction!(quant_pack_int4, m)?)?;
+    m.add_function(wrap_pyfunction!(quant_unpack_int4, m)?)?;
+    m.add_function(wrap_pyfunction!(quant_linear, m)?)?;
+    m.add_function(wrap_pyfunction!(quant_linear_bf16, m)?)?;
+    m.add_function(wrap_pyfunction!(quant_kernel_isa, m)?)?;
+    m.add_function(wrap_pyfunction!(quant_default_route, m)?)?;
     Ok(())
 }

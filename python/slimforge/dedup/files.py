@@ -22,9 +22,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from slimforge import _native
-from slimforge.io import Record, Reject, atomic_path, detect_format, iter_records, open_writer
 from tqdm.auto import tqdm
+
+from slimforge import dedup as _dd
+from slimforge.io import Record, Reject, atomic_path, detect_format, iter_records, open_writer
 
 __all__ = ["FileDedupReport", "dedup_files"]
 
@@ -108,8 +109,6 @@ def dedup_files(
     `cluster` is the index of the cluster's keeper, the first member in input order), and,
     when `on_error="skip"` rejected malformed lines, a `.rejects.jsonl` file with them.
     """
-    from slimforge.dedup import MinHasher, _check_params  # the facade validates parameters
-
     t0 = time.perf_counter()
     in_paths = [Path(p) for p in inputs]
     if not in_paths:
@@ -126,8 +125,10 @@ def dedup_files(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if memory_mb < 16:
         raise ValueError(f"memory_mb must be >= 16, got {memory_mb}")
-    bands, rows = _check_params(threshold, num_perm, ngram, tokenizer, bands, rows, verify)
-    hasher = MinHasher(num_perm=num_perm, ngram=ngram, tokenizer=tokenizer, seed=seed)
+    threshold = _dd._check_threshold(threshold)
+    _dd._check_choice("verify", verify, _dd._VERIFY)
+    hasher = _dd.MinHasher(num_perm=num_perm, ngram=ngram, tokenizer=tokenizer, seed=seed)
+    bands, rows = _dd._resolve_banding(threshold, num_perm, bands, rows)
     clusters_file = Path(clusters_path) if clusters_path else _sidecar(out, ".clusters.tsv")
     rejects_file = _sidecar(out, ".rejects.jsonl")
 
@@ -149,8 +150,8 @@ def dedup_files(
                     return
                 sigs = hasher.signatures(batch)
                 sig_f.write(sigs.tobytes())
-                band_f.write(_native.band_hashes(sigs, bands, rows).tobytes())
-                exact_parts.append(_native.exact_hashes(batch))
+                band_f.write(_dd.band_hashes(sigs, bands, rows).tobytes())
+                exact_parts.append(_dd.exact_hashes(batch))
                 batch.clear()
 
             bar = tqdm(desc="dedup: hashing", unit="doc", disable=not progress)
@@ -184,9 +185,7 @@ def dedup_files(
             raise ValueError(f"no documents found in {', '.join(map(str, in_paths))}")
 
         # ---- pass 2: exact groups, then verified near-duplicate pairs --------------------
-        exact = np.concatenate(exact_parts)
-        _, first, inverse = np.unique(exact, return_index=True, return_inverse=True)
-        rep = first[inverse.reshape(-1)]
+        rep = _dd._exact_representatives(np.concatenate(exact_parts))
         idx = np.arange(n, dtype=np.int64)
         exact_pairs = np.stack([rep[rep != idx], idx[rep != idx]], axis=1).astype(np.int64)
         reps = np.flatnonzero(rep == idx).astype(np.int64)
@@ -197,25 +196,24 @@ def dedup_files(
         found: list[np.ndarray] = []
         for b0 in tqdm(range(0, bands, per_chunk), desc="dedup: candidates", disable=not progress):
             block = np.ascontiguousarray(bands_mm[reps, b0 : b0 + per_chunk])
-            local = _native.candidate_pairs(block)
+            local = _dd.candidate_pairs(block)
             if len(local):
                 found.append(reps[local])
         cand = np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), np.int64)
         if verify == "exact" and len(cand):
             need = np.unique(cand)
-            where = {int(d): i for i, d in enumerate(need)}
-            texts = _collect_texts(in_paths, field, on_error, need)
-            local_pairs = np.vectorize(where.__getitem__, otypes=[np.int64])(cand)
-            sim = _native.exact_jaccard_pairs(texts, local_pairs, ngram, tokenizer)
+            texts = _collect_texts(in_paths, field, need)
+            local_pairs = np.searchsorted(need, cand).astype(np.int64)
+            sim = _dd.exact_jaccard_pairs(texts, local_pairs, ngram, tokenizer)
             near = cand[sim >= threshold]
         elif len(cand):
-            sim = _native.estimate_jaccard_pairs(sigs_mm, cand)
-            near = cand[sim >= _verify_cut(threshold, num_perm)]
+            sim = _dd.estimate_jaccard_pairs(sigs_mm, cand)
+            near = cand[sim >= _dd.verification_threshold(threshold, num_perm)]
         else:
             near = cand
         del sigs_mm, bands_mm
         pairs = np.ascontiguousarray(np.concatenate([exact_pairs, near]).astype(np.int64))
-        cluster = _native.connected_components(n, pairs)
+        cluster = _dd.connected_components(n, pairs)
         keep = cluster == idx
         exact_dups = int((rep != idx).sum())
         removed = int(n - keep.sum())
@@ -269,9 +267,7 @@ def dedup_files(
     )
 
 
-def _collect_texts(
-    paths: Sequence[Path], field: str, on_error: str, wanted: np.ndarray
-) -> list[str]:
+def _collect_texts(paths: Sequence[Path], field: str, wanted: np.ndarray) -> list[str]:
     """Texts of the documents whose global indices are in sorted `wanted`."""
     out: list[str] = []
     j = i = 0

@@ -1,0 +1,196 @@
+"""CUDA kernels vs PyTorch on the same GPU, in one process.
+
+Attention: TFLOP/s of forward and forward+backward, slimforge's NVRTC kernel vs torch SDPA's
+flash backend (bf16, layout (batch, seqlen, heads, head_dim)); forward FLOPs 4*B*H*N^2*D (halved
+for causal), forward+backward 3.5x that. MoE: GB/s of permute (xs = x[token_of]) vs torch
+indexing and of combine (y[t] = sum_s w[t,s] * ys[pos[t,s]]) vs torch gather-multiply-sum, counting
+bytes read and written once.
+
+    python benches/python/cuda_bench.py [--quick] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from slimforge import _cuda
+
+
+def timed(fn, warmup: int, iters: int) -> float:
+    """Median seconds per call, by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def bench_attention(batch, seqlen, heads, head_dim, causal, dtype, warmup, iters):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape = (batch, seqlen, heads, head_dim)
+    q, k, v, dout = (torch.randn(shape, device="cuda", dtype=dtype, generator=g) for _ in range(4))
+    fwd_flops = 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
+
+    def ours_fwd():
+        return _cuda.flash_attention_forward_cuda(q, k, v, causal)
+
+    out, lse = ours_fwd()
+
+    def ours_fwd_bwd():
+        o, l_ = _cuda.flash_attention_forward_cuda(q, k, v, causal)
+        _cuda.flash_attention_backward_cuda(dout, q, k, v, o, l_, causal)
+
+    qt, kt, vt = (t.transpose(1, 2).detach().requires_grad_(True) for t in (q, k, v))
+    dt = dout.transpose(1, 2)
+
+    def sdpa_fwd():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.no_grad():
+            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+
+    def sdpa_fwd_bwd():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            o = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+        torch.autograd.grad(o, (qt, kt, vt), dt)
+
+    diff = (out.float() - sdpa_fwd().transpose(1, 2).float()).abs().max().item()
+    row = {
+        "kernel": "attention",
+        "batch": batch,
+        "seqlen": seqlen,
+        "heads": heads,
+        "head_dim": head_dim,
+        "causal": causal,
+        "dtype": str(dtype).removeprefix("torch."),
+        "max_abs_diff_vs_sdpa": diff,
+    }
+    for name, ours, peer, flops in (
+        ("fwd", ours_fwd, sdpa_fwd, fwd_flops),
+        ("fwd_bwd", ours_fwd_bwd, sdpa_fwd_bwd, 3.5 * fwd_flops),
+    ):
+        t_ours, t_peer = timed(ours, warmup, iters), timed(peer, warmup, iters)
+        row[f"{name}_tflops"] = flops / t_ours / 1e12
+        row[f"{name}_sdpa_tflops"] = flops / t_peer / 1e12
+        row[f"{name}_ratio"] = t_peer / t_ours
+    return row
+
+
+def bench_moe(tokens, dim, top_k, dtype, warmup, iters):
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(tokens, dim, device="cuda", dtype=dtype, generator=g)
+    assignments = tokens * top_k
+    order = torch.randperm(assignments, device="cuda", generator=g)
+    token_of = order // top_k
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(assignments, device="cuda")
+    pos = pos.view(tokens, top_k)
+    w = torch.rand(tokens, top_k, device="cuda", generator=g)
+    xs = _cuda.moe_permute_cuda(x, token_of)
+    assert torch.equal(xs, x[token_of])
+    elem = x.element_size()
+    rows = []
+    moved = 2 * assignments * dim * elem
+    t_ours = timed(lambda: _cuda.moe_permute_cuda(x, token_of), warmup, iters)
+    t_peer = timed(lambda: x[token_of], warmup, iters)
+    rows.append(
+        {
+            "kernel": "moe_permute",
+            "tokens": tokens,
+            "dim": dim,
+            "top_k": top_k,
+            "dtype": str(dtype).removeprefix("torch."),
+            "gbps": moved / t_ours / 1e9,
+            "torch_gbps": moved / t_peer / 1e9,
+            "ratio": t_peer / t_ours,
+        }
+    )
+    moved = (assignments + tokens) * dim * elem
+    t_ours = timed(lambda: _cuda.moe_combine_cuda(xs, pos, w), warmup, iters)
+    t_peer = timed(lambda: (w[..., None].to(dtype) * xs[pos]).sum(1), warmup, iters)
+    rows.append(
+        {
+            "kernel": "moe_combine",
+            "tokens": tokens,
+            "dim": dim,
+            "top_k": top_k,
+            "dtype": str(dtype).removeprefix("torch."),
+            "gbps": moved / t_ours / 1e9,
+            "torch_gbps": moved / t_peer / 1e9,
+            "ratio": t_peer / t_ours,
+        }
+    )
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="few shapes, few iterations (< 1 minute)"
+    )
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    if not _cuda.cuda_available():
+        print(f"CUDA kernels unavailable: {_cuda.cuda_unavailable_reason()}; nothing to measure")
+        return 0
+    warmup, iters = (2, 5) if args.quick else (3, 20)
+    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    results = []
+    seqlens = [1024, 4096] if args.quick else [512, 1024, 2048, 4096, 8192]
+    head_dims = [64, 128]
+    for head_dim in head_dims:
+        for seqlen in seqlens:
+            for causal in (False, True):
+                batch = max(1, 16384 // seqlen)
+                heads = 2048 // head_dim
+                row = bench_attention(
+                    batch, seqlen, heads, head_dim, causal, torch.bfloat16, warmup, iters
+                )
+                results.append(row)
+                print(
+                    f"attention B={batch} N={seqlen} H={heads} D={head_dim} causal={causal!s:5}: "
+                    f"fwd {row['fwd_tflops']:7.1f} TFLOP/s (sdpa {row['fwd_sdpa_tflops']:6.1f}, x{row['fwd_ratio']:.2f})  "
+                    f"fwd+bwd {row['fwd_bwd_tflops']:7.1f} (sdpa {row['fwd_bwd_sdpa_tflops']:6.1f}, "
+                    f"x{row['fwd_bwd_ratio']:.2f})  max|diff| {row['max_abs_diff_vs_sdpa']:.2e}",
+                    flush=True,
+                )
+    moe_shapes = (
+        [(8192, 4096, 2)] if args.quick else [(8192, 1024, 2), (16384, 4096, 2), (16384, 7168, 8)]
+    )
+    for tokens, dim, top_k in moe_shapes:
+        for row in bench_moe(tokens, dim, top_k, torch.bfloat16, warmup, iters):
+            results.append(row)
+            print(
+                f"{row['kernel']:12} T={tokens} D={dim} k={top_k}: {row['gbps']:7.1f} GB/s "
+                f"(torch {row['torch_gbps']:7.1f}, x{row['ratio']:.2f})",
+                flush=True,
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "gpu": torch.cuda.get_device_name(),
+                    "torch": torch.__version__,
+                    "results": results,
+                },
+                f,
+                indent=1,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

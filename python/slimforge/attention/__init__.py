@@ -1,0 +1,13 @@
+"""Tiled (flash) attention: a Rust CPU kernel (CUDA through `slimforge._cuda` when present).
+
+`flash_attention` takes flash-attn's layout, (batch, seqlen, heads, head_dim), or packed
+variable-length sequences, (total, heads, head_dim) with `cu_seqlens`; it supports causal and
+sliding-window masks, global tokens, GQA/MQA, softcapping, and works under `torch.compile`.
+`reference_attention` is the plain PyTorch reference with the same masks.
+"""
+
+from slimforge.attention.module import Attention, apply_rotary
+from slimforge.attention.ops import flash_attention
+from slimforge.attention.reference import reference_attention
+
+__all__ = ["Attention", "apply_rotary", "flash_attention", "reference_attention"]

@@ -1,0 +1,600 @@
+"""Near-duplicate detection with MinHash signatures and LSH banding, in Rust.
+
+The scheme (see ``docs/dedup.md`` for details):
+
+* text is normalised (Unicode NFKC, then lowercased); ``tokenizer="word"`` splits it into words,
+  maximal runs of alphanumeric characters (so ``snake_case`` is two words); ``tokenizer="char"``
+  uses single characters with whitespace runs collapsed to one space;
+* shingles are ``ngram`` consecutive tokens (a document with fewer tokens is one shingle of all of
+  them; a document without tokens has no shingles and the *empty signature*, every value
+  ``0xFFFFFFFF``, which is never similar to anything, itself included);
+* each shingle gets a 64-bit hash (xxh3 of each token, seeded, combined and mixed) and
+  ``num_perm`` affine permutations ``(a_k * x + b_k) mod 2**32`` of its low 32 bits, with
+  ``(a_k, b_k)`` drawn from splitmix64 started at ``seed``; the signature keeps each minimum;
+* LSH banding groups ``rows`` values into each of ``bands`` bands; documents sharing any band
+  hash are candidates, and candidates are verified before anything is removed.
+
+Staged primitives (``signatures``, ``band_hashes``, ``candidate_pairs`` ...) run without the GIL
+on the library's thread pool; ``deduplicate`` composes them for one in-memory corpus, and
+``LSHIndex`` keeps signatures to deduplicate new shards against earlier ones.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from slimforge import _native
+
+__all__ = [
+    "DedupResult",
+    "DedupStats",
+    "LSHIndex",
+    "MinHasher",
+    "band_hashes",
+    "candidate_pairs",
+    "candidate_probability",
+    "connected_components",
+    "deduplicate",
+    "estimate_jaccard_pairs",
+    "exact_hashes",
+    "exact_jaccard_pairs",
+    "optimal_bands",
+    "signatures",
+    "verification_threshold",
+]
+
+Texts = Sequence[str] | Sequence[bytes] | Sequence[str | bytes]
+
+#: Default weights of :func:`optimal_bands`: a missed pair costs 19 times a spurious candidate.
+FP_WEIGHT = 0.05
+FN_WEIGHT = 0.95
+
+_TOKENIZERS = ("word", "char")
+_VERIFY = ("estimate", "exact")
+_KEEP = ("first", "last")
+_ERRORS = ("strict", "replace")
+
+
+def _check_threshold(threshold: float) -> float:
+    t = float(threshold)
+    if not (0.0 < t <= 1.0):
+        raise ValueError(f"threshold must lie in (0, 1], got {threshold!r}")
+    return t
+
+
+def _check_positive(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+    return int(value)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def _check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must lie in [0, 2**64), got {seed}")
+    return int(seed)
+
+
+def _as_texts(texts: Texts) -> list[Any] | tuple[Any, ...]:
+    if isinstance(texts, str | bytes):
+        raise TypeError("texts must be a sequence of documents, not a single str or bytes")
+    return texts if isinstance(texts, list | tuple) else list(texts)
+
+
+def _check_signatures(sigs: Any, num_perm: int | None = None) -> NDArray[np.uint32]:
+    if not isinstance(sigs, np.ndarray) or sigs.dtype != np.uint32 or sigs.ndim != 2:
+        got = (
+            f"dtype {sigs.dtype} and shape {sigs.shape}"
+            if isinstance(sigs, np.ndarray)
+            else type(sigs).__name__
+        )
+        raise TypeError(f"signatures must be a 2-D numpy array of uint32, got {got}")
+    if num_perm is not None and sigs.shape[1] != num_perm:
+        raise ValueError(
+            f"signatures must have num_perm = {num_perm} columns, got shape {sigs.shape}"
+        )
+    return sigs
+
+
+def _check_banding(bands: int, rows: int, num_perm: int) -> tuple[int, int]:
+    bands = _check_positive("bands", bands)
+    rows = _check_positive("rows", rows)
+    if bands * rows > num_perm:
+        raise ValueError(
+            f"bands * rows = {bands} * {rows} = {bands * rows} exceeds num_perm = {num_perm}"
+        )
+    return bands, rows
+
+
+def _resolve_banding(
+    threshold: float, num_perm: int, bands: int | None, rows: int | None
+) -> tuple[int, int]:
+    if bands is None and rows is None:
+        return optimal_bands(threshold, num_perm)
+    if bands is None or rows is None:
+        raise ValueError(f"give both bands and rows or neither, got bands={bands}, rows={rows}")
+    return _check_banding(bands, rows, num_perm)
+
+
+# --- staged primitives --------------------------------------------------------------------
+
+
+def signatures(
+    texts: Texts,
+    num_perm: int = 128,
+    ngram: int = 5,
+    tokenizer: str = "word",
+    seed: int = 1,
+    errors: str = "strict",
+) -> NDArray[np.uint32]:
+    """MinHash signatures ``(n, num_perm)`` uint32 of ``n`` str/bytes documents.
+
+    bytes must be UTF-8: invalid bytes raise ``ValueError`` naming the document, unless
+    ``errors="replace"`` substitutes U+FFFD.
+    """
+    return _native.signatures(
+        _as_texts(texts),
+        _check_positive("num_perm", num_perm),
+        _check_positive("ngram", ngram),
+        _check_choice("tokenizer", tokenizer, _TOKENIZERS),
+        _check_seed(seed),
+        _check_choice("errors", errors, _ERRORS),
+    )
+
+
+def exact_hashes(texts: Texts, errors: str = "strict") -> NDArray[np.uint64]:
+    """xxh3 hash ``(n,)`` uint64 of each document's normalised text (NFKC + lowercase)."""
+    return _native.exact_hashes(_as_texts(texts), _check_choice("errors", errors, _ERRORS))
+
+
+def band_hashes(sigs: NDArray[np.uint32], bands: int, rows: int) -> NDArray[np.uint64]:
+    """Band hashes ``(n, bands)`` uint64 of signatures ``(n, num_perm)`` uint32.
+
+    Band ``j`` hashes values ``j*rows .. (j+1)*rows``; every band of an empty signature is 0,
+    a value :func:`candidate_pairs` never pairs.
+    """
+    sigs = _check_signatures(sigs)
+    bands, rows = _check_banding(bands, rows, sigs.shape[1])
+    return _native.band_hashes(sigs, bands, rows)
+
+
+def candidate_pairs(bh: NDArray[np.uint64]) -> NDArray[np.int64]:
+    """Pairs ``(m, 2)`` int64 of rows sharing a band hash: ``i < j``, unique, sorted."""
+    return _native.candidate_pairs(bh)
+
+
+def estimate_jaccard_pairs(
+    sigs: NDArray[np.uint32], pairs: NDArray[np.int64]
+) -> NDArray[np.float64]:
+    """Estimated Jaccard ``(m,)`` float64 (fraction of equal values) of each pair of rows.
+
+    ``sigs`` may be any C-contiguous uint32 array, e.g. a read-only ``np.memmap``; it is not
+    copied. A pair involving an empty signature estimates 0.0.
+    """
+    return _native.estimate_jaccard_pairs(_check_signatures(sigs), pairs)
+
+
+def exact_jaccard_pairs(
+    texts: Texts,
+    pairs: NDArray[np.int64],
+    ngram: int = 5,
+    tokenizer: str = "word",
+    errors: str = "strict",
+) -> NDArray[np.float64]:
+    """Exact Jaccard ``(m,)`` float64 of the shingle sets of each pair of documents.
+
+    Shingle sets are the documents' 64-bit shingle hashes (collisions have probability about
+    ``size**2 / 2**64``); only documents named by a pair are shingled. Two documents without
+    shingles have Jaccard 0.0.
+    """
+    return _native.exact_jaccard_pairs(
+        _as_texts(texts),
+        pairs,
+        _check_positive("ngram", ngram),
+        _check_choice("tokenizer", tokenizer, _TOKENIZERS),
+        _check_choice("errors", errors, _ERRORS),
+    )
+
+
+def connected_components(n: int, pairs: NDArray[np.int64]) -> NDArray[np.int64]:
+    """Cluster id ``(n,)`` int64 of each document: the smallest index in its component."""
+    return _native.connected_components(int(n), pairs)
+
+
+def optimal_bands(
+    threshold: float,
+    num_perm: int = 128,
+    fp_weight: float = FP_WEIGHT,
+    fn_weight: float = FN_WEIGHT,
+) -> tuple[int, int]:
+    """``(bands, rows)``, ``bands * rows <= num_perm``, minimising
+    ``fp_weight * int_0^t P(s) ds + fn_weight * int_t^1 (1 - P(s)) ds`` with
+    ``P(s) = 1 - (1 - s**rows)**bands``. At ``threshold=0.8, num_perm=128`` the defaults give
+    16 x 8 (P(0.85) = 0.994); datasketch's equal weights give 9 x 13 (P(0.85) = 0.69).
+    """
+    return _native.optimal_bands(
+        _check_threshold(threshold),
+        _check_positive("num_perm", num_perm),
+        float(fp_weight),
+        float(fn_weight),
+    )
+
+
+def candidate_probability(jaccard: Any, bands: int, rows: int) -> Any:
+    """The S-curve ``1 - (1 - J**rows)**bands``: probability that a pair becomes a candidate."""
+    j = np.asarray(jaccard, dtype=np.float64)
+    return 1.0 - (1.0 - j**rows) ** bands
+
+
+def verification_threshold(threshold: float, num_perm: int, margin_sd: float = 0.0) -> float:
+    """Estimated-Jaccard cut that accepts a candidate pair: ``t - margin_sd * sqrt(t(1-t)/k)``.
+
+    :func:`deduplicate` and :class:`LSHIndex` use ``margin_sd=0``: accept when the estimate is
+    at least the threshold. The estimate's standard deviation is ``sqrt(J(1-J)/k)`` (0.032 at
+    J = 0.85, k = 128), so a pair at exactly J = t passes half the time, one at J = t + 0.05
+    about 94 % of the time (before transitivity through other pairs of its cluster), and one
+    at J = t - 0.1 about 0.7 %. Cutting lower (``margin_sd > 0``) buys recall just above ``t``
+    with removals of documents below it; docs/dedup.md has the measured trade-off.
+    """
+    t = _check_threshold(threshold)
+    k = _check_positive("num_perm", num_perm)
+    if not margin_sd >= 0.0:
+        raise ValueError(f"margin_sd must be >= 0, got {margin_sd}")
+    return t - margin_sd * math.sqrt(t * (1.0 - t) / k)
+
+
+# --- MinHasher ----------------------------------------------------------------------------
+
+
+class MinHasher:
+    """Signature maker: ``MinHasher(num_perm=128, ngram=5, tokenizer="word", seed=1)``.
+
+    Equal parameters give bit-identical signatures on every platform and thread count.
+    """
+
+    def __init__(
+        self,
+        num_perm: int = 128,
+        ngram: int = 5,
+        tokenizer: str = "word",
+        seed: int = 1,
+        errors: str = "strict",
+    ) -> None:
+        self.num_perm = _check_positive("num_perm", num_perm)
+        self.ngram = _check_positive("ngram", ngram)
+        self.tokenizer = _check_choice("tokenizer", tokenizer, _TOKENIZERS)
+        self.seed = _check_seed(seed)
+        self.errors = _check_choice("errors", errors, _ERRORS)
+
+    def __repr__(self) -> str:
+        return (
+            f"MinHasher(num_perm={self.num_perm}, ngram={self.ngram}, "
+            f"tokenizer={self.tokenizer!r}, seed={self.seed})"
+        )
+
+    def signatures(self, texts: Texts) -> NDArray[np.uint32]:
+        """Signatures ``(n, num_perm)`` uint32 of ``n`` str/bytes documents."""
+        return _native.signatures(
+            _as_texts(texts), self.num_perm, self.ngram, self.tokenizer, self.seed, self.errors
+        )
+
+    @staticmethod
+    def jaccard(a: NDArray[np.uint32], b: NDArray[np.uint32]) -> Any:
+        """Estimated Jaccard of two signatures ``(k,)`` (a float), or row-wise of ``(n, k)``
+        arrays (``(n,)`` float64). Empty signatures estimate 0.0."""
+        a = np.asarray(a)
+        b = np.asarray(b)
+        if a.shape != b.shape or a.ndim not in (1, 2) or a.shape[-1] == 0:
+            raise ValueError(
+                f"signatures must have equal shapes (k,) or (n, k), k >= 1; got {a.shape} and {b.shape}"
+            )
+        if a.dtype != np.uint32 or b.dtype != np.uint32:
+            raise TypeError(f"signatures must be uint32, got {a.dtype} and {b.dtype}")
+        empty = np.uint32(0xFFFFFFFF)
+        est = (a == b).mean(axis=-1)
+        est = np.where((a == empty).all(axis=-1) | (b == empty).all(axis=-1), 0.0, est)
+        return float(est) if a.ndim == 1 else est.astype(np.float64)
+
+
+# --- deduplicate --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DedupStats:
+    """Counts of one :func:`deduplicate` run.
+
+    ``exact_duplicates``: documents removed because their normalised text equals an earlier
+    one's; ``near_duplicates``: further documents removed through verified near-duplicate
+    pairs; ``clusters``: clusters with two or more documents; ``candidate_pairs`` and
+    ``verified_pairs``: LSH candidates among exact-unique documents, and those accepted.
+    """
+
+    documents: int
+    exact_duplicates: int
+    near_duplicates: int
+    clusters: int
+    bands: int
+    rows: int
+    seconds: float
+    candidate_pairs: int = 0
+    verified_pairs: int = 0
+
+
+@dataclass(frozen=True)
+class DedupResult:
+    """``keep``: ``(n,)`` bool, True for documents to keep (one per cluster); ``cluster``:
+    ``(n,)`` int64, the index of the cluster's kept document (a document alone in its cluster
+    has its own index)."""
+
+    keep: NDArray[np.bool_]
+    cluster: NDArray[np.int64]
+    stats: DedupStats
+
+
+def _exact_representatives(hashes: NDArray[np.uint64]) -> NDArray[np.int64]:
+    """For each document, the first index with the same exact hash."""
+    n = hashes.shape[0]
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    order = np.argsort(hashes, kind="stable")
+    sorted_h = hashes[order]
+    starts = np.flatnonzero(np.r_[True, sorted_h[1:] != sorted_h[:-1]])
+    sizes = np.diff(np.r_[starts, n])
+    rep = np.empty(n, dtype=np.int64)
+    rep[order] = np.repeat(order[starts], sizes)
+    return rep
+
+
+def deduplicate(
+    texts: Texts,
+    threshold: float = 0.8,
+    num_perm: int = 128,
+    ngram: int = 5,
+    tokenizer: str = "word",
+    seed: int = 1,
+    bands: int | None = None,
+    rows: int | None = None,
+    verify: str = "estimate",
+    keep: str = "first",
+    errors: str = "strict",
+) -> DedupResult:
+    """Find exact and near duplicates among ``texts`` and pick one document per cluster.
+
+    1. Exact pass: documents with equal normalised text (NFKC + lowercase, so two empty
+       documents are exact duplicates) form one group.
+    2. Near pass, on the first document of each exact group: MinHash signatures, LSH banding
+       (``bands`` x ``rows``, chosen by :func:`optimal_bands` unless both are given),
+       candidate pairs, then verification: ``verify="estimate"`` accepts a pair whose
+       estimated Jaccard (from the signatures) is at least ``threshold``; ``verify="exact"``
+       accepts exact shingle-set Jaccard >= ``threshold`` (shingles recomputed for candidate
+       documents only). Documents without shingles are never near
+       duplicates.
+    3. Union-find over exact and accepted pairs; ``keep="first"`` keeps the first document of
+       each cluster in input order, ``keep="last"`` the last. Results do not depend on the
+       thread count.
+    """
+    start = time.perf_counter()
+    threshold = _check_threshold(threshold)
+    num_perm = _check_positive("num_perm", num_perm)
+    ngram = _check_positive("ngram", ngram)
+    _check_choice("tokenizer", tokenizer, _TOKENIZERS)
+    _check_choice("verify", verify, _VERIFY)
+    _check_choice("keep", keep, _KEEP)
+    _check_choice("errors", errors, _ERRORS)
+    seed = _check_seed(seed)
+    bands, rows = _resolve_banding(threshold, num_perm, bands, rows)
+    docs = _as_texts(texts)
+    n = len(docs)
+
+    rep = _exact_representatives(_native.exact_hashes(docs, errors))
+    index = np.arange(n, dtype=np.int64)
+    dup = np.flatnonzero(rep != index)
+    exact_pairs = np.stack([rep[dup], dup], axis=1)
+    uniques = np.flatnonzero(rep == index)
+    unique_docs = docs if uniques.shape[0] == n else [docs[i] for i in uniques.tolist()]
+
+    sigs = _native.signatures(unique_docs, num_perm, ngram, tokenizer, seed, errors)
+    cand = _native.candidate_pairs(_native.band_hashes(sigs, bands, rows))
+    if verify == "estimate":
+        sim = _native.estimate_jaccard_pairs(sigs, cand)
+        accepted = cand[sim >= verification_threshold(threshold, num_perm)]
+    else:
+        sim = _native.exact_jaccard_pairs(unique_docs, cand, ngram, tokenizer, errors)
+        accepted = cand[sim >= threshold]
+    pairs = np.concatenate([exact_pairs, uniques[accepted]]).astype(np.int64, copy=False)
+    cluster = _native.connected_components(n, np.ascontiguousarray(pairs))
+    if keep == "last":
+        last = np.zeros(n, dtype=np.int64)
+        np.maximum.at(last, cluster, index)
+        cluster = last[cluster]
+    keep_mask = cluster == index
+    kept = int(keep_mask.sum())
+    sizes = np.bincount(cluster, minlength=n)
+    stats = DedupStats(
+        documents=n,
+        exact_duplicates=int(n - uniques.shape[0]),
+        near_duplicates=int(uniques.shape[0] - kept),
+        clusters=int((sizes >= 2).sum()),
+        bands=bands,
+        rows=rows,
+        seconds=time.perf_counter() - start,
+        candidate_pairs=int(cand.shape[0]),
+        verified_pairs=int(accepted.shape[0]),
+    )
+    return DedupResult(keep=keep_mask, cluster=cluster, stats=stats)
+
+
+# --- LSHIndex -----------------------------------------------------------------------------
+
+
+class LSHIndex:
+    """A growing set of signatures with per-band sorted band hashes, for queries and for
+    deduplicating a new shard against everything inserted before.
+
+    ``LSHIndex(threshold=0.8, num_perm=128, bands=None, rows=None)``; ``bands``/``rows``
+    default to :func:`optimal_bands`. Keys are ints (default: insertion numbers) or str.
+    Queries return keys whose signature shares a band with the query and, unless
+    ``verify=False``, whose estimated Jaccard is at least :func:`verification_threshold`.
+    """
+
+    def __init__(
+        self,
+        threshold: float = 0.8,
+        num_perm: int = 128,
+        bands: int | None = None,
+        rows: int | None = None,
+    ) -> None:
+        self.threshold = _check_threshold(threshold)
+        self.num_perm = _check_positive("num_perm", num_perm)
+        self.bands, self.rows = _resolve_banding(self.threshold, self.num_perm, bands, rows)
+        self._sigs = np.empty((0, self.num_perm), dtype=np.uint32)
+        self._int_keys: NDArray[np.int64] | None = np.empty(0, dtype=np.int64)
+        self._str_keys: list[str] | None = None
+        self._pending: list[NDArray[np.uint32]] = []
+        self._sorted: tuple[NDArray[np.uint64], NDArray[np.int64]] | None = None
+
+    def __len__(self) -> int:
+        return int(self._sigs.shape[0]) + sum(p.shape[0] for p in self._pending)
+
+    def __repr__(self) -> str:
+        return (
+            f"LSHIndex(threshold={self.threshold}, num_perm={self.num_perm}, "
+            f"bands={self.bands}, rows={self.rows}, entries={len(self)})"
+        )
+
+    def insert(self, sigs: NDArray[np.uint32], keys: Sequence[Any] | None = None) -> None:
+        """Add signatures ``(m, num_perm)`` uint32 under ``keys`` (``m`` ints or ``m`` str;
+        default: consecutive ints continuing from ``len(self)``)."""
+        sigs = _check_signatures(np.asarray(sigs), self.num_perm)
+        m = sigs.shape[0]
+        if keys is None:
+            if self._int_keys is None:
+                raise ValueError("this index has str keys: pass keys to insert")
+            new_int = np.arange(len(self), len(self) + m, dtype=np.int64)
+            new_str = None
+        else:
+            keys = list(keys) if not isinstance(keys, np.ndarray) else keys
+            if len(keys) != m:
+                raise ValueError(f"{m} signatures but {len(keys)} keys")
+            is_str = m > 0 and all(isinstance(k, str) for k in keys)
+            if is_str:
+                new_int, new_str = None, list(keys)
+            else:
+                arr = np.asarray(keys)
+                if m > 0 and not np.issubdtype(arr.dtype, np.integer):
+                    raise TypeError(f"keys must be all int or all str, got dtype {arr.dtype}")
+                new_int, new_str = arr.astype(np.int64), None
+        if new_str is not None:
+            if self._str_keys is None:
+                if len(self) > 0:
+                    raise TypeError("this index has int keys, got str keys")
+                self._str_keys, self._int_keys = [], None
+            self._str_keys.extend(new_str)
+        else:
+            if self._int_keys is None:
+                if m > 0:
+                    raise TypeError("this index has str keys, got int keys")
+            else:
+                assert new_int is not None
+                self._int_keys = np.concatenate([self._int_keys, new_int])
+        if m:
+            self._pending.append(np.ascontiguousarray(sigs))
+            self._sorted = None
+
+    def _consolidate(self) -> tuple[NDArray[np.uint64], NDArray[np.int64]]:
+        if self._pending:
+            self._sigs = np.concatenate([self._sigs, *self._pending])
+            self._pending = []
+        if self._sorted is None:
+            bh = _native.band_hashes(self._sigs, self.bands, self.rows)
+            order = np.argsort(bh, axis=0, kind="stable").T.copy()
+            self._sorted = (np.take_along_axis(bh.T, order, axis=1), order.astype(np.int64))
+        return self._sorted
+
+    def _key(self, rows: NDArray[np.int64]) -> list[Any]:
+        if self._str_keys is not None:
+            return [self._str_keys[i] for i in rows.tolist()]
+        assert self._int_keys is not None
+        return self._int_keys[rows].tolist()
+
+    def query_pairs(
+        self, sigs: NDArray[np.uint32], verify: bool = True
+    ) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+        """Matches of many queries: ``(pairs (m, 2) int64 of (query row, index row),
+        estimated Jaccard (m,))``, sorted by query row then index row."""
+        sigs = _check_signatures(np.asarray(sigs), self.num_perm)
+        hashes, order = self._consolidate()
+        qbh = _native.band_hashes(np.ascontiguousarray(sigs), self.bands, self.rows)
+        found = []
+        for j in range(self.bands):
+            q = qbh[:, j]
+            lo = np.searchsorted(hashes[j], q, side="left")
+            hi = np.searchsorted(hashes[j], q, side="right")
+            counts = np.where(q == 0, 0, hi - lo)
+            total = int(counts.sum())
+            if total == 0:
+                continue
+            qrow = np.repeat(np.arange(q.shape[0], dtype=np.int64), counts)
+            offsets = np.repeat(np.cumsum(counts) - counts, counts)
+            pos = np.repeat(lo, counts) + (np.arange(total) - offsets)
+            found.append(np.stack([qrow, order[j][pos]], axis=1))
+        if not found:
+            return np.empty((0, 2), dtype=np.int64), np.empty(0, dtype=np.float64)
+        pairs = np.unique(np.concatenate(found), axis=0)
+        est = MinHasher.jaccard(sigs[pairs[:, 0]], self._sigs[pairs[:, 1]])
+        if verify:
+            ok = est >= verification_threshold(self.threshold, self.num_perm)
+            pairs, est = pairs[ok], est[ok]
+        return pairs, est
+
+    def query_many(self, sigs: NDArray[np.uint32], verify: bool = True) -> list[list[Any]]:
+        """Keys matching each query row of ``sigs`` ``(m, num_perm)``."""
+        sigs = _check_signatures(np.asarray(sigs), self.num_perm)
+        pairs, _ = self.query_pairs(sigs, verify=verify)
+        bounds = np.searchsorted(pairs[:, 0], np.arange(sigs.shape[0] + 1))
+        keys = self._key(pairs[:, 1])
+        return [keys[bounds[i] : bounds[i + 1]] for i in range(sigs.shape[0])]
+
+    def query(self, signature: NDArray[np.uint32], verify: bool = True) -> list[Any]:
+        """Keys matching one signature ``(num_perm,)`` uint32."""
+        sig = np.asarray(signature)
+        if sig.ndim != 1:
+            raise ValueError(f"signature must have shape (num_perm,), got {sig.shape}")
+        return self.query_many(sig[None, :], verify=verify)[0]
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the index atomically (temporary file + rename); format in ``docs/dedup.md``."""
+        self._consolidate()
+        keys: Any = self._str_keys if self._str_keys is not None else self._int_keys
+        _native.lsh_index_save(
+            os.fspath(path), self.threshold, self.bands, self.rows, self._sigs, keys
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> LSHIndex:
+        """Read an index written by :meth:`save`; a corrupt or truncated file raises ValueError."""
+        threshold, num_perm, bands, rows, sigs, keys = _native.lsh_index_load(os.fspath(path))
+        index = cls(threshold, num_perm, bands, rows)
+        if isinstance(keys, list):
+            index._str_keys, index._int_keys = keys, None
+        else:
+            index._int_keys = keys
+        index._sigs = sigs
+        return index

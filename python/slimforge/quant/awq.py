@@ -1,0 +1,281 @@
+"""AWQ: activation-aware weight quantization (Lin et al., 2023; mit-han-lab/llm-awq).
+
+Per group of linears that read the same input (q/k/v, gate/up, ...):
+
+1. Scale search: x_mean = mean |x| per input channel; for r = i / n_grid (i < n_grid),
+   s = x_mean^r, s /= sqrt(max s * min s); loss = MSE of the group's outputs
+   ``x W^T`` against ``x (Q(W diag(s)) diag(s)^-1)^T``; keep the best s (r = 0 is plain RTN, so the
+   chosen s never does worse than RTN on the calibration rows).
+2. Clip search (``clip=True``): per output row and group, the clip threshold
+   max|w| * (1 - i/20), i < 10, minimising the group-local output MSE; skipped for query/key
+   projections (their error is amplified by the softmax), recognised by name.
+3. Fold: W <- W diag(s). When the group's input is the output of a LayerNorm/RMSNorm
+   (detected by tensor identity during calibration), the norm's weight (and bias) are divided
+   by s, which is free at inference. Otherwise the scale stays in the module as a ``pre_scale``
+   buffer of ``InputTransformedLinear`` that divides the input by s (one elementwise op per call).
+
+The quantizer is the same min-max group quantizer as RTN and GPTQ (range containing 0).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from slimforge.quant.api import register_quantize_handler
+from slimforge.quant.calibrate import (
+    Batch,
+    InputSampler,
+    InputTransformedLinear,
+    LinearGroup,
+    _check_bits_group,
+    fake_quantize,
+    run_sequential,
+    set_submodule,
+)
+from slimforge.quant.linear import QuantLinear
+from torch import nn
+
+__all__ = ["AWQ", "AWQResult", "awq_clip", "awq_search_scale", "quantize_awq"]
+
+_QK_NAMES = ("q_proj", "k_proj", "wq", "wk", "query", "key", "attn_q", "attn_k")
+
+
+@dataclass
+class AWQ:
+    """AWQ configuration.
+
+    bits, group_size: as RTN (group_size must divide in_features). n_grid: scale exponents tried.
+    clip: run the clip search. symmetric: zero fixed at 2^(bits-1). max_rows: calibration rows
+    kept per group for the searches. clip_rows: rows used by the clip search. fold_norms: fold
+    scales into a preceding LayerNorm/RMSNorm when the input comes straight from one.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    n_grid: int = 20
+    clip: bool = True
+    symmetric: bool = False
+    max_rows: int = 4096
+    clip_rows: int = 512
+    fold_norms: bool = True
+
+    def __post_init__(self) -> None:
+        _check_bits_group(self.bits, self.group_size)
+        if self.n_grid < 1:
+            raise ValueError(f"n_grid must be >= 1; got {self.n_grid}")
+        if self.max_rows < 1 or self.clip_rows < 1:
+            raise ValueError("max_rows and clip_rows must be >= 1")
+
+
+@dataclass
+class AWQResult:
+    """q: (out, in) uint8 codes of W diag(s) (clipped); scales, zeros: (out, in//gs) float32;
+    pre_scale: (in,) float32 the input is divided by, or None when folded into a norm;
+    input_scale: the searched s (always set), loss_rtn / loss: calibration output MSE at s = 1
+    and at the chosen s."""
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    pre_scale: torch.Tensor | None
+    input_scale: torch.Tensor
+    bits: int
+    group_size: int
+    loss_rtn: float
+    loss: float
+
+    def dequantize(self) -> torch.Tensor:
+        """(out, in) float32 weight in the original input space (scale undone)."""
+        g = torch.arange(self.q.shape[1], device=self.q.device) // self.group_size
+        w = (self.q.float() - self.zeros[:, g]) * self.scales[:, g]
+        return w / self.input_scale
+
+    def to_module(self, bias: torch.Tensor | None = None) -> nn.Module:
+        b = None if bias is None else bias.detach()
+        inner = QuantLinear.from_quantized(
+            self.q, self.scales, self.zeros, b, self.bits, self.group_size
+        )
+        if self.pre_scale is None:
+            return inner
+        return InputTransformedLinear(inner, pre_scale=self.pre_scale)
+
+
+def awq_search_scale(
+    weights: list[torch.Tensor], x: torch.Tensor, x_mean: torch.Tensor, config: AWQ
+) -> tuple[torch.Tensor, float, float]:
+    """Best per-input-channel scale for linears sharing input ``x`` (n, in).
+
+    weights: list of (out_i, in). x_mean: (in,) mean |x|. Returns (s (in,) float32,
+    loss at s = 1, loss at s).
+    """
+    w = torch.cat([wi.detach().float() for wi in weights], dim=0)
+    if x.shape[-1] != w.shape[1] or x_mean.shape != (w.shape[1],):
+        raise ValueError(
+            f"inputs have {x.shape[-1]} features (mean {tuple(x_mean.shape)}), "
+            f"weights expect {w.shape[1]}"
+        )
+    x = x.float()
+    ref = x @ w.T
+    best_s = torch.ones_like(x_mean)
+    best_loss = loss_rtn = math.inf
+    for i in range(config.n_grid):
+        s = x_mean.float().pow(i / config.n_grid).clamp(min=1e-4)
+        s = s / torch.sqrt(s.max() * s.min())
+        wq = fake_quantize(w * s, config.bits, config.group_size, config.symmetric)[0] / s
+        loss = float(((x @ wq.T - ref) ** 2).mean())
+        if i == 0:
+            loss_rtn = loss
+        if loss < best_loss:
+            best_loss, best_s = loss, s
+    if not math.isfinite(best_loss):
+        raise ValueError(
+            "AWQ scale search produced a non-finite loss (NaN/Inf in inputs or weights)"
+        )
+    return best_s, loss_rtn, best_loss
+
+
+def awq_clip(
+    w: torch.Tensor, x: torch.Tensor, config: AWQ, n_grid: int = 20, max_shrink: float = 0.5
+) -> torch.Tensor:
+    """Clip each (row, group) of ``w`` (out, in) to the threshold minimising the group-local output
+    MSE on ``x`` (n, in): thresholds max|w| * (1 - i/n_grid), i < max_shrink * n_grid."""
+    out_f, in_f = w.shape
+    gs = config.group_size
+    ng = in_f // gs
+    x = x.float()
+    if x.shape[0] > config.clip_rows:
+        x = x[:: x.shape[0] // config.clip_rows][: config.clip_rows]
+    xg = x.reshape(x.shape[0], ng, gs)
+    w = w.detach().float()
+    clipped = torch.empty_like(w)
+    # Rows per chunk so the (rows, n, groups) products stay near 16M elements.
+    chunk = max(1, (1 << 24) // max(1, x.shape[0] * in_f))
+    for r0 in range(0, out_f, chunk):
+        wc = w[r0 : r0 + chunk].reshape(-1, ng, gs)
+        ref = torch.einsum("ngk,ogk->ong", xg, wc)
+        amax = wc.abs().amax(dim=-1, keepdim=True)
+        best_err = torch.full(wc.shape[:2], math.inf)
+        best_max = amax.clone()
+        for i in range(int(max_shrink * n_grid)):
+            mx = amax * (1 - i / n_grid)
+            cur = torch.maximum(torch.minimum(wc, mx), -mx).reshape(-1, in_f)
+            deq = fake_quantize(cur, config.bits, gs, config.symmetric)[0].reshape(-1, ng, gs)
+            err = ((torch.einsum("ngk,ogk->ong", xg, deq) - ref) ** 2).mean(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_max = torch.where(better[..., None], mx, best_max)
+        clipped[r0 : r0 + chunk] = torch.maximum(torch.minimum(wc, best_max), -best_max).reshape(
+            -1, in_f
+        )
+    return clipped
+
+
+def _quantize_group(
+    names: list[str],
+    weights: list[torch.Tensor],
+    x: torch.Tensor,
+    x_mean: torch.Tensor,
+    config: AWQ,
+    folded: bool,
+) -> list[AWQResult]:
+    s, loss_rtn, loss = awq_search_scale(weights, x, x_mean, config)
+    results = []
+    for name, w in zip(names, weights, strict=True):
+        _check_bits_group(config.bits, config.group_size, w.shape[1])
+        ws = w.detach().float() * s
+        if config.clip and not name.rsplit(".", 1)[-1].lower().startswith(_QK_NAMES):
+            ws = awq_clip(ws, x / s, config)
+        _, q, scales, zeros = fake_quantize(ws, config.bits, config.group_size, config.symmetric)
+        results.append(
+            AWQResult(
+                q.to(torch.uint8),
+                scales.float(),
+                zeros.float(),
+                None if folded else s.clone(),
+                s.clone(),
+                config.bits,
+                config.group_size,
+                loss_rtn,
+                loss,
+            )
+        )
+    return results
+
+
+def quantize_awq(
+    model: nn.Module,
+    config: AWQ,
+    calibration: Iterable[Batch],
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    progress: bool = True,
+) -> dict[str, AWQResult]:
+    """Quantize the model's linears with AWQ, block by block, in place.
+
+    Calibration and block handling as ``slimforge.quant.gptq.quantize_gptq``. Selected linears
+    become ``QuantLinear`` (wrapped in ``InputTransformedLinear`` when the scale could not be
+    folded into a norm). Returns ``{module name: AWQResult}``.
+    """
+    results: dict[str, AWQResult] = {}
+
+    def make_observer(lin: nn.Linear) -> InputSampler:
+        return InputSampler(lin.in_features, config.max_rows)
+
+    def process(group: LinearGroup) -> None:
+        sampler = group.observers[0]
+        norm = group.producer if config.fold_norms else None
+        if norm is not None and norm.weight.shape != (group.modules[0].in_features,):
+            norm = None
+        res = _quantize_group(
+            group.names,
+            [m.weight for m in group.modules],
+            sampler.samples(),
+            sampler.mean_abs,
+            config,
+            folded=norm is not None,
+        )
+        for name, lin, r in zip(group.names, group.modules, res, strict=True):
+            deq = r.dequantize()
+            if norm is not None:
+                deq = deq * r.input_scale  # the norm now carries 1/s
+            lin.weight.data.copy_(deq.to(lin.weight.dtype))
+            results[name] = r
+        if norm is not None:
+            s = res[0].input_scale
+            norm.weight.data.div_(s.to(norm.weight.dtype))
+            if getattr(norm, "bias", None) is not None:
+                norm.bias.data.div_(s.to(norm.bias.dtype))
+
+    run_sequential(
+        model,
+        calibration,
+        make_observer,
+        process,
+        filter_fn,
+        progress,
+        desc="AWQ",
+        track_producers=config.fold_norms,
+    )
+    for name, r in results.items():
+        lin = model.get_submodule(name)
+        set_submodule(model, name, r.to_module(lin.bias))
+    return results
+
+
+@register_quantize_handler(AWQ)
+def _quantize_linear_awq(module: nn.Linear, config: AWQ) -> nn.Module:
+    """``quantize_(model, AWQ())`` handler: uses inputs sampled by ``attach_calibration``; the
+    scale stays in the module (no norm folding at this level)."""
+    stats = getattr(module, "slimforge_calibration", None)
+    if stats is None:
+        raise ValueError(
+            "AWQ needs calibration data: call "
+            "slimforge.quant.calibrate.attach_calibration(model, batches) before "
+            "quantize_(model, AWQ()), or use slimforge.quant.awq.quantize_awq(model, AWQ(), batches)"
+        )
+    (res,) = _quantize_group(
+        ["linear"], [module.weight], stats.samples, stats.mean_abs, config, folded=False
+    )
+    return res.to_module(module.bias)

@@ -1,0 +1,289 @@
+"""GPTQ: error-compensating post-training weight quantization (Frantar et al., 2022).
+
+Follows IST-DASLab ``gptq.py``: H = 2 X X^T / n as a running mean over calibration tokens;
+dead inputs (H_ii = 0) get H_ii = 1 and a zero weight column; damping ``damp * mean(diag H)``
+retried with +0.01 per Cholesky failure; Hinv = upper Cholesky factor of H^-1; columns quantized
+one by one with the error spread over the remaining columns, lazily in blocks of ``block_size``
+columns (the rank-``block_size`` GEMM dominates the cost).
+
+Groups and act-order: with ``act_order=True`` columns are processed by decreasing H_ii.
+
+- ``static_groups=False`` (default): a group is ``group_size`` consecutive columns *in processing
+  order*, its scale and zero fitted on the already error-corrected columns when the group starts.
+  The group of input column k is ``g_idx[k]`` (the GPTQ checkpoint field). Since the groups are
+  contiguous in processing order, the module keeps the weight in that order and permutes the input
+  once per call (``InputTransformedLinear.perm``) instead of gathering ``g_idx`` per weight.
+- ``static_groups=True``: groups are the natural contiguous column ranges, fitted once on the
+  original weight before any update; no permutation is needed at inference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from slimforge.quant.api import register_quantize_handler
+from slimforge.quant.calibrate import (
+    Batch,
+    HessianObserver,
+    InputTransformedLinear,
+    LinearGroup,
+    _check_bits_group,
+    group_qparams,
+    quantize_codes,
+    run_sequential,
+    set_submodule,
+)
+from slimforge.quant.linear import QuantLinear
+from torch import nn
+
+__all__ = ["GPTQ", "GPTQResult", "gptq_quantize_weight", "quantize_gptq"]
+
+
+@dataclass
+class GPTQ:
+    """GPTQ configuration.
+
+    bits: 2, 3, 4 or 8. group_size: columns sharing a scale/zero (must divide in_features; use
+    in_features for per-channel). damp: initial fraction of mean(diag H) added to the diagonal.
+    act_order: process columns by decreasing H_ii. symmetric: zero fixed at 2^(bits-1).
+    block_size: columns per lazy update. static_groups: fit groups on the original weight (see
+    module docstring). max_damp_retries: Cholesky retries, each adding 0.01 to ``damp``.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    damp: float = 0.01
+    act_order: bool = True
+    symmetric: bool = False
+    block_size: int = 128
+    static_groups: bool = False
+    max_damp_retries: int = 10
+
+    def __post_init__(self) -> None:
+        _check_bits_group(self.bits, self.group_size)
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"damp must be in [0, 1); got {self.damp}")
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive; got {self.block_size}")
+        if self.max_damp_retries < 0:
+            raise ValueError(f"max_damp_retries must be >= 0; got {self.max_damp_retries}")
+
+
+@dataclass
+class GPTQResult:
+    """Quantized weight in the original column order.
+
+    q: (out, in) uint8 codes in [0, 2^bits-1]. scales, zeros: (out, n_groups) float32, zeros
+    integer-valued; w = (q - zeros[:, g_idx]) * scales[:, g_idx]. g_idx: (in,) int32 group of
+    each input column. perm: (in,) int64 processing order when groups follow it (act-order with
+    dynamic groups), else None. damp: the damping fraction that made H positive definite.
+    """
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    perm: torch.Tensor | None
+    bits: int
+    group_size: int
+    damp: float
+
+    def dequantize(self) -> torch.Tensor:
+        """(out, in) float32 weight."""
+        g = self.g_idx.long()
+        return (self.q.float() - self.zeros[:, g]) * self.scales[:, g]
+
+    def state(self, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor | int | None]:
+        """The dict ``slimforge.quant.formats.gptq_layout.export_gptq`` takes."""
+        return {
+            "q": self.q,
+            "scales": self.scales,
+            "zeros": self.zeros,
+            "g_idx": self.g_idx,
+            "bias": bias,
+            "bits": self.bits,
+            "group_size": self.group_size,
+        }
+
+    def to_module(self, bias: torch.Tensor | None = None) -> nn.Module:
+        """A ``QuantLinear`` (wrapped with the input permutation when groups need it)."""
+        b = None if bias is None else bias.detach()
+        if self.perm is None:
+            return QuantLinear.from_quantized(
+                self.q, self.scales, self.zeros, b, self.bits, self.group_size
+            )
+        inner = QuantLinear.from_quantized(
+            self.q[:, self.perm], self.scales, self.zeros, b, self.bits, self.group_size
+        )
+        return InputTransformedLinear(inner, perm=self.perm)
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + d * mean(diag H) * I)^-1, raising d by 0.01 on failure."""
+    n = h.shape[0]
+    mean_diag = torch.diagonal(h).mean()
+    eye = torch.eye(n, dtype=h.dtype, device=h.device)
+    for attempt in range(retries + 1):
+        d = damp + 0.01 * attempt
+        chol, info = torch.linalg.cholesky_ex(h + d * mean_diag * eye)
+        if int(info) == 0:
+            hinv_upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if int(info) == 0 and torch.isfinite(hinv_upper).all():
+                return hinv_upper, d
+    raise RuntimeError(
+        f"GPTQ: the Hessian is not positive definite even with damping {damp + 0.01 * retries:.3g} "
+        f"x mean(diag H) after {retries} retries; the calibration data may be degenerate "
+        "(too few samples or repeated rows): add data or raise GPTQ.damp"
+    )
+
+
+def gptq_quantize_weight(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    config: GPTQ | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> GPTQResult:
+    """Quantize one weight (out, in) with GPTQ given its Hessian (in, in).
+
+    ``dtype`` is the working precision (float64 for references). Raises ValueError on shape
+    mismatch or NaN/Inf, RuntimeError when damping cannot make H positive definite.
+    """
+    cfg = config or GPTQ()
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out, in); got shape {tuple(weight.shape)}")
+    out_f, in_f = weight.shape
+    if hessian.shape != (in_f, in_f):
+        raise ValueError(
+            f"hessian must be ({in_f}, {in_f}) for a weight with {in_f} input features; "
+            f"got {tuple(hessian.shape)}"
+        )
+    _check_bits_group(cfg.bits, cfg.group_size, in_f)
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight contains NaN or Inf")
+    if not torch.isfinite(hessian).all():
+        raise ValueError("hessian contains NaN or Inf (check the calibration activations)")
+    bits, gs = cfg.bits, cfg.group_size
+    w_all = weight.detach().to(dtype).clone()
+    h = hessian.detach().to(dtype=dtype, device=w_all.device).clone()
+
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    w_all[:, dead] = 0
+
+    n_groups = in_f // gs
+    if cfg.static_groups:
+        wg = w_all.reshape(out_f * n_groups, gs)
+        s_static, z_static = group_qparams(wg, bits, cfg.symmetric)
+        s_static = s_static.reshape(out_f, n_groups)
+        z_static = z_static.reshape(out_f, n_groups)
+
+    if cfg.act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        w_all = w_all[:, perm]
+        h = h[perm][:, perm]
+    else:
+        perm = torch.arange(in_f, device=w_all.device)
+
+    hinv, damp_used = _inverse_cholesky(h, cfg.damp, cfg.max_damp_retries)
+    codes = torch.zeros_like(w_all)
+    scales = torch.zeros(out_f, n_groups, dtype=dtype, device=w_all.device)
+    zeros = torch.zeros_like(scales)
+    scale = zero = torch.empty(0)
+    for i1 in range(0, in_f, cfg.block_size):
+        i2 = min(i1 + cfg.block_size, in_f)
+        w1 = w_all[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if cfg.static_groups:
+                g = int(perm[col]) // gs
+                scale, zero = s_static[:, g], z_static[:, g]
+            elif col % gs == 0:
+                end = col + gs
+                if end <= i2:
+                    cols = w1[:, i : end - i1]
+                else:
+                    # Columns past this block still owe the block's pending lazy updates.
+                    pending = err1[:, :i] @ hinv[i1:col, i2:end]
+                    cols = torch.cat([w1[:, i:], w_all[:, i2:end] - pending], dim=1)
+                scale, zero = group_qparams(cols, bits, cfg.symmetric)
+                scales[:, col // gs] = scale
+                zeros[:, col // gs] = zero
+            w = w1[:, i]
+            q = quantize_codes(w, scale, zero, bits)
+            codes[:, col] = q
+            err = (w - (q - zero) * scale) / hinv1[i, i]
+            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = err
+        w_all[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    inv = torch.argsort(perm)
+    q_orig = codes[:, inv].to(torch.uint8)
+    if cfg.static_groups:
+        g_idx = torch.arange(in_f, device=w_all.device) // gs
+        return GPTQResult(
+            q_orig, s_static.float(), z_static.float(), g_idx.int(), None, bits, gs, damp_used
+        )
+    g_idx = (inv // gs).int()
+    return GPTQResult(
+        q_orig,
+        scales.float(),
+        zeros.float(),
+        g_idx,
+        perm.long() if cfg.act_order else None,
+        bits,
+        gs,
+        damp_used,
+    )
+
+
+def quantize_gptq(
+    model: nn.Module,
+    config: GPTQ,
+    calibration: Iterable[Batch],
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    progress: bool = True,
+) -> dict[str, GPTQResult]:
+    """Quantize the model's linears with GPTQ, block by block, in place.
+
+    calibration: an iterable of batches, each a Tensor (``model(batch)``), a dict of model inputs
+    (``model(**batch)``) or a tuple (``model(*batch)``). Blocks are the largest ``nn.ModuleList``
+    of repeated layers (else the whole model is one block); linears outside it are left as they
+    are. Inside a block, linears reading the same input (q/k/v) are quantized together and later
+    ones see the quantized outputs of earlier ones. Selected ``nn.Linear`` modules are replaced
+    by ``QuantLinear`` (wrapped in ``InputTransformedLinear`` for act-order with dynamic groups).
+    Returns ``{module name: GPTQResult}``.
+    """
+    results: dict[str, GPTQResult] = {}
+
+    def make_observer(lin: nn.Linear) -> HessianObserver:
+        return HessianObserver(lin.in_features)
+
+    def process(group: LinearGroup) -> None:
+        for name, lin, obs in zip(group.names, group.modules, group.observers, strict=True):
+            res = gptq_quantize_weight(lin.weight, obs.hessian, config)
+            lin.weight.data.copy_(res.dequantize().to(lin.weight.dtype))
+            results[name] = res
+
+    run_sequential(model, calibration, make_observer, process, filter_fn, progress, desc="GPTQ")
+    for name, res in results.items():
+        lin = model.get_submodule(name)
+        set_submodule(model, name, res.to_module(lin.bias))
+    return results
+
+
+@register_quantize_handler(GPTQ)
+def _quantize_linear_gptq(module: nn.Linear, config: GPTQ) -> nn.Module:
+    """``quantize_(model, GPTQ())`` handler: uses statistics from ``attach_calibration``."""
+    stats = getattr(module, "slimforge_calibration", None)
+    if stats is None:
+        raise ValueError(
+            "GPTQ needs calibration data: call "
+            "slimforge.quant.calibrate.attach_calibration(model, batches) before "
+            "quantize_(model, GPTQ()), or use slimforge.quant.gptq.quantize_gptq(model, GPTQ(), batches)"
+        )
+    res = gptq_quantize_weight(module.weight, stats.hessian, config)
+    return res.to_module(module.bias)

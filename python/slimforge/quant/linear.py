@@ -1,0 +1,400 @@
+"""Weight-only quantized modules: ``QuantLinear`` and ``QuantEmbedding``.
+
+Both hold the documented layout as buffers (``qweight`` uint8, ``scales``/``zeros`` float32,
+see :mod:`slimforge.quant.primitives`). On CPU, ``QuantLinear`` runs the fused Rust
+dequantize-and-multiply kernels for up to ``FUSED_MAX_TOKENS`` rows (``FUSED_MAX_TOKENS_FLOAT``
+on the float route); larger batches (and
+non-CPU tensors) dequantize the weight and call ``torch.nn.functional.linear``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimforge import _native
+from slimforge.quant.primitives import (
+    check_bits,
+    choose_qparams,
+    pack_int4,
+    quantize_affine,
+    resolve_group_size,
+)
+
+__all__ = [
+    "FUSED_MAX_TOKENS",
+    "FUSED_MAX_TOKENS_FLOAT",
+    "QuantEmbedding",
+    "QuantLinear",
+    "dequantize_packed",
+]
+
+#: Batches of at most this many rows use the fused int8-activation kernel; larger ones
+#: dequantize + matmul (crossover measured with benches/python/quant_gemv.py, see docs/quant.md).
+FUSED_MAX_TOKENS = 64
+#: The same limit for the float route, whose cost grows faster with the batch.
+FUSED_MAX_TOKENS_FLOAT = 32
+
+_ACT_DTYPES = (torch.float32, torch.bfloat16)
+_ROUTES = ("auto", "float", "int8")
+
+
+def _unpack_torch(packed: torch.Tensor) -> torch.Tensor:
+    """Nibble unpack with torch ops (any device): ``(..., n)`` -> ``(..., 2n)``."""
+    lo = packed & 0x0F
+    hi = packed >> 4
+    return torch.stack((lo, hi), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def dequantize_packed(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """Float32 weight ``(out, in)`` from packed ``qweight`` (Rust on CPU, torch ops elsewhere)."""
+    if qweight.device.type == "cpu":
+        w = _native.quant_dequantize_packed(
+            qweight.contiguous().numpy(),
+            scales.contiguous().numpy(),
+            zeros.contiguous().numpy(),
+            bits,
+            group_size,
+        )
+        return torch.from_numpy(w)
+    q = _unpack_torch(qweight) if bits == 4 else qweight
+    out, k = q.shape
+    qf = q.to(torch.float32).reshape(out, k // group_size, group_size)
+    return ((qf - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)).reshape(out, k)
+
+
+def _linear_forward(x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
+    k, n = module.in_features, module.out_features
+    x2 = x.detach().reshape(-1, k)
+    m = x2.shape[0]
+    if x.device.type == "cpu" and m <= module.fused_max_tokens():
+        args = (*module._native_weight(), module.bits, module.group_size, module.route)
+        xc = x2.contiguous()
+        if x.dtype == torch.bfloat16:
+            y = _native.quant_linear_bf16(xc.view(torch.int16).numpy(), *args)
+        else:
+            y = _native.quant_linear(xc.numpy(), *args)
+        y_t = torch.from_numpy(y)
+        if x.dtype != torch.float32:
+            y_t = y_t.to(x.dtype)
+    else:
+        w = module.dequantize().to(x.dtype)
+        b = None if module.bias is None else module.bias.to(x.dtype)
+        y_t = F.linear(x2, w, b)
+    return y_t.reshape(*x.shape[:-1], n)
+
+
+def _keep_float32(module: nn.Module, names: tuple[str, ...]) -> None:
+    # model.half() / .bfloat16() must not change the quantization parameters' layout
+    for name in names:
+        t = module._buffers.get(name)
+        if t is not None and t.dtype != torch.float32:
+            module._buffers[name] = t.to(torch.float32)
+
+
+class _QuantLinearFunction(torch.autograd.Function):
+    """Frozen quantized weight: gradients flow to the input only."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, module: QuantLinear
+    ) -> torch.Tensor:
+        ctx.module = module
+        return _linear_forward(x, module)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        module: QuantLinear = ctx.module
+        w = module.dequantize().to(grad_out.dtype)
+        g2 = grad_out.reshape(-1, module.out_features)
+        return (g2 @ w).reshape(*grad_out.shape[:-1], module.in_features), None
+
+
+class QuantLinear(nn.Module):
+    """Linear layer with a frozen INT8 or INT4 weight (weight-only quantization).
+
+    Buffers: ``qweight`` uint8 ``(out, in)`` (INT8) or ``(out, in // 2)`` (INT4, element ``2j``
+    in the low nibble), ``scales`` and ``zeros`` float32 ``(out, in // group_size)``, optional
+    ``bias`` float32 ``(out,)``. ``forward`` takes ``(..., in)`` float32 or bfloat16 input and
+    returns ``(..., out)`` in the input dtype; gradients reach the input, never the weight.
+
+    ``route`` picks the CPU kernel: ``"float"`` (codes dequantized in registers, float32
+    accumulation), ``"int8"`` (activations quantized to int8 per 32 inputs, integer dot
+    products; faster, adds error at most ``sum |w| * absmax(block) / 254`` per output) or
+    ``"auto"`` (``"int8"`` where the CPU has AVX-512 VNNI, else ``"float"``).
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int = 4,
+        group_size: int | None = 128,
+        bias: bool = True,
+        route: str = "auto",
+    ) -> None:
+        super().__init__()
+        check_bits(bits)
+        g = resolve_group_size(group_size, in_features)
+        if bits == 4 and in_features % 2 != 0:
+            raise ValueError(f"INT4 needs an even in_features, got {in_features}")
+        if route not in _ROUTES:
+            raise ValueError(f"route must be one of {_ROUTES}, got {route!r}")
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.bits = int(bits)
+        self.group_size = g
+        self.route = route
+        cols = in_features if bits == 8 else in_features // 2
+        ng = in_features // g
+        self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, ng, dtype=torch.float32))
+        self.register_buffer("zeros", torch.zeros(out_features, ng, dtype=torch.float32))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_float(
+        cls,
+        linear: nn.Linear,
+        bits: int = 4,
+        group_size: int | None = 128,
+        symmetric: bool = False,
+    ) -> QuantLinear:
+        """Round-to-nearest quantization of an ``nn.Linear`` (min-max, or absmax if symmetric)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        g = resolve_group_size(group_size, linear.in_features)
+        scales, zeros = choose_qparams(w, bits, g, symmetric)
+        q = quantize_affine(w, scales, zeros, bits, g)
+        return cls.from_quantized(q, scales, zeros, linear.bias, bits, g)
+
+    @classmethod
+    def from_quantized(
+        cls,
+        q_codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        bias: torch.Tensor | None,
+        bits: int,
+        group_size: int | None,
+    ) -> QuantLinear:
+        """Builds a layer from unpacked uint8 codes ``(out, in)`` and float32 parameters
+        ``(out, in // group_size)`` (as produced by GPTQ/AWQ)."""
+        if not isinstance(q_codes, torch.Tensor) or q_codes.dtype != torch.uint8:
+            raise TypeError(
+                f"q_codes must be a uint8 tensor, got {getattr(q_codes, 'dtype', q_codes)}"
+            )
+        if q_codes.dim() != 2:
+            raise ValueError(f"q_codes must be (out, in), got shape {tuple(q_codes.shape)}")
+        out, k = q_codes.shape
+        layer = cls(k, out, bits, group_size, bias=bias is not None)
+        ng = k // layer.group_size
+        for name, t in (("scales", scales), ("zeros", zeros)):
+            if tuple(t.shape) != (out, ng):
+                raise ValueError(f"{name} must have shape {(out, ng)}, got {tuple(t.shape)}")
+        if q_codes.numel() and int(q_codes.max()) >= 2**bits:
+            raise ValueError(f"codes must be < {2**bits} for {bits}-bit, got {int(q_codes.max())}")
+        q = q_codes.detach().cpu()
+        layer.qweight.copy_(pack_int4(q) if bits == 4 else q)
+        layer.scales.copy_(scales.detach().to("cpu", torch.float32))
+        layer.zeros.copy_(zeros.detach().to("cpu", torch.float32))
+        if bias is not None and layer.bias is not None:
+            if tuple(bias.shape) != (out,):
+                raise ValueError(f"bias must have shape {(out,)}, got {tuple(bias.shape)}")
+            layer.bias.copy_(bias.detach().to("cpu", torch.float32))
+        return layer
+
+    def dequantize(self) -> torch.Tensor:
+        """Float32 weight ``(out, in)``."""
+        return dequantize_packed(self.qweight, self.scales, self.zeros, self.bits, self.group_size)
+
+    _BUFFERS = ("qweight", "scales", "zeros", "bias")
+
+    def fused_max_tokens(self) -> int:
+        """Largest batch (rows) that runs the fused CPU kernel for this layer's route."""
+        route = _native.quant_default_route() if self.route == "auto" else self.route
+        return FUSED_MAX_TOKENS if route == "int8" else FUSED_MAX_TOKENS_FLOAT
+
+    def _native_weight(self) -> tuple[Any, Any, Any, Any]:
+        """NumPy views of the buffers for the kernels, cached (they share the buffers' memory)."""
+        cached = self.__dict__.get("_np_views")
+        if cached is not None:
+            return cached
+        ts = [getattr(self, name) for name in self._BUFFERS]
+        views = tuple(None if t is None else t.contiguous().numpy() for t in ts)
+        if all(t is None or t.is_contiguous() for t in ts):
+            self.__dict__["_np_views"] = views
+        return views  # type: ignore[return-value]
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
+        self.__dict__.pop("_np_views", None)
+        super()._apply(fn, recurse)
+        _keep_float32(self, ("scales", "zeros", "bias"))
+        return self
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._BUFFERS:
+            self.__dict__.pop("_np_views", None)
+        super().__setattr__(name, value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in _ACT_DTYPES:
+            raise TypeError(f"QuantLinear takes float32 or bfloat16 input, got {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"input must be (..., {self.in_features}), got shape {tuple(x.shape)}")
+        if x.requires_grad and torch.is_grad_enabled():
+            return _QuantLinearFunction.apply(x, self)
+        return _linear_forward(x, self)
+
+    def quant_spec(self) -> dict[str, Any]:
+        """Constructor arguments, for :mod:`slimforge.quant.serialization`."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "bias": self.bias is not None,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> QuantLinear:
+        return cls(
+            int(spec["in_features"]),
+            int(spec["out_features"]),
+            int(spec["bits"]),
+            int(spec["group_size"]),
+            bias=bool(spec["bias"]),
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={self.bits}, group_size={self.group_size}, bias={self.bias is not None}"
+        )
+
+
+class QuantEmbedding(nn.Module):
+    """Embedding table with INT8 (or INT4) rows, dequantized on lookup; output float32.
+
+    Buffers as :class:`QuantLinear` with ``(num_embeddings, embedding_dim)`` as ``(out, in)``.
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        bits: int = 8,
+        group_size: int | None = None,
+        padding_idx: int | None = None,
+    ) -> None:
+        super().__init__()
+        check_bits(bits)
+        g = resolve_group_size(group_size, embedding_dim)
+        if bits == 4 and embedding_dim % 2 != 0:
+            raise ValueError(f"INT4 needs an even embedding_dim, got {embedding_dim}")
+        self.num_embeddings = int(num_embeddings)
+        self.embedding_dim = int(embedding_dim)
+        self.bits = int(bits)
+        self.group_size = g
+        self.padding_idx = padding_idx
+        cols = embedding_dim if bits == 8 else embedding_dim // 2
+        ng = embedding_dim // g
+        self.register_buffer("qweight", torch.zeros(num_embeddings, cols, dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(num_embeddings, ng, dtype=torch.float32))
+        self.register_buffer("zeros", torch.zeros(num_embeddings, ng, dtype=torch.float32))
+
+    @classmethod
+    def from_float(
+        cls,
+        embedding: nn.Embedding,
+        bits: int = 8,
+        group_size: int | None = None,
+        symmetric: bool = True,
+    ) -> QuantEmbedding:
+        """Round-to-nearest quantization of an ``nn.Embedding`` (rows are output channels)."""
+        if not isinstance(embedding, nn.Embedding):
+            raise TypeError(f"expected an nn.Embedding, got {type(embedding).__name__}")
+        if embedding.max_norm is not None or embedding.sparse:
+            raise ValueError("QuantEmbedding does not support max_norm or sparse embeddings")
+        w = embedding.weight.detach()
+        layer = cls(
+            embedding.num_embeddings,
+            embedding.embedding_dim,
+            bits,
+            group_size,
+            embedding.padding_idx,
+        )
+        scales, zeros = choose_qparams(w, bits, layer.group_size, symmetric)
+        q = quantize_affine(w, scales, zeros, bits, layer.group_size).cpu()
+        layer.qweight.copy_(pack_int4(q) if bits == 4 else q)
+        layer.scales.copy_(scales.cpu())
+        layer.zeros.copy_(zeros.cpu())
+        return layer
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantEmbedding:
+        super()._apply(fn, recurse)
+        _keep_float32(self, ("scales", "zeros"))
+        return self
+
+    def dequantize(self) -> torch.Tensor:
+        """Float32 table ``(num_embeddings, embedding_dim)``."""
+        return dequantize_packed(self.qweight, self.scales, self.zeros, self.bits, self.group_size)
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        if indices.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
+        rows = self.qweight[indices]
+        q = _unpack_torch(rows) if self.bits == 4 else rows
+        shape = (*indices.shape, self.embedding_dim // self.group_size, self.group_size)
+        qf = q.to(torch.float32).reshape(shape)
+        w = (qf - self.zeros[indices].unsqueeze(-1)) * self.scales[indices].unsqueeze(-1)
+        return w.reshape(*indices.shape, self.embedding_dim)
+
+    def quant_spec(self) -> dict[str, Any]:
+        return {
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "padding_idx": self.padding_idx,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> QuantEmbedding:
+        return cls(
+            int(spec["num_embeddings"]),
+            int(spec["embedding_dim"]),
+            int(spec["bits"]),
+            int(spec["group_size"]),
+            spec.get("padding_idx"),
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, "
+            f"group_size={self.group_size}"
+        )

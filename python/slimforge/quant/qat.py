@@ -1,0 +1,157 @@
+"""Quantization-aware training: fake-quantized linears, then conversion to real ``QuantLinear``.
+
+``prepare_qat(model, QATConfig(bits=4, group_size=32))`` swaps each ``nn.Linear`` for a
+``FakeQuantLinear`` that keeps the float weight trainable and, in the forward pass, uses its
+per-group min-max fake quantization ``(clamp(round(w/s) + z, 0, 2^b-1) - z) * s``. The backward
+pass is the clipped straight-through estimator (torchao's ``_Round`` + clamp): gradient 1 where
+``round(w/s) + z`` lies inside ``[0, 2^b-1]``, 0 outside. Scales and zeros are recomputed from the
+current weight every step and receive no gradient. ``convert(model)`` replaces every
+``FakeQuantLinear`` with a ``QuantLinear`` holding exactly the codes the fake quantizer used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from slimforge.quant.api import register_quantize_handler
+from slimforge.quant.calibrate import _check_bits_group, group_qparams, set_submodule
+from slimforge.quant.linear import QuantLinear
+from torch import nn
+
+__all__ = ["FakeQuantLinear", "QATConfig", "convert", "fake_quantize_ste", "prepare_qat"]
+
+
+@dataclass
+class QATConfig:
+    """bits: 2, 3, 4 or 8; group_size must divide in_features; symmetric: zero = 2^(bits-1)."""
+
+    bits: int = 4
+    group_size: int = 32
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        _check_bits_group(self.bits, self.group_size)
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
+    ) -> torch.Tensor:
+        q = torch.round(w / scale) + zero
+        inside = (q >= 0) & (q <= maxq)
+        ctx.save_for_backward(inside)
+        return (torch.clamp(q, 0, maxq) - zero) * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None
+
+
+def fake_quantize_ste(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """Fake-quantize ``w`` with broadcastable ``scale``/``zero``; clipped STE gradient to ``w``."""
+    return _FakeQuantSTE.apply(w, scale.detach(), zero.detach(), 2**bits - 1)
+
+
+class FakeQuantLinear(nn.Module):
+    """A linear whose forward uses the group fake-quantized weight; ``weight`` stays float.
+
+    weight: (out, in) trainable; bias: (out,) or None.
+    """
+
+    def __init__(
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None,
+        bits: int = 4,
+        group_size: int = 32,
+        symmetric: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_bits_group(bits, group_size, weight.shape[1])
+        self.weight = weight
+        self.bias = bias
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: QATConfig) -> FakeQuantLinear:
+        return cls(linear.weight, linear.bias, config.bits, config.group_size, config.symmetric)
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scales, zeros), each (out, in // group_size) float32, from the current weight."""
+        w = self.weight.detach().float().reshape(-1, self.group_size)
+        s, z = group_qparams(w, self.bits, self.symmetric)
+        ng = self.in_features // self.group_size
+        return s.reshape(-1, ng), z.reshape(-1, ng)
+
+    def fake_quant_weight(self) -> torch.Tensor:
+        """(out, in) fake-quantized weight (differentiable through the clipped STE)."""
+        s, z = self.qparams()
+        wg = self.weight.float().reshape(-1, self.group_size)
+        out = fake_quantize_ste(wg, s.reshape(-1, 1), z.reshape(-1, 1), self.bits)
+        return out.reshape(self.weight.shape).to(self.weight.dtype)
+
+    def codes(self) -> torch.Tensor:
+        """(out, in) uint8 codes the fake quantizer uses now."""
+        s, z = self.qparams()
+        wg = self.weight.detach().float().reshape(-1, self.group_size)
+        q = torch.clamp(torch.round(wg / s.reshape(-1, 1)) + z.reshape(-1, 1), 0, 2**self.bits - 1)
+        return q.reshape(self.weight.shape).to(torch.uint8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.fake_quant_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}"
+        )
+
+
+def _default_filter(module: nn.Module, fqn: str) -> bool:
+    return isinstance(module, nn.Linear)
+
+
+def prepare_qat(
+    model: nn.Module,
+    config: QATConfig,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+) -> nn.Module:
+    """Swap selected ``nn.Linear`` modules for ``FakeQuantLinear`` in place (the same weight and
+    bias Parameters are kept, so an existing optimizer still updates them). Returns ``model``."""
+    filt = filter_fn or _default_filter
+    targets = [
+        (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n and filt(m, n)
+    ]
+    for _name, lin in targets:
+        _check_bits_group(config.bits, config.group_size, lin.in_features)
+    for name, lin in targets:
+        set_submodule(model, name, FakeQuantLinear.from_linear(lin, config))
+    return model
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replace every ``FakeQuantLinear`` with a ``QuantLinear`` of the same codes. Returns model."""
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
+    if not targets:
+        raise ValueError("convert: the model has no FakeQuantLinear; call prepare_qat first")
+    for name, fq in targets:
+        s, z = fq.qparams()
+        bias = None if fq.bias is None else fq.bias.detach()
+        ql = QuantLinear.from_quantized(fq.codes(), s, z, bias, fq.bits, fq.group_size)
+        set_submodule(model, name, ql)
+    return model
+
+
+@register_quantize_handler(QATConfig)
+def _prepare_linear_qat(module: nn.Linear, config: QATConfig) -> nn.Module:
+    """``quantize_(model, QATConfig())`` handler: the prepare step for one linear."""
+    return FakeQuantLinear.from_linear(module, config)

@@ -1,0 +1,1168 @@
+//! Tiled attention on the CPU: online-softmax forward, recomputing backward.
+//!
+//! Forward: one task per (sequence, query head, query tile of 64 rows); key/value tiles of 128
+//! stream through it with an online softmax in f32 (f64 for f64 inputs); only the log-sum-exp of
+//! each row is kept for the backward. Backward: one task per (sequence, kv head, part), where part
+//! `p` owns the key/value tiles `p, p + P, p + 2P, ...`; it finishes dK and dV of its tiles (summing
+//! over the query heads of a GQA group) and adds its dQ contributions into its own dQ buffer. The
+//! `P` buffers are summed in a fixed order at the end, so results do not depend on the thread
+//! count. No buffer larger than a tile is allocated per task; no N x N matrix exists anywhere.
+
+use rayon::prelude::*;
+
+#[cfg(target_arch = "x86_64")]
+use super::gemm::{Avx2, Avx512};
+use super::gemm::{Isa as IsaChoice, Portable, Real, Storage};
+use super::mask::{MaskSpec, TileClass};
+use crate::error::{Error, Result};
+
+/// Query rows per forward tile.
+pub const FWD_BLOCK_Q: usize = 64;
+/// Keys per forward tile.
+pub const FWD_BLOCK_K: usize = 128;
+/// Query rows per backward tile.
+pub const BWD_BLOCK_Q: usize = 64;
+/// Keys per backward tile.
+pub const BWD_BLOCK_K: usize = 64;
+/// Largest supported head dimension.
+pub const MAX_HEAD_DIM: usize = 256;
+/// Backward tasks aimed at per call, independent of the thread count (it fixes the dQ split).
+const BWD_TARGET_TASKS: usize = 8;
+/// Upper bound on the dQ buffers of the backward (memory: parts x size of dQ).
+const BWD_MAX_PARTS: usize = 8;
+
+/// Where the log-sum-exp of query `i` of sequence `b`, head `h` lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LseLayout {
+    /// `(batch, heads_q, seqlen_q)`, for padded batches.
+    Batched { seqlen_q: usize },
+    /// `(heads_q, total_q)`, for packed variable-length sequences.
+    Packed { total_q: usize },
+}
+
+/// Sizes of one attention call. Tensors are token-major: q `(total_q, heads_q, head_dim)`, k and v
+/// `(total_k, heads_kv, head_dim)`; sequence `b` holds tokens `cu_seqlens[b]..cu_seqlens[b + 1]`.
+#[derive(Clone, Debug)]
+pub struct Shape {
+    pub heads_q: usize,
+    pub heads_kv: usize,
+    pub head_dim: usize,
+    pub cu_seqlens_q: Vec<usize>,
+    pub cu_seqlens_k: Vec<usize>,
+    pub lse_layout: LseLayout,
+}
+
+impl Shape {
+    /// A padded batch: q `(batch, seqlen_q, heads_q, head_dim)`, k/v `(batch, seqlen_k, heads_kv, head_dim)`.
+    pub fn batched(
+        batch: usize,
+        seqlen_q: usize,
+        seqlen_k: usize,
+        heads_q: usize,
+        heads_kv: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        let shape = Shape {
+            heads_q,
+            heads_kv,
+            head_dim,
+            cu_seqlens_q: (0..=batch).map(|b| b * seqlen_q).collect(),
+            cu_seqlens_k: (0..=batch).map(|b| b * seqlen_k).collect(),
+            lse_layout: LseLayout::Batched { seqlen_q },
+        };
+        shape.validate()?;
+        Ok(shape)
+    }
+
+    /// Packed sequences given by cumulative lengths (`batch + 1` entries starting at 0).
+    pub fn packed(
+        cu_seqlens_q: &[i32],
+        cu_seqlens_k: &[i32],
+        heads_q: usize,
+        heads_kv: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        let convert = |name: &str, cu: &[i32]| -> Result<Vec<usize>> {
+            if cu.len() < 2 {
+                return Err(Error::value(format!(
+                    "{name} must hold batch + 1 >= 2 offsets, got {} entries",
+                    cu.len()
+                )));
+            }
+            if cu[0] != 0 {
+                return Err(Error::value(format!(
+                    "{name} must start at 0, got {}",
+                    cu[0]
+                )));
+            }
+            if let Some(w) = cu.windows(2).find(|w| w[1] < w[0]) {
+                return Err(Error::value(format!(
+                    "{name} must be non-decreasing, got {} after {}",
+                    w[1], w[0]
+                )));
+            }
+            Ok(cu.iter().map(|&x| x as usize).collect())
+        };
+        let cu_q = convert("cu_seqlens_q", cu_seqlens_q)?;
+        let cu_k = convert("cu_seqlens_k", cu_seqlens_k)?;
+        if cu_q.len() != cu_k.len() {
+            return Err(Error::value(format!(
+                "cu_seqlens_q and cu_seqlens_k describe different batch sizes ({} vs {})",
+                cu_q.len() - 1,
+                cu_k.len() - 1
+            )));
+        }
+        let total_q = *cu_q.last().unwrap_or(&0);
+        let shape = Shape {
+            heads_q,
+            heads_kv,
+            head_dim,
+            cu_seqlens_q: cu_q,
+            cu_seqlens_k: cu_k,
+            lse_layout: LseLayout::Packed { total_q },
+        };
+        shape.validate()?;
+        Ok(shape)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.head_dim == 0 || self.head_dim > MAX_HEAD_DIM {
+            return Err(Error::value(format!(
+                "head_dim must be in 1..={MAX_HEAD_DIM}, got {}",
+                self.head_dim
+            )));
+        }
+        if self.heads_q == 0 || self.heads_kv == 0 || self.heads_q % self.heads_kv != 0 {
+            return Err(Error::value(format!(
+                "query heads ({}) must be a positive multiple of key/value heads ({})",
+                self.heads_q, self.heads_kv
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn batch(&self) -> usize {
+        self.cu_seqlens_q.len() - 1
+    }
+    pub fn total_q(&self) -> usize {
+        *self.cu_seqlens_q.last().unwrap_or(&0)
+    }
+    pub fn total_k(&self) -> usize {
+        *self.cu_seqlens_k.last().unwrap_or(&0)
+    }
+    fn seq_q(&self, b: usize) -> (usize, usize) {
+        (
+            self.cu_seqlens_q[b],
+            self.cu_seqlens_q[b + 1] - self.cu_seqlens_q[b],
+        )
+    }
+    fn seq_k(&self, b: usize) -> (usize, usize) {
+        (
+            self.cu_seqlens_k[b],
+            self.cu_seqlens_k[b + 1] - self.cu_seqlens_k[b],
+        )
+    }
+    /// Number of log-sum-exp entries.
+    pub fn lse_len(&self) -> usize {
+        match self.lse_layout {
+            LseLayout::Batched { seqlen_q } => self.batch() * self.heads_q * seqlen_q,
+            LseLayout::Packed { total_q } => self.heads_q * total_q,
+        }
+    }
+    /// Index of the first entry of (sequence b, head h); entries of a row run with stride 1.
+    fn lse_base(&self, b: usize, h: usize) -> usize {
+        match self.lse_layout {
+            LseLayout::Batched { seqlen_q } => (b * self.heads_q + h) * seqlen_q,
+            LseLayout::Packed { total_q } => h * total_q + self.cu_seqlens_q[b],
+        }
+    }
+}
+
+/// Scores and mask of one call.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    pub softmax_scale: f64,
+    /// `s -> softcap * tanh(s / softcap)` when > 0.
+    pub softcap: f64,
+    /// Bottom-right aligned causal mask (forces `window_right = 0`).
+    pub causal: bool,
+    /// Keys to the left of the diagonal a query sees; -1 = unbounded.
+    pub window_left: i64,
+    /// Keys to the right of the diagonal a query sees; -1 = unbounded.
+    pub window_right: i64,
+    /// Leading tokens that attend to and are attended by every token.
+    pub num_global: usize,
+}
+
+impl Options {
+    fn validate(&self) -> Result<()> {
+        if !self.softmax_scale.is_finite() {
+            return Err(Error::value(format!(
+                "softmax_scale must be finite, got {}",
+                self.softmax_scale
+            )));
+        }
+        if !(self.softcap.is_finite() && self.softcap >= 0.0) {
+            return Err(Error::value(format!(
+                "softcap must be >= 0, got {}",
+                self.softcap
+            )));
+        }
+        if self.window_left < -1 || self.window_right < -1 {
+            return Err(Error::value(format!(
+                "window bounds must be -1 (unbounded) or >= 0, got ({}, {})",
+                self.window_left, self.window_right
+            )));
+        }
+        if self.causal && self.window_right > 0 {
+            return Err(Error::value(format!(
+                "causal attention sees no keys right of the diagonal, but window_right = {}",
+                self.window_right
+            )));
+        }
+        Ok(())
+    }
+
+    fn mask(&self, nq: usize, nk: usize) -> MaskSpec {
+        let right = if self.causal { 0 } else { self.window_right };
+        MaskSpec::new(self.window_left, right, self.num_global, nq, nk)
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SharedMut<T>(*mut T);
+// Tasks write disjoint regions through it (documented at each use).
+unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl<T> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    fn ptr(&self) -> *mut T {
+        self.0
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Generic,
+}
+
+fn detect_isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::env::var_os("SLIMFORGE_ATTENTION_NO_SIMD").is_none() {
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+                return Isa::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+        }
+    }
+    Isa::Generic
+}
+
+fn round_up(x: usize, to: usize) -> usize {
+    x.div_ceil(to) * to
+}
+
+fn check_len(name: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        return Err(Error::value(format!(
+            "{name} has {got} elements, expected {want}"
+        )));
+    }
+    Ok(())
+}
+
+/// The final score of a raw product: scale, then the optional tanh cap.
+#[inline(always)]
+fn score<T: Real>(raw: T, scale: T, cap: T, inv_cap: T, capped: bool) -> T {
+    let s = raw * scale;
+    if capped {
+        cap * (s * inv_cap).tanh()
+    } else {
+        s
+    }
+}
+
+struct FwdCtx<'a, S: Storage> {
+    q: &'a [S],
+    k: &'a [S],
+    v: &'a [S],
+    shape: &'a Shape,
+    opts: Options,
+    out: SharedMut<S>,
+    lse: SharedMut<S::Acc>,
+}
+
+/// Attention forward: returns `out` (layout of q) and the log-sum-exp of each row (see
+/// [`LseLayout`]); rows that see no key give 0 and `-inf`.
+pub fn forward<S: Storage>(
+    q: &[S],
+    k: &[S],
+    v: &[S],
+    shape: &Shape,
+    opts: &Options,
+) -> Result<(Vec<S>, Vec<S::Acc>)> {
+    opts.validate()?;
+    let (hq, hkv, d) = (shape.heads_q, shape.heads_kv, shape.head_dim);
+    check_len("q", q.len(), shape.total_q() * hq * d)?;
+    check_len("k", k.len(), shape.total_k() * hkv * d)?;
+    check_len("v", v.len(), shape.total_k() * hkv * d)?;
+    let mut out = vec![S::store(S::Acc::ZERO); q.len()];
+    let mut lse = vec![S::Acc::NEG_INFINITY; shape.lse_len()];
+    let mut tasks = Vec::new();
+    for b in 0..shape.batch() {
+        let nqt = shape.seq_q(b).1.div_ceil(FWD_BLOCK_Q);
+        for h in 0..hq {
+            tasks.extend((0..nqt).map(|it| (b, h, it)));
+        }
+    }
+    let ctx = FwdCtx {
+        q,
+        k,
+        v,
+        shape,
+        opts: *opts,
+        out: SharedMut(out.as_mut_ptr()),
+        lse: SharedMut(lse.as_mut_ptr()),
+    };
+    let isa = detect_isa();
+    crate::parallel::install(|| {
+        tasks.par_iter().for_each(|&task| {
+            // SAFETY: each task writes only the out rows and lse entries of its own query tile.
+            unsafe { forward_dispatch(&ctx, task, isa) }
+        })
+    });
+    Ok((out, lse))
+}
+
+unsafe fn forward_dispatch<S: Storage>(ctx: &FwdCtx<'_, S>, task: (usize, usize, usize), isa: Isa) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => forward_avx512(ctx, task),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => forward_avx2(ctx, task),
+        Isa::Generic => forward_tile::<S, Portable>(ctx, task),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn forward_avx512<S: Storage>(ctx: &FwdCtx<'_, S>, task: (usize, usize, usize)) {
+    forward_tile::<S, Avx512>(ctx, task)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn forward_avx2<S: Storage>(ctx: &FwdCtx<'_, S>, task: (usize, usize, usize)) {
+    forward_tile::<S, Avx2>(ctx, task)
+}
+
+#[inline(always)]
+unsafe fn forward_tile<S: Storage, I: IsaChoice>(
+    ctx: &FwdCtx<'_, S>,
+    (b, h, it): (usize, usize, usize),
+) {
+    const BQ: usize = FWD_BLOCK_Q;
+    const BK: usize = FWD_BLOCK_K;
+    let zero = S::Acc::ZERO;
+    let neg_inf = S::Acc::NEG_INFINITY;
+    let shape = ctx.shape;
+    let (hq, hkv, d) = (shape.heads_q, shape.heads_kv, shape.head_dim);
+    let dp = round_up(d, 16);
+    let hk = h / (hq / hkv);
+    let (q0, nq) = shape.seq_q(b);
+    let (k0, nk) = shape.seq_k(b);
+    let i0 = it * BQ;
+    let rows = BQ.min(nq - i0);
+    let mask = ctx.opts.mask(nq, nk);
+    let scale = S::Acc::from_f64(ctx.opts.softmax_scale);
+    let capped = ctx.opts.softcap > 0.0;
+    let cap = S::Acc::from_f64(ctx.opts.softcap);
+    let inv_cap = if capped {
+        S::Acc::from_f64(1.0 / ctx.opts.softcap)
+    } else {
+        zero
+    };
+
+    // Everything is kept transposed (keys or features x queries) so softmax statistics are
+    // per-column vectors and no tile is ever transposed inside the key loop.
+    let mut q_t = vec![zero; d * BQ];
+    for r in 0..rows {
+        let src = &ctx.q[((q0 + i0 + r) * hq + h) * d..][..d];
+        for (x, &qx) in src.iter().enumerate() {
+            *q_t.get_unchecked_mut(x * BQ + r) = qx.load();
+        }
+    }
+    let mut k_tile = vec![zero; BK * dp];
+    let mut v_tile = vec![zero; BK * dp];
+    let mut s_t = vec![zero; BK * BQ];
+    let mut acc_t = vec![zero; dp * BQ];
+    let mut m = [neg_inf; BQ];
+    let mut l = [zero; BQ];
+    let mut m_use = [zero; BQ];
+    let mut alpha = [zero; BQ];
+    let mut tile_sum = [zero; BQ];
+
+    for jt in 0..nk.div_ceil(BK) {
+        let j0 = jt * BK;
+        let cols = BK.min(nk - j0);
+        let class = mask.classify(i0, i0 + rows, j0, j0 + cols);
+        if class == TileClass::Skip {
+            continue;
+        }
+        for c in 0..cols {
+            let base = ((k0 + j0 + c) * hkv + hk) * d;
+            for (dst, &x) in k_tile[c * dp..c * dp + d]
+                .iter_mut()
+                .zip(&ctx.k[base..base + d])
+            {
+                *dst = x.load();
+            }
+            for (dst, &x) in v_tile[c * dp..c * dp + d]
+                .iter_mut()
+                .zip(&ctx.v[base..base + d])
+            {
+                *dst = x.load();
+            }
+        }
+        // S^T = K Q^T (keys x queries); rows past `cols` are never read.
+        let m_rows = round_up(cols, 8);
+        S::Acc::gemm_for::<I>(
+            m_rows,
+            BQ,
+            d,
+            k_tile.as_ptr(),
+            dp,
+            1,
+            q_t.as_ptr(),
+            BQ,
+            s_t.as_mut_ptr(),
+            BQ,
+            false,
+        );
+        let mut tile_max = [neg_inf; BQ];
+        for c in 0..cols {
+            let row = &mut s_t[c * BQ..(c + 1) * BQ];
+            for x in row.iter_mut() {
+                *x = score(*x, scale, cap, inv_cap, capped);
+            }
+            if class == TileClass::Partial {
+                for (r, x) in row[..rows].iter_mut().enumerate() {
+                    if !mask.visible(i0 + r, j0 + c) {
+                        *x = neg_inf;
+                    }
+                }
+            }
+            for (t, &x) in tile_max.iter_mut().zip(row.iter()) {
+                *t = t.max(x);
+            }
+        }
+        for r in 0..BQ {
+            let m_new = m[r].max(tile_max[r]);
+            // A column that has seen nothing keeps m = -inf; shifting by 0 gives P = 0, not NaN.
+            m_use[r] = if m_new == neg_inf { zero } else { m_new };
+            alpha[r] = (m[r] - m_use[r]).exp();
+            m[r] = m_new;
+        }
+        tile_sum.fill(zero);
+        for c in 0..cols {
+            let row = &mut s_t[c * BQ..(c + 1) * BQ];
+            for ((x, &mu), t) in row.iter_mut().zip(&m_use).zip(tile_sum.iter_mut()) {
+                let p = (*x - mu).exp();
+                *x = p;
+                *t = *t + p;
+            }
+        }
+        for r in 0..BQ {
+            l[r] = l[r] * alpha[r] + tile_sum[r];
+        }
+        for x in 0..d {
+            for (a, &al) in acc_t[x * BQ..(x + 1) * BQ].iter_mut().zip(&alpha) {
+                *a = *a * al;
+            }
+        }
+        // acc^T += V^T P^T (features x queries); V^T is a strided view of the V tile.
+        S::Acc::gemm_for::<I>(
+            dp,
+            BQ,
+            cols,
+            v_tile.as_ptr(),
+            1,
+            dp,
+            s_t.as_ptr(),
+            BQ,
+            acc_t.as_mut_ptr(),
+            BQ,
+            true,
+        );
+    }
+
+    let lse_base = shape.lse_base(b, h) + i0;
+    for r in 0..rows {
+        let out_row = ctx.out.ptr().add(((q0 + i0 + r) * hq + h) * d);
+        if l[r] == zero {
+            *ctx.lse.ptr().add(lse_base + r) = neg_inf;
+            continue; // out was zero-initialised
+        }
+        let inv = S::Acc::ONE / l[r];
+        for x in 0..d {
+            *out_row.add(x) = S::store(acc_t[x * BQ + r] * inv);
+        }
+        *ctx.lse.ptr().add(lse_base + r) = m[r] + l[r].ln();
+    }
+}
+
+/// Query-side tensors stored transposed, one (head_dim x BWD_BLOCK_Q) tile per (sequence, head,
+/// query tile), so the backward never transposes inside its key loop. Padding columns are zero.
+struct TransposedTiles {
+    /// First tile of each sequence (all heads of earlier sequences come before it).
+    seq_base: Vec<usize>,
+    shape: Shape,
+}
+
+impl TransposedTiles {
+    fn new(shape: &Shape) -> Self {
+        let mut seq_base = Vec::with_capacity(shape.batch() + 1);
+        let mut total = 0;
+        for b in 0..shape.batch() {
+            seq_base.push(total);
+            total += shape.heads_q * shape.seq_q(b).1.div_ceil(BWD_BLOCK_Q);
+        }
+        seq_base.push(total);
+        TransposedTiles {
+            seq_base,
+            shape: shape.clone(),
+        }
+    }
+
+    /// Offset of the tile (sequence b, head h, query tile it).
+    fn offset(&self, b: usize, h: usize, it: usize) -> usize {
+        let nqt = self.shape.seq_q(b).1.div_ceil(BWD_BLOCK_Q);
+        (self.seq_base[b] + h * nqt + it) * self.shape.head_dim * BWD_BLOCK_Q
+    }
+
+    fn build<S: Storage>(&self, x: &[S]) -> Vec<S::Acc> {
+        let shape = &self.shape;
+        let (hq, d) = (shape.heads_q, shape.head_dim);
+        let total = self.seq_base[shape.batch()] * d * BWD_BLOCK_Q;
+        let mut out = vec![S::Acc::ZERO; total];
+        let dst = SharedMut(out.as_mut_ptr());
+        let pairs: Vec<(usize, usize)> = (0..shape.batch())
+            .flat_map(|b| (0..hq).map(move |h| (b, h)))
+            .collect();
+        crate::parallel::install(|| {
+            pairs.par_iter().for_each(|&(b, h)| {
+                let (q0, nq) = shape.seq_q(b);
+                for i in 0..nq {
+                    let tile = dst.ptr().wrapping_add(self.offset(b, h, i / BWD_BLOCK_Q));
+                    let src = &x[((q0 + i) * hq + h) * d..][..d];
+                    for (col, &value) in src.iter().enumerate() {
+                        // SAFETY: (b, h) pairs own disjoint tiles; the offset is inside `out`.
+                        unsafe { *tile.add(col * BWD_BLOCK_Q + i % BWD_BLOCK_Q) = value.load() };
+                    }
+                }
+            })
+        });
+        out
+    }
+}
+
+struct BwdCtx<'a, S: Storage> {
+    dout: &'a [S],
+    q: &'a [S],
+    k: &'a [S],
+    v: &'a [S],
+    lse: &'a [S::Acc],
+    /// rowsum(dO * O), laid out like lse.
+    delta: &'a [S::Acc],
+    /// Q^T and dO^T in query tiles of (head_dim x BWD_BLOCK_Q), see [`TransposedTiles`].
+    q_t: &'a [S::Acc],
+    do_t: &'a [S::Acc],
+    tiles: &'a TransposedTiles,
+    shape: &'a Shape,
+    opts: Options,
+    parts: usize,
+    dq_parts: SharedMut<S::Acc>,
+    dk: SharedMut<S>,
+    dv: SharedMut<S>,
+}
+
+/// Attention backward from the saved `out` and `lse`: returns `(dq, dk, dv)` in the layouts of
+/// q, k, v. Deterministic: the result does not depend on the number of threads.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<S: Storage>(
+    dout: &[S],
+    q: &[S],
+    k: &[S],
+    v: &[S],
+    out: &[S],
+    lse: &[S::Acc],
+    shape: &Shape,
+    opts: &Options,
+) -> Result<(Vec<S>, Vec<S>, Vec<S>)> {
+    opts.validate()?;
+    let (hq, hkv, d) = (shape.heads_q, shape.heads_kv, shape.head_dim);
+    let q_len = shape.total_q() * hq * d;
+    check_len("q", q.len(), q_len)?;
+    check_len("dout", dout.len(), q_len)?;
+    check_len("out", out.len(), q_len)?;
+    check_len("k", k.len(), shape.total_k() * hkv * d)?;
+    check_len("v", v.len(), shape.total_k() * hkv * d)?;
+    check_len("lse", lse.len(), shape.lse_len())?;
+    let batch = shape.batch();
+    let zero = S::Acc::ZERO;
+
+    let mut delta = vec![zero; lse.len()];
+    let delta_ptr = SharedMut(delta.as_mut_ptr());
+    let pairs: Vec<(usize, usize)> = (0..batch)
+        .flat_map(|b| (0..hq).map(move |h| (b, h)))
+        .collect();
+    crate::parallel::install(|| {
+        pairs.par_iter().for_each(|&(b, h)| {
+            let (q0, nq) = shape.seq_q(b);
+            let base = shape.lse_base(b, h);
+            for i in 0..nq {
+                let off = ((q0 + i) * hq + h) * d;
+                let mut dot = zero;
+                for (&g, &o) in dout[off..off + d].iter().zip(&out[off..off + d]) {
+                    dot = dot + g.load() * o.load();
+                }
+                // SAFETY: (b, h) pairs own disjoint delta entries.
+                unsafe { *delta_ptr.ptr().add(base + i) = dot };
+            }
+        })
+    });
+
+    let tiles = TransposedTiles::new(shape);
+    let q_t = tiles.build(q);
+    let do_t = tiles.build(dout);
+
+    let max_kv_tiles = (0..batch)
+        .map(|b| shape.seq_k(b).1.div_ceil(BWD_BLOCK_K))
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let parts = BWD_TARGET_TASKS
+        .div_ceil(batch.max(1) * hkv)
+        .clamp(1, BWD_MAX_PARTS)
+        .min(max_kv_tiles);
+    let mut dq_parts = vec![zero; parts * q_len];
+    let mut dk = vec![S::store(zero); k.len()];
+    let mut dv = vec![S::store(zero); v.len()];
+    let ctx = BwdCtx {
+        dout,
+        q,
+        k,
+        v,
+        lse,
+        delta: &delta,
+        q_t: &q_t,
+        do_t: &do_t,
+        tiles: &tiles,
+        shape,
+        opts: *opts,
+        parts,
+        dq_parts: SharedMut(dq_parts.as_mut_ptr()),
+        dk: SharedMut(dk.as_mut_ptr()),
+        dv: SharedMut(dv.as_mut_ptr()),
+    };
+    let mut tasks = Vec::new();
+    for b in 0..batch {
+        for hk in 0..hkv {
+            tasks.extend((0..parts).map(|p| (b, hk, p)));
+        }
+    }
+    let isa = detect_isa();
+    crate::parallel::install(|| {
+        tasks.par_iter().for_each(|&task| {
+            // SAFETY: task (b, hk, p) writes dK/dV rows of its own kv tiles and its own dQ buffer p.
+            unsafe { backward_dispatch(&ctx, task, isa) }
+        })
+    });
+
+    let scale = S::Acc::from_f64(opts.softmax_scale);
+    let mut dq = vec![S::store(zero); q_len];
+    let parts_ref = &dq_parts;
+    crate::parallel::install(|| {
+        dq.par_chunks_mut(4096)
+            .enumerate()
+            .for_each(|(chunk, dst)| {
+                let start = chunk * 4096;
+                for (i, slot) in dst.iter_mut().enumerate() {
+                    let mut sum = zero;
+                    for p in 0..parts {
+                        sum = sum + parts_ref[p * q_len + start + i];
+                    }
+                    *slot = S::store(sum * scale);
+                }
+            })
+    });
+    Ok((dq, dk, dv))
+}
+
+unsafe fn backward_dispatch<S: Storage>(
+    ctx: &BwdCtx<'_, S>,
+    task: (usize, usize, usize),
+    isa: Isa,
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => backward_avx512(ctx, task),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => backward_avx2(ctx, task),
+        Isa::Generic => backward_part::<S, Portable>(ctx, task),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn backward_avx512<S: Storage>(ctx: &BwdCtx<'_, S>, task: (usize, usize, usize)) {
+    backward_part::<S, Avx512>(ctx, task)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn backward_avx2<S: Storage>(ctx: &BwdCtx<'_, S>, task: (usize, usize, usize)) {
+    backward_part::<S, Avx2>(ctx, task)
+}
+
+#[inline(always)]
+unsafe fn backward_part<S: Storage, I: IsaChoice>(
+    ctx: &BwdCtx<'_, S>,
+    (b, hk, part): (usize, usize, usize),
+) {
+    const BQ: usize = BWD_BLOCK_Q;
+    const BK: usize = BWD_BLOCK_K;
+    let zero = S::Acc::ZERO;
+    let one = S::Acc::ONE;
+    let shape = ctx.shape;
+    let (hq, hkv, d) = (shape.heads_q, shape.heads_kv, shape.head_dim);
+    let dp = round_up(d, 16);
+    let group = hq / hkv;
+    let (q0, nq) = shape.seq_q(b);
+    let (k0, nk) = shape.seq_k(b);
+    let mask = ctx.opts.mask(nq, nk);
+    let scale = S::Acc::from_f64(ctx.opts.softmax_scale);
+    let capped = ctx.opts.softcap > 0.0;
+    let cap = S::Acc::from_f64(ctx.opts.softcap);
+    let inv_cap = if capped {
+        S::Acc::from_f64(1.0 / ctx.opts.softcap)
+    } else {
+        zero
+    };
+    let q_len = shape.total_q() * hq * d;
+    let dq_part = ctx.dq_parts.ptr().add(part * q_len);
+
+    let mut k_tile = vec![zero; BK * dp];
+    let mut v_tile = vec![zero; BK * dp];
+    let mut q_tile = vec![zero; BQ * dp];
+    let mut do_tile = vec![zero; BQ * dp];
+    let mut p_t = vec![zero; BK * BQ];
+    let mut ds_t = vec![zero; BK * BQ];
+    let mut tanh_t = vec![zero; if capped { BK * BQ } else { 0 }];
+    let mut dq_tile = vec![zero; BQ * dp];
+    let mut dk_acc = vec![zero; BK * dp];
+    let mut dv_acc = vec![zero; BK * dp];
+    let mut lse_row = [zero; BQ];
+    let mut delta_row = [zero; BQ];
+
+    let mut jt = part;
+    while jt < nk.div_ceil(BK) {
+        let j0 = jt * BK;
+        let cols = BK.min(nk - j0);
+        if cols < BK {
+            k_tile.fill(zero);
+            v_tile.fill(zero);
+        }
+        for c in 0..cols {
+            let base = ((k0 + j0 + c) * hkv + hk) * d;
+            for (dst, &x) in k_tile[c * dp..c * dp + d]
+                .iter_mut()
+                .zip(&ctx.k[base..base + d])
+            {
+                *dst = x.load();
+            }
+            for (dst, &x) in v_tile[c * dp..c * dp + d]
+                .iter_mut()
+                .zip(&ctx.v[base..base + d])
+            {
+                *dst = x.load();
+            }
+        }
+        dk_acc.fill(zero);
+        dv_acc.fill(zero);
+        for h in hk * group..(hk + 1) * group {
+            let lse_base = shape.lse_base(b, h);
+            for it in 0..nq.div_ceil(BQ) {
+                let i0 = it * BQ;
+                let rows = BQ.min(nq - i0);
+                let class = mask.classify(i0, i0 + rows, j0, j0 + cols);
+                if class == TileClass::Skip {
+                    continue;
+                }
+                let q_t = ctx.q_t.as_ptr().add(ctx.tiles.offset(b, h, it));
+                let do_t = ctx.do_t.as_ptr().add(ctx.tiles.offset(b, h, it));
+                if rows < BQ {
+                    q_tile.fill(zero);
+                    do_tile.fill(zero);
+                }
+                for r in 0..rows {
+                    let base = ((q0 + i0 + r) * hq + h) * d;
+                    for (dst, &x) in q_tile[r * dp..r * dp + d]
+                        .iter_mut()
+                        .zip(&ctx.q[base..base + d])
+                    {
+                        *dst = x.load();
+                    }
+                    for (dst, &x) in do_tile[r * dp..r * dp + d]
+                        .iter_mut()
+                        .zip(&ctx.dout[base..base + d])
+                    {
+                        *dst = x.load();
+                    }
+                    let lse = ctx.lse[lse_base + i0 + r];
+                    // A row that sees nothing has lse = -inf; +inf makes its P exactly 0.
+                    lse_row[r] = if lse == S::Acc::NEG_INFINITY {
+                        S::Acc::INFINITY
+                    } else {
+                        lse
+                    };
+                    delta_row[r] = ctx.delta[lse_base + i0 + r];
+                }
+                // Padding rows get P = exp(s - inf) = 0.
+                lse_row[rows..].fill(S::Acc::INFINITY);
+                // S^T = K Q^T (keys x queries)
+                S::Acc::gemm_for::<I>(
+                    BK,
+                    BQ,
+                    d,
+                    k_tile.as_ptr(),
+                    dp,
+                    1,
+                    q_t,
+                    BQ,
+                    p_t.as_mut_ptr(),
+                    BQ,
+                    false,
+                );
+                for c in 0..cols {
+                    let row = &mut p_t[c * BQ..(c + 1) * BQ];
+                    if capped {
+                        let trow = &mut tanh_t[c * BQ..(c + 1) * BQ];
+                        for ((x, t), &lse) in row.iter_mut().zip(trow.iter_mut()).zip(&lse_row) {
+                            let th = (*x * scale * inv_cap).tanh();
+                            *t = th;
+                            *x = (cap * th - lse).exp();
+                        }
+                    } else {
+                        for (x, &lse) in row.iter_mut().zip(&lse_row) {
+                            *x = (*x * scale - lse).exp();
+                        }
+                    }
+                    if class == TileClass::Partial {
+                        for (r, x) in row[..rows].iter_mut().enumerate() {
+                            if !mask.visible(i0 + r, j0 + c) {
+                                *x = zero;
+                            }
+                        }
+                    }
+                }
+                p_t[cols * BQ..].fill(zero);
+                // dV += P^T dO
+                S::Acc::gemm_for::<I>(
+                    BK,
+                    dp,
+                    rows,
+                    p_t.as_ptr(),
+                    BQ,
+                    1,
+                    do_tile.as_ptr(),
+                    dp,
+                    dv_acc.as_mut_ptr(),
+                    dp,
+                    true,
+                );
+                // dP^T = V dO^T
+                S::Acc::gemm_for::<I>(
+                    BK,
+                    BQ,
+                    d,
+                    v_tile.as_ptr(),
+                    dp,
+                    1,
+                    do_t,
+                    BQ,
+                    ds_t.as_mut_ptr(),
+                    BQ,
+                    false,
+                );
+                for c in 0..BK {
+                    let prow = &p_t[c * BQ..(c + 1) * BQ];
+                    let row = &mut ds_t[c * BQ..(c + 1) * BQ];
+                    for ((x, &p), &dlt) in row.iter_mut().zip(prow).zip(&delta_row) {
+                        *x = p * (*x - dlt);
+                    }
+                    if capped {
+                        for (x, &t) in row.iter_mut().zip(&tanh_t[c * BQ..(c + 1) * BQ]) {
+                            *x = *x * (one - t * t);
+                        }
+                    }
+                }
+                // dK += dS^T Q (scaled at the end)
+                S::Acc::gemm_for::<I>(
+                    BK,
+                    dp,
+                    rows,
+                    ds_t.as_ptr(),
+                    BQ,
+                    1,
+                    q_tile.as_ptr(),
+                    dp,
+                    dk_acc.as_mut_ptr(),
+                    dp,
+                    true,
+                );
+                // dQ_tile = dS K, with dS read as a transposed view of dS^T
+                S::Acc::gemm_for::<I>(
+                    BQ,
+                    dp,
+                    cols,
+                    ds_t.as_ptr(),
+                    1,
+                    BQ,
+                    k_tile.as_ptr(),
+                    dp,
+                    dq_tile.as_mut_ptr(),
+                    dp,
+                    false,
+                );
+                for r in 0..rows {
+                    let dst = dq_part.add(((q0 + i0 + r) * hq + h) * d);
+                    for x in 0..d {
+                        *dst.add(x) = *dst.add(x) + dq_tile[r * dp + x];
+                    }
+                }
+            }
+        }
+        for c in 0..cols {
+            let base = ((k0 + j0 + c) * hkv + hk) * d;
+            for x in 0..d {
+                *ctx.dk.ptr().add(base + x) = S::store(dk_acc[c * dp + x] * scale);
+                *ctx.dv.ptr().add(base + x) = S::store(dv_acc[c * dp + x]);
+            }
+        }
+        jt += ctx.parts;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Dense float64 reference of one (sequence, head), with the same mask rule.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        q: &[f64],
+        k: &[f64],
+        v: &[f64],
+        shape: &Shape,
+        opts: &Options,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let (hq, hkv, d) = (shape.heads_q, shape.heads_kv, shape.head_dim);
+        let mut out = vec![0.0; q.len()];
+        let mut lse = vec![f64::NEG_INFINITY; shape.lse_len()];
+        for b in 0..shape.batch() {
+            let (q0, nq) = shape.seq_q(b);
+            let (k0, nk) = shape.seq_k(b);
+            let mask = opts.mask(nq, nk);
+            for h in 0..hq {
+                let hk = h / (hq / hkv);
+                for i in 0..nq {
+                    let qi = &q[((q0 + i) * hq + h) * d..][..d];
+                    let scores: Vec<Option<f64>> = (0..nk)
+                        .map(|j| {
+                            mask.visible(i, j).then(|| {
+                                let kj = &k[((k0 + j) * hkv + hk) * d..][..d];
+                                let s: f64 = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>()
+                                    * opts.softmax_scale;
+                                if opts.softcap > 0.0 {
+                                    opts.softcap * (s / opts.softcap).tanh()
+                                } else {
+                                    s
+                                }
+                            })
+                        })
+                        .collect();
+                    let mx = scores
+                        .iter()
+                        .flatten()
+                        .fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+                    if mx == f64::NEG_INFINITY {
+                        continue;
+                    }
+                    let sum: f64 = scores.iter().flatten().map(|s| (s - mx).exp()).sum();
+                    lse[shape.lse_base(b, h) + i] = mx + sum.ln();
+                    for (j, s) in scores.iter().enumerate() {
+                        if let Some(s) = s {
+                            let p = (s - mx).exp() / sum;
+                            let vj = &v[((k0 + j) * hkv + hk) * d..][..d];
+                            for x in 0..d {
+                                out[((q0 + i) * hq + h) * d + x] += p * vj[x];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        (out, lse)
+    }
+
+    fn data(n: usize, seed: u64) -> Vec<f64> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state % 2001) as f64 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn opts(causal: bool, left: i64, right: i64, g: usize, cap: f64) -> Options {
+        Options {
+            softmax_scale: 0.3,
+            softcap: cap,
+            causal,
+            window_left: left,
+            window_right: right,
+            num_global: g,
+        }
+    }
+
+    #[test]
+    fn forward_matches_reference_f64_and_f32() {
+        for (shape, o) in [
+            (
+                Shape::batched(2, 70, 70, 4, 2, 40).unwrap(),
+                opts(false, -1, -1, 0, 0.0),
+            ),
+            (
+                Shape::batched(1, 130, 200, 2, 1, 16).unwrap(),
+                opts(true, -1, -1, 0, 0.0),
+            ),
+            (
+                Shape::batched(1, 200, 130, 2, 2, 64).unwrap(),
+                opts(true, 20, 0, 0, 0.0),
+            ),
+            (
+                Shape::batched(1, 150, 150, 1, 1, 32).unwrap(),
+                opts(false, 7, 9, 3, 2.0),
+            ),
+            (
+                Shape::packed(&[0, 5, 5, 140], &[0, 9, 20, 150], 3, 1, 24).unwrap(),
+                opts(true, -1, -1, 2, 0.0),
+            ),
+        ] {
+            let q = data(shape.total_q() * shape.heads_q * shape.head_dim, 1);
+            let k = data(shape.total_k() * shape.heads_kv * shape.head_dim, 2);
+            let v = data(shape.total_k() * shape.heads_kv * shape.head_dim, 3);
+            let (want, want_lse) = reference(&q, &k, &v, &shape, &o);
+            let (got, got_lse) = forward(&q, &k, &v, &shape, &o).unwrap();
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+            }
+            for (a, b) in got_lse.iter().zip(&want_lse) {
+                assert!(a == b || (a - b).abs() < 1e-12, "{a} vs {b}");
+            }
+            let f = |x: &[f64]| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+            let (got32, _) = forward(&f(&q), &f(&k), &f(&v), &shape, &o).unwrap();
+            for (a, b) in got32.iter().zip(&want) {
+                assert!((*a as f64 - b).abs() < 2e-5, "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let shape = Shape::batched(1, 70, 90, 2, 1, 8).unwrap();
+        for o in [opts(true, 30, -1, 0, 0.0), opts(false, -1, -1, 2, 1.5)] {
+            let q = data(shape.total_q() * 2 * 8, 4);
+            let k = data(shape.total_k() * 8, 5);
+            let v = data(shape.total_k() * 8, 6);
+            let g = data(q.len(), 7);
+            let (out, lse) = forward(&q, &k, &v, &shape, &o).unwrap();
+            let (dq, dk, dv) = backward(&g, &q, &k, &v, &out, &lse, &shape, &o).unwrap();
+            let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
+                let (o2, _) = reference(q, k, v, &shape, &o);
+                o2.iter().zip(&g).map(|(a, b)| a * b).sum()
+            };
+            let eps = 1e-6;
+            for (which, idx) in [
+                (0usize, 17usize),
+                (0, 1000),
+                (1, 33),
+                (1, 600),
+                (2, 5),
+                (2, 700),
+            ] {
+                let mut args = [q.clone(), k.clone(), v.clone()];
+                args[which][idx] += eps;
+                let up = loss(&args[0], &args[1], &args[2]);
+                args[which][idx] -= 2.0 * eps;
+                let down = loss(&args[0], &args[1], &args[2]);
+                let numeric = (up - down) / (2.0 * eps);
+                let analytic = [&dq, &dk, &dv][which][idx];
+                assert!(
+                    (numeric - analytic).abs() < 1e-6,
+                    "{which} {idx}: {numeric} vs {analytic}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fully_masked_rows_give_zero_and_neg_inf() {
+        // 5 queries, 2 keys, causal bottom-right: the first 3 queries see nothing.
+        let shape = Shape::batched(1, 5, 2, 1, 1, 4).unwrap();
+        let q = data(20, 1);
+        let k = data(8, 2);
+        let (out, lse) = forward(&q, &k, &k, &shape, &opts(true, -1, -1, 0, 0.0)).unwrap();
+        assert!(out[..12].iter().all(|&x| x == 0.0));
+        assert!(lse[..3].iter().all(|&x| x == f64::NEG_INFINITY));
+        assert!(lse[3].is_finite() && out[12..].iter().all(|x| x.is_finite()));
+        let (dq, dk, dv) = backward(
+            &q,
+            &q,
+            &k,
+            &k,
+            &out,
+            &lse,
+            &shape,
+            &opts(true, -1, -1, 0, 0.0),
+        )
+        .unwrap();
+        assert!(dq.iter().chain(&dk).chain(&dv).all(|x| x.is_finite()));
+        assert!(dq[..12].iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn bad_arguments_are_errors() {
+        assert!(Shape::batched(1, 4, 4, 3, 2, 8).is_err());
+        assert!(Shape::batched(1, 4, 4, 2, 2, 300).is_err());
+        assert!(Shape::packed(&[0, 5, 3], &[0, 5, 6], 1, 1, 8).is_err());
+        assert!(Shape::packed(&[1, 5], &[0, 5], 1, 1, 8).is_err());
+        let shape = Shape::batched(1, 4, 4, 1, 1, 8).unwrap();
+        let x = vec![0.0f32; 32];
+        assert!(forward(&x, &x, &x, &shape, &opts(false, -2, -1, 0, 0.0)).is_err());
+        assert!(forward(&x, &x, &x, &shape, &opts(true, -1, 3, 0, 0.0)).is_err());
+        assert!(forward(&x[..31], &x, &x, &shape, &opts(false, -1, -1, 0, 0.0)).is_err());
+    }
+}

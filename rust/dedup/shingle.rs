@@ -1,0 +1,584 @@
+//! Normalisation, tokenising and shingle hashing.
+//!
+//! * Normalised text: Unicode NFKC, then full lowercase (`str::to_lowercase`, which also applies
+//!   the final-sigma rule, like Python's `str.lower`). ASCII text takes a copy-and-lowercase path.
+//! * Word tokens: maximal runs of chars with `char::is_alphanumeric` (Unicode Alphabetic or
+//!   Numeric); everything else (spaces, punctuation, `_`) separates words.
+//! * Char tokens: the chars of the normalised text, with every run of whitespace replaced by one
+//!   `' '` and leading/trailing whitespace dropped.
+//! * Token hash: `t = xxh3_64_with_seed(utf8(token), seed)`.
+//! * Shingle hash of tokens `t_0..t_{m-1}` (m = ngram, or the whole sequence when the document
+//!   has fewer than `ngram` tokens): `fmix64(sum_i C_i * t_i mod 2^64)`, with `C_i` the i-th
+//!   output of splitmix64 started at `0x243F6A8885A308D3`, with its low bit set.
+//! * A document without tokens has no shingles.
+
+use unicode_normalization::{is_nfkc_quick, IsNormalized, UnicodeNormalization};
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+use crate::error::{Error, Result};
+
+/// How a document is split into tokens before n-grams are formed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tokenizer {
+    /// Maximal runs of alphanumeric chars.
+    Word,
+    /// Single chars, whitespace runs collapsed to one space.
+    Char,
+}
+
+impl Tokenizer {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "word" => Ok(Tokenizer::Word),
+            "char" => Ok(Tokenizer::Char),
+            other => Err(Error::value(format!(
+                "tokenizer must be \"word\" or \"char\", got {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Start state of the splitmix64 sequence that gives the shingle position multipliers.
+pub const POSITION_SEED: u64 = 0x243F_6A88_85A3_08D3;
+
+/// One step of splitmix64 (Steele, Lea, Flood 2014): advances `state` and returns the output.
+#[inline]
+pub fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// MurmurHash3's 64-bit finaliser.
+#[inline(always)]
+pub fn fmix64(mut k: u64) -> u64 {
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xC4CE_B9FE_1A85_EC53);
+    k ^ (k >> 33)
+}
+
+/// First 72 bytes of xxh3's default secret: all that inputs of up to 16 bytes read.
+const XXH3_SECRET: [u8; 72] = [
+    0xb8, 0xfe, 0x6c, 0x39, 0x23, 0xa4, 0x4b, 0xbe, 0x7c, 0x01, 0x81, 0x2c, 0xf7, 0x21, 0xad, 0x1c,
+    0xde, 0xd4, 0x6d, 0xe9, 0x83, 0x90, 0x97, 0xdb, 0x72, 0x40, 0xa4, 0xa4, 0xb7, 0xb3, 0x67, 0x1f,
+    0xcb, 0x79, 0xe6, 0x4e, 0xcc, 0xc0, 0xe5, 0x78, 0x82, 0x5a, 0xd0, 0x7d, 0xcc, 0xff, 0x72, 0x21,
+    0xb8, 0x08, 0x46, 0x74, 0xf7, 0x43, 0x24, 0x8e, 0xe0, 0x35, 0x90, 0xe6, 0x81, 0x3a, 0x26, 0x4c,
+    0x3c, 0x28, 0x52, 0xbb, 0x91, 0xc3, 0x00, 0xcb,
+];
+
+const fn secret64(i: usize) -> u64 {
+    let s = &XXH3_SECRET;
+    u64::from_le_bytes([
+        s[i],
+        s[i + 1],
+        s[i + 2],
+        s[i + 3],
+        s[i + 4],
+        s[i + 5],
+        s[i + 6],
+        s[i + 7],
+    ])
+}
+
+const fn secret32(i: usize) -> u32 {
+    let s = &XXH3_SECRET;
+    u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]])
+}
+
+#[inline(always)]
+fn read64(b: &[u8], i: usize) -> u64 {
+    u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"))
+}
+
+#[inline(always)]
+fn read32(b: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"))
+}
+
+/// `xxh3_64_with_seed`, with the paths for inputs of up to 16 bytes (nearly every token) inlined
+/// here; longer inputs call the xxhash-rust crate. Tested equal to the crate for every length.
+#[inline(always)]
+pub fn token_hash(b: &[u8], seed: u64) -> u64 {
+    let len = b.len();
+    if len > 16 {
+        return xxh3_64_with_seed(b, seed);
+    }
+    if len > 8 {
+        let lo = read64(b, 0) ^ (secret64(24) ^ secret64(32)).wrapping_add(seed);
+        let hi = read64(b, len - 8) ^ (secret64(40) ^ secret64(48)).wrapping_sub(seed);
+        let product = lo as u128 * hi as u128;
+        let acc = (len as u64)
+            .wrapping_add(lo.swap_bytes())
+            .wrapping_add(hi)
+            .wrapping_add(product as u64 ^ (product >> 64) as u64);
+        let v = (acc ^ (acc >> 37)).wrapping_mul(0x1656_6791_9E37_79F9);
+        return v ^ (v >> 32);
+    }
+    if len >= 4 {
+        let seed = seed ^ (((seed as u32).swap_bytes() as u64) << 32);
+        let input64 = (read32(b, len - 4) as u64).wrapping_add((read32(b, 0) as u64) << 32);
+        let mut v = input64 ^ (secret64(8) ^ secret64(16)).wrapping_sub(seed);
+        v ^= v.rotate_left(49) ^ v.rotate_left(24);
+        v = v.wrapping_mul(0x9FB2_1C65_1E98_DF25);
+        v ^= (v >> 35).wrapping_add(len as u64);
+        v = v.wrapping_mul(0x9FB2_1C65_1E98_DF25);
+        return v ^ (v >> 28);
+    }
+    let keyed = if len > 0 {
+        let combo = ((b[0] as u32) << 16)
+            | ((b[len >> 1] as u32) << 24)
+            | (b[len - 1] as u32)
+            | ((len as u32) << 8);
+        combo as u64 ^ ((secret32(0) ^ secret32(4)) as u64).wrapping_add(seed)
+    } else {
+        seed ^ secret64(56) ^ secret64(64)
+    };
+    xxh64_avalanche(keyed)
+}
+
+#[inline(always)]
+fn xxh64_avalanche(mut v: u64) -> u64 {
+    v ^= v >> 33;
+    v = v.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    v ^= v >> 29;
+    v = v.wrapping_mul(0x1656_67B1_9E37_79F9);
+    v ^ (v >> 32)
+}
+
+/// Odd multipliers `C_0..C_{n-1}` for the shingle combine.
+pub fn position_multipliers(ngram: usize) -> Vec<u64> {
+    let mut state = POSITION_SEED;
+    (0..ngram).map(|_| splitmix64(&mut state) | 1).collect()
+}
+
+/// Shingling parameters, validated once.
+#[derive(Debug, Clone)]
+pub struct Shingler {
+    ngram: usize,
+    tokenizer: Tokenizer,
+    seed: u64,
+    multipliers: Vec<u64>,
+    ascii_char_hashes: Vec<u64>,
+}
+
+/// Per-thread buffers reused across documents.
+#[derive(Default)]
+pub struct Scratch {
+    text: String,
+    tokens: Vec<u64>,
+    masks: Vec<u64>,
+}
+
+impl Shingler {
+    pub fn new(ngram: usize, tokenizer: Tokenizer, seed: u64) -> Result<Self> {
+        if ngram == 0 {
+            return Err(Error::value("ngram must be at least 1, got 0"));
+        }
+        let ascii_char_hashes = match tokenizer {
+            Tokenizer::Char => (0u8..128).map(|c| xxh3_64_with_seed(&[c], seed)).collect(),
+            Tokenizer::Word => Vec::new(),
+        };
+        Ok(Shingler {
+            ngram,
+            tokenizer,
+            seed,
+            multipliers: position_multipliers(ngram),
+            ascii_char_hashes,
+        })
+    }
+
+    pub fn ngram(&self) -> usize {
+        self.ngram
+    }
+
+    /// Calls `emit` with the 64-bit hash of every shingle of `text`, in order (repeats included).
+    pub fn for_each_shingle(&self, text: &str, scratch: &mut Scratch, mut emit: impl FnMut(u64)) {
+        let ascii = normalize_into(text, &mut scratch.text);
+        scratch.tokens.clear();
+        match self.tokenizer {
+            Tokenizer::Word => word_token_hashes(
+                &scratch.text,
+                ascii,
+                self.seed,
+                &mut scratch.masks,
+                &mut scratch.tokens,
+            ),
+            Tokenizer::Char => self.char_token_hashes(&scratch.text, &mut scratch.tokens),
+        }
+        let tokens = &scratch.tokens;
+        if tokens.is_empty() {
+            return;
+        }
+        let c = &self.multipliers;
+        if tokens.len() < self.ngram {
+            emit(combine(tokens, c));
+            return;
+        }
+        if self.ngram == 5 {
+            // The default gets a fixed-size window so the combine is fully unrolled.
+            let c5: [u64; 5] = [c[0], c[1], c[2], c[3], c[4]];
+            for w in tokens.windows(5) {
+                let s = c5[0]
+                    .wrapping_mul(w[0])
+                    .wrapping_add(c5[1].wrapping_mul(w[1]))
+                    .wrapping_add(c5[2].wrapping_mul(w[2]))
+                    .wrapping_add(c5[3].wrapping_mul(w[3]))
+                    .wrapping_add(c5[4].wrapping_mul(w[4]));
+                emit(fmix64(s));
+            }
+        } else {
+            for w in tokens.windows(self.ngram) {
+                emit(combine(w, c));
+            }
+        }
+    }
+
+    /// Sorted, de-duplicated shingle hashes of `text` (the set exact Jaccard is computed on).
+    pub fn shingle_set(&self, text: &str, scratch: &mut Scratch) -> Vec<u64> {
+        let mut set = Vec::new();
+        self.for_each_shingle(text, scratch, |h| set.push(h));
+        set.sort_unstable();
+        set.dedup();
+        set
+    }
+
+    fn char_token_hashes(&self, text: &str, out: &mut Vec<u64>) {
+        let space = self.ascii_char_hashes[b' ' as usize];
+        let mut pending_space = false;
+        let mut buf = [0u8; 4];
+        for ch in text.chars() {
+            if ch.is_whitespace() {
+                pending_space = !out.is_empty();
+                continue;
+            }
+            if pending_space {
+                out.push(space);
+                pending_space = false;
+            }
+            let h = if ch.is_ascii() {
+                self.ascii_char_hashes[ch as usize]
+            } else {
+                token_hash(ch.encode_utf8(&mut buf).as_bytes(), self.seed)
+            };
+            out.push(h);
+        }
+    }
+}
+
+#[inline]
+fn combine(tokens: &[u64], c: &[u64]) -> u64 {
+    let s = tokens
+        .iter()
+        .zip(c)
+        .fold(0u64, |acc, (&t, &m)| acc.wrapping_add(m.wrapping_mul(t)));
+    fmix64(s)
+}
+
+/// Writes the normalised form of `text` into `out`; returns whether it is pure ASCII.
+///
+/// Works line by line: `'\n'` ends both a normalisation segment and a final-sigma context, so
+/// pure-ASCII lines (the bulk of most text) take the copy-and-lowercase path.
+pub fn normalize_into(text: &str, out: &mut String) -> bool {
+    out.clear();
+    if text.is_ascii() {
+        out.push_str(text);
+        out.make_ascii_lowercase();
+        return true;
+    }
+    for line in text.split_inclusive('\n') {
+        if line.is_ascii() {
+            let from = out.len();
+            out.push_str(line);
+            out[from..].make_ascii_lowercase();
+        } else if is_nfkc_quick(line.chars()) == IsNormalized::Yes {
+            out.push_str(&line.to_lowercase());
+        } else {
+            let nfkc: String = line.nfkc().collect();
+            out.push_str(&nfkc.to_lowercase());
+        }
+    }
+    false
+}
+
+/// Whole-text normalisation, the definition `normalize_into` must match.
+#[cfg(test)]
+fn normalize_reference(text: &str) -> String {
+    text.nfkc().collect::<String>().to_lowercase()
+}
+
+/// Normalised text (see the module docs).
+pub fn normalize(text: &str) -> String {
+    let mut out = String::new();
+    normalize_into(text, &mut out);
+    out
+}
+
+/// Bit `i % 64` of `masks[i / 64]` is set when byte `i` belongs to an alphanumeric char.
+///
+/// A branch-free SIMD pass classifies ASCII bytes 64 at a time; multi-byte chars (only in
+/// non-ASCII text) are then decoded one by one and their bytes marked if alphanumeric.
+fn word_byte_mask(text: &str, ascii: bool, masks: &mut Vec<u64>) {
+    let bytes = text.as_bytes();
+    masks.clear();
+    masks.resize(bytes.len().div_ceil(64), 0);
+    let mut chunks = bytes.chunks_exact(64);
+    for (m, chunk) in masks.iter_mut().zip(&mut chunks) {
+        *m = ascii_alnum_mask64(chunk.try_into().expect("64 bytes"));
+    }
+    let tail = chunks.remainder();
+    if !tail.is_empty() {
+        let mut m = 0u64;
+        for (i, &b) in tail.iter().enumerate() {
+            m |= (b.is_ascii_alphanumeric() as u64) << i;
+        }
+        *masks.last_mut().expect("a word for the tail") = m;
+    }
+    if ascii {
+        return;
+    }
+    // Only the lead bytes of multi-byte chars need a decode; they start at char boundaries.
+    for (w, block) in bytes.chunks(64).enumerate() {
+        let mut lead = 0u64;
+        for (i, &b) in block.iter().enumerate() {
+            lead |= ((b >= 0xC0) as u64) << i;
+        }
+        while lead != 0 {
+            let i = w * 64 + lead.trailing_zeros() as usize;
+            lead &= lead - 1;
+            let ch = text[i..].chars().next().expect("a char at a lead byte");
+            if ch.is_alphanumeric() {
+                for p in i..i + ch.len_utf8() {
+                    masks[p / 64] |= 1 << (p % 64);
+                }
+            }
+        }
+    }
+}
+
+/// ASCII letters and digits among 64 bytes, one bit each (lowercase input expected, but
+/// uppercase letters count too).
+#[inline]
+fn ascii_alnum_mask64(chunk: &[u8; 64]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        // SAFETY: SSE2 is part of the x86_64 baseline; loads are unaligned and in bounds.
+        unsafe {
+            let mut m = 0u64;
+            for q in 0..4 {
+                let v = _mm_loadu_si128(chunk.as_ptr().add(16 * q) as *const __m128i);
+                // Unsigned range checks as signed compares after shifting the range to -128.
+                let in_range = |lo: u8, len: u8| {
+                    let shifted = _mm_add_epi8(v, _mm_set1_epi8((128u8.wrapping_sub(lo)) as i8));
+                    _mm_cmplt_epi8(shifted, _mm_set1_epi8((128u8.wrapping_add(len)) as i8))
+                };
+                let alnum = _mm_or_si128(
+                    _mm_or_si128(in_range(b'a', 26), in_range(b'A', 26)),
+                    in_range(b'0', 10),
+                );
+                m |= (_mm_movemask_epi8(alnum) as u32 as u64) << (16 * q);
+            }
+            m
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let mut m = 0u64;
+        for (i, &b) in chunk.iter().enumerate() {
+            m |= (b.is_ascii_alphanumeric() as u64) << i;
+        }
+        m
+    }
+}
+
+/// First position >= `pos` whose bit is `want`; `masks.len() * 64` if none.
+#[inline]
+fn next_bit(masks: &[u64], pos: usize, want: bool) -> usize {
+    let mut w = pos / 64;
+    if w >= masks.len() {
+        return masks.len() * 64;
+    }
+    let flip = if want { 0 } else { u64::MAX };
+    let mut m = (masks[w] ^ flip) & (u64::MAX << (pos % 64));
+    while m == 0 {
+        w += 1;
+        if w == masks.len() {
+            return masks.len() * 64;
+        }
+        m = masks[w] ^ flip;
+    }
+    w * 64 + m.trailing_zeros() as usize
+}
+
+fn word_token_hashes(text: &str, ascii: bool, seed: u64, masks: &mut Vec<u64>, out: &mut Vec<u64>) {
+    word_byte_mask(text, ascii, masks);
+    let bytes = text.as_bytes();
+    let n = bytes.len();
+    let mut pos = 0;
+    loop {
+        let start = next_bit(masks, pos, true);
+        if start >= n {
+            break;
+        }
+        let end = next_bit(masks, start, false).min(n);
+        out.push(token_hash(&bytes[start..end], seed));
+        pos = end;
+    }
+}
+
+/// Plain char-by-char word tokeniser: the definition the bitmask tokeniser must match.
+#[cfg(test)]
+fn word_token_hashes_reference(text: &str, seed: u64) -> Vec<u64> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(|w| xxh3_64_with_seed(w.as_bytes(), seed))
+        .collect()
+}
+
+/// The words of the normalised text (for tests and documentation).
+pub fn words(text: &str) -> Vec<String> {
+    let norm = normalize(text);
+    norm.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Hash of the normalised text, for the exact-duplicate pass: `xxh3_64_with_seed(utf8, 0)`.
+pub fn exact_hash(text: &str, scratch: &mut Scratch) -> u64 {
+    normalize_into(text, &mut scratch.text);
+    xxh3_64_with_seed(scratch.text.as_bytes(), 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hashes(s: &Shingler, text: &str) -> Vec<u64> {
+        let mut out = Vec::new();
+        s.for_each_shingle(text, &mut Scratch::default(), |h| out.push(h));
+        out
+    }
+
+    #[test]
+    fn words_split_on_non_alphanumerics() {
+        assert_eq!(
+            words("Hello, WORLD! snake_case x2"),
+            ["hello", "world", "snake", "case", "x2"]
+        );
+        assert_eq!(words("Ｆｕｌｌ width ﬁ"), ["full", "width", "fi"]);
+        assert_eq!(words("ΣΟΦΟΣ"), ["σοφος"]);
+        assert!(words("  ... ").is_empty());
+    }
+
+    #[test]
+    fn shingle_counts() {
+        let s = Shingler::new(3, Tokenizer::Word, 1).unwrap();
+        assert_eq!(hashes(&s, "a b c d e").len(), 3);
+        assert_eq!(hashes(&s, "a b").len(), 1);
+        assert!(hashes(&s, "").is_empty());
+        assert!(hashes(&s, " \t\n,;").is_empty());
+        // Case and width do not matter; punctuation only separates.
+        assert_eq!(hashes(&s, "A b, C d"), hashes(&s, "a B c D"));
+        assert_eq!(hashes(&s, "ａ b c"), hashes(&s, "A B C"));
+    }
+
+    #[test]
+    fn ascii_and_unicode_paths_agree() {
+        let s = Shingler::new(2, Tokenizer::Word, 7).unwrap();
+        // The trailing "é" forces the Unicode path; its own word only adds shingles at the end.
+        let a = hashes(&s, "one two three four");
+        let b = hashes(&s, "one two three four é");
+        assert_eq!(&b[..a.len()], &a[..]);
+        assert_eq!(b.len(), a.len() + 1);
+    }
+
+    #[test]
+    fn char_tokens_collapse_whitespace() {
+        let s = Shingler::new(3, Tokenizer::Char, 1).unwrap();
+        assert_eq!(hashes(&s, "  ab \n\t cd  "), hashes(&s, "ab cd"));
+        assert_eq!(hashes(&s, "ab cd").len(), 3);
+        assert_eq!(hashes(&s, "ab").len(), 1);
+        assert!(hashes(&s, "   ").is_empty());
+    }
+
+    #[test]
+    fn order_and_seed_matter() {
+        let s = Shingler::new(2, Tokenizer::Word, 1).unwrap();
+        let t = Shingler::new(2, Tokenizer::Word, 2).unwrap();
+        assert_ne!(hashes(&s, "a b"), hashes(&s, "b a"));
+        assert_ne!(hashes(&s, "a b"), hashes(&t, "a b"));
+    }
+
+    #[test]
+    fn line_wise_normalisation_matches_whole_text() {
+        for text in [
+            "ASCII only\nLines",
+            "ΟΔΥΣΣΕΥΣ\nΣ\nαΣ b\nAΣ\n",
+            "ﬁne\nＦＵＬＬ\ne\u{301}\n\u{301}x",
+            "İstanbul\n\nKELVİN K",
+            "mixed ascii then é\nplain\n",
+        ] {
+            let mut out = String::new();
+            normalize_into(text, &mut out);
+            assert_eq!(out, normalize_reference(text), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn bitmask_tokeniser_matches_reference() {
+        let mut state = 11u64;
+        let alphabet: Vec<char> = "ab Z9_-.,\n\té中ß①ﬁ ".chars().collect();
+        for len in [0, 1, 5, 63, 64, 65, 127, 128, 129, 300] {
+            for _ in 0..20 {
+                let text: String = (0..len)
+                    .map(|_| alphabet[(splitmix64(&mut state) % alphabet.len() as u64) as usize])
+                    .collect();
+                let norm = normalize(&text);
+                let mut got = Vec::new();
+                word_token_hashes(&norm, norm.is_ascii(), 3, &mut Vec::new(), &mut got);
+                assert_eq!(got, word_token_hashes_reference(&norm, 3), "{text:?}");
+            }
+        }
+        let all: String = (0u8..128).map(char::from).collect();
+        let mut got = Vec::new();
+        word_token_hashes(&all, true, 0, &mut Vec::new(), &mut got);
+        assert_eq!(got, word_token_hashes_reference(&all, 0));
+        assert_eq!(got.len(), 3);
+    }
+
+    #[test]
+    fn inlined_token_hash_equals_xxh3() {
+        let mut state = 5u64;
+        let data: Vec<u8> = (0..64).map(|_| splitmix64(&mut state) as u8).collect();
+        for seed in [0, 1, 42, u64::MAX, 0x1234_5678_9ABC_DEF0] {
+            for len in 0..=40 {
+                for start in [0, 3, 17] {
+                    let b = &data[start..start + len];
+                    assert_eq!(
+                        token_hash(b, seed),
+                        xxh3_64_with_seed(b, seed),
+                        "len {len} seed {seed}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zero_ngram_is_an_error() {
+        assert!(Shingler::new(0, Tokenizer::Word, 1).is_err());
+        assert!(Tokenizer::parse("bpe").is_err());
+    }
+
+    #[test]
+    fn exact_hash_normalises() {
+        let mut sc = Scratch::default();
+        assert_eq!(exact_hash("Hello", &mut sc), exact_hash("hELLO", &mut sc));
+        assert_ne!(exact_hash("Hello", &mut sc), exact_hash("Hello ", &mut sc));
+    }
+}

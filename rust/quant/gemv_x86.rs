@@ -1,0 +1,290 @@
+//! x86-64 SIMD row kernels for `gemv` (selected at run time by `gemv::detect_isa`).
+//!
+//! Each kernel computes one weight row against a tile of up to `TOKEN_TILE` tokens, so a row is
+//! streamed from memory once per tile and its codes are widened once for all tokens of the tile.
+#![cfg(target_arch = "x86_64")]
+// AVX-512 intrinsics are stable since Rust 1.89; the crate's rust-version must be raised to match.
+#![allow(clippy::incompatible_msrv)]
+
+use std::arch::x86_64::*;
+
+use super::gemv::{ChunkGroups, FloatActs, IntActs, TOKEN_TILE};
+
+/// Calls `tile::<T>(t0, T)` over token tiles of at most `TOKEN_TILE`.
+macro_rules! for_each_tile {
+    ($m:expr, |$t0:ident, $n:ident| $body:expr) => {{
+        let mut $t0 = 0;
+        while $t0 < $m {
+            let $n = ($m - $t0).min(TOKEN_TILE);
+            $body;
+            $t0 += $n;
+        }
+    }};
+}
+
+/// Float route, AVX-512: 32 INT4 inputs (16 bytes) or 16 INT8 inputs per step; `g % 32 == 0`.
+///
+/// # Safety
+/// Needs AVX-512 F/BW; `q`, `s`, `neg_zs` and `acts` must describe one validated row.
+pub(crate) unsafe fn float_row_avx512(
+    int4: bool,
+    q: &[u8],
+    s: &[f32],
+    neg_zs: &[f32],
+    g: usize,
+    acts: &FloatActs,
+    y: &mut [f32],
+) {
+    for_each_tile!(y.len(), |t0, n| match n {
+        1 => float_tile_avx512::<1>(int4, q, s, neg_zs, g, acts, t0, y),
+        2 => float_tile_avx512::<2>(int4, q, s, neg_zs, g, acts, t0, y),
+        3 => float_tile_avx512::<3>(int4, q, s, neg_zs, g, acts, t0, y),
+        _ => float_tile_avx512::<4>(int4, q, s, neg_zs, g, acts, t0, y),
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn float_tile_avx512<const T: usize>(
+    int4: bool,
+    q: &[u8],
+    s: &[f32],
+    neg_zs: &[f32],
+    g: usize,
+    acts: &FloatActs,
+    t0: usize,
+    y: &mut [f32],
+) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; T];
+    let xb = acts.x.as_ptr().add(t0 * acts.stride);
+    let stride = acts.stride;
+    let qp = q.as_ptr();
+    if int4 {
+        let m15 = _mm512_set1_epi32(15);
+        let steps = g / 32;
+        for gi in 0..s.len() {
+            let sv = _mm512_set1_ps(*s.get_unchecked(gi));
+            let nz = _mm512_set1_ps(*neg_zs.get_unchecked(gi));
+            for j in gi * steps..(gi + 1) * steps {
+                let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(qp.add(j * 16) as *const __m128i));
+                let lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, m15)), sv, nz);
+                let hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(v)), sv, nz);
+                for (t, a) in acc.iter_mut().enumerate() {
+                    let xp = xb.add(t * stride + j * 32);
+                    a[0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp), a[0]);
+                    a[1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.add(16)), a[1]);
+                }
+            }
+        }
+    } else {
+        let pairs = g / 32;
+        for gi in 0..s.len() {
+            let sv = _mm512_set1_ps(*s.get_unchecked(gi));
+            let nz = _mm512_set1_ps(*neg_zs.get_unchecked(gi));
+            for j in gi * pairs..(gi + 1) * pairs {
+                let p = qp.add(j * 32);
+                let v0 =
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i)));
+                let v1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                    p.add(16) as *const __m128i
+                )));
+                let w0 = _mm512_fmadd_ps(v0, sv, nz);
+                let w1 = _mm512_fmadd_ps(v1, sv, nz);
+                for (t, a) in acc.iter_mut().enumerate() {
+                    let xp = xb.add(t * stride + j * 32);
+                    a[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), a[0]);
+                    a[1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(16)), a[1]);
+                }
+            }
+        }
+    }
+    for (t, a) in acc.iter().enumerate() {
+        *y.get_unchecked_mut(t0 + t) = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
+    }
+}
+
+/// Float route, AVX2 + FMA: 16 INT4 inputs (8 bytes) or 8 INT8 inputs per step; `g % 16 == 0`.
+///
+/// # Safety
+/// Needs AVX2 and FMA; arguments as for [`float_row_avx512`].
+pub(crate) unsafe fn float_row_avx2(
+    int4: bool,
+    q: &[u8],
+    s: &[f32],
+    neg_zs: &[f32],
+    g: usize,
+    acts: &FloatActs,
+    y: &mut [f32],
+) {
+    for_each_tile!(y.len(), |t0, n| match n {
+        1 => float_tile_avx2::<1>(int4, q, s, neg_zs, g, acts, t0, y),
+        2 => float_tile_avx2::<2>(int4, q, s, neg_zs, g, acts, t0, y),
+        3 => float_tile_avx2::<3>(int4, q, s, neg_zs, g, acts, t0, y),
+        _ => float_tile_avx2::<4>(int4, q, s, neg_zs, g, acts, t0, y),
+    });
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum256(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn float_tile_avx2<const T: usize>(
+    int4: bool,
+    q: &[u8],
+    s: &[f32],
+    neg_zs: &[f32],
+    g: usize,
+    acts: &FloatActs,
+    t0: usize,
+    y: &mut [f32],
+) {
+    let mut acc = [[_mm256_setzero_ps(); 2]; T];
+    let xb = acts.x.as_ptr().add(t0 * acts.stride);
+    let stride = acts.stride;
+    let qp = q.as_ptr();
+    let steps = g / 16;
+    for gi in 0..s.len() {
+        let sv = _mm256_set1_ps(*s.get_unchecked(gi));
+        let nz = _mm256_set1_ps(*neg_zs.get_unchecked(gi));
+        for j in gi * steps..(gi + 1) * steps {
+            let (w0, w1) = if int4 {
+                let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qp.add(j * 8) as *const __m128i));
+                let lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
+                let hi = _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(v));
+                (_mm256_fmadd_ps(lo, sv, nz), _mm256_fmadd_ps(hi, sv, nz))
+            } else {
+                let b = _mm_loadu_si128(qp.add(j * 16) as *const __m128i);
+                let v0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+                let v1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(b)));
+                (_mm256_fmadd_ps(v0, sv, nz), _mm256_fmadd_ps(v1, sv, nz))
+            };
+            for (t, a) in acc.iter_mut().enumerate() {
+                let xp = xb.add(t * stride + j * 16);
+                a[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), a[0]);
+                a[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), a[1]);
+            }
+        }
+    }
+    for (t, a) in acc.iter().enumerate() {
+        *y.get_unchecked_mut(t0 + t) = hsum256(_mm256_add_ps(a[0], a[1]));
+    }
+}
+
+/// Int8-activation route, AVX-512 VNNI: one 64-byte weight chunk (128 INT4 or 64 INT8 inputs)
+/// per step. Writes `sum_k s * q_k * xs * xq_k`; the caller subtracts the zero-point term.
+///
+/// # Safety
+/// Needs AVX-512 F/BW/VNNI; `acts` and `cg` prepared for this weight's shape and bits.
+pub(crate) unsafe fn int_row_vnni(
+    int4: bool,
+    q: &[u8],
+    s: &[f32],
+    _k: usize,
+    cg: &ChunkGroups,
+    acts: &IntActs,
+    y: &mut [f32],
+) {
+    for_each_tile!(y.len(), |t0, n| match n {
+        1 => int_tile_vnni::<1>(int4, q, s, cg, acts, t0, y),
+        2 => int_tile_vnni::<2>(int4, q, s, cg, acts, t0, y),
+        3 => int_tile_vnni::<3>(int4, q, s, cg, acts, t0, y),
+        _ => int_tile_vnni::<4>(int4, q, s, cg, acts, t0, y),
+    });
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn int_tile_vnni<const T: usize>(
+    int4: bool,
+    q: &[u8],
+    s: &[f32],
+    cg: &ChunkGroups,
+    acts: &IntActs,
+    t0: usize,
+    y: &mut [f32],
+) {
+    let nchunks = cg.first.len();
+    // Two accumulator sets (even and odd chunks) so consecutive chunks do not wait on one FMA chain.
+    let mut acc0 = [_mm512_setzero_ps(); T];
+    let mut acc1 = [_mm512_setzero_ps(); T];
+    let mut c = 0;
+    while c + 1 < nchunks {
+        int_chunk_vnni::<T>(int4, q, s, cg, acts, t0, c, &mut acc0);
+        int_chunk_vnni::<T>(int4, q, s, cg, acts, t0, c + 1, &mut acc1);
+        c += 2;
+    }
+    if c < nchunks {
+        int_chunk_vnni::<T>(int4, q, s, cg, acts, t0, c, &mut acc0);
+    }
+    for t in 0..T {
+        *y.get_unchecked_mut(t0 + t) = _mm512_reduce_add_ps(_mm512_add_ps(acc0[t], acc1[t]));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn int_chunk_vnni<const T: usize>(
+    int4: bool,
+    q: &[u8],
+    s: &[f32],
+    cg: &ChunkGroups,
+    acts: &IntActs,
+    t0: usize,
+    c: usize,
+    acc: &mut [__m512; T],
+) {
+    let nbytes = q.len();
+    let off = c * 64;
+    let qp = q.as_ptr();
+    let wv = if off + 64 <= nbytes {
+        _mm512_loadu_si512(qp.add(off) as *const _)
+    } else {
+        _mm512_maskz_loadu_epi8((1u64 << (nbytes - off)) - 1, qp.add(off) as *const i8)
+    };
+    let g0 = *cg.first.get_unchecked(c) as usize;
+    let cnt = *cg.count.get_unchecked(c);
+    let ws = if cnt == 1 {
+        _mm512_set1_ps(*s.get_unchecked(g0))
+    } else {
+        let idx = _mm512_loadu_si512(cg.lane_group.as_ptr().add(c * 16) as *const _);
+        let sv = _mm512_maskz_loadu_ps(((1u32 << cnt) - 1) as u16, s.as_ptr().add(g0));
+        _mm512_permutexvar_ps(idx, sv)
+    };
+    let xq = acts.xq.as_ptr().add(t0 * acts.stride);
+    let ls = acts
+        .lane_scales
+        .as_ptr()
+        .add(t0 * acts.lane_stride + c * 16);
+    if int4 {
+        let m15 = _mm512_set1_epi8(15);
+        let lo = _mm512_and_si512(wv, m15);
+        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(wv), m15);
+        for (t, a) in acc.iter_mut().enumerate() {
+            let xp = xq.add(t * acts.stride + c * 128);
+            let d = _mm512_dpbusd_epi32(
+                _mm512_setzero_si512(),
+                lo,
+                _mm512_loadu_si512(xp as *const _),
+            );
+            let d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xp.add(64) as *const _));
+            let sc = _mm512_mul_ps(_mm512_loadu_ps(ls.add(t * acts.lane_stride)), ws);
+            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, *a);
+        }
+    } else {
+        for (t, a) in acc.iter_mut().enumerate() {
+            let xp = xq.add(t * acts.stride + c * 64);
+            let d = _mm512_dpbusd_epi32(
+                _mm512_setzero_si512(),
+                wv,
+                _mm512_loadu_si512(xp as *const _),
+            );
+            let sc = _mm512_mul_ps(_mm512_loadu_ps(ls.add(t * acts.lane_stride)), ws);
+            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, *a);
+        }
+    }
+}
