@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from slimforge.models import GPT, GPTConfig
 from slimforge.moe import MoE
 

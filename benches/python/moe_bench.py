@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 import torch
+
 from slimforge.moe import MoE, combine, dispatch_plan, moe_reference, permute, route_topk
 from slimforge.moe.layer import grouped_mm_available
 

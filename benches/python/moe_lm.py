@@ -17,6 +17,7 @@ import math
 import time
 
 import torch
+
 from slimforge.data import lm_splits
 from slimforge.models import GPT, GPTConfig
 

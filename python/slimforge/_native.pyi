@@ -1,10 +1,13 @@
 # Hand-written stubs for the Rust extension; checked by `python -m mypy.stubtest slimforge._native`.
 # Keep one section per area, in the order of rust/py/mod.rs.
 
+import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from numpy.typing import NDArray
 
 __version__: str
 
@@ -13,12 +16,6 @@ def set_num_threads(n: int) -> None: ...
 def built_with_cuda() -> bool: ...
 
 # --- dedup ---
-
-import os  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-
-import numpy as np  # noqa: E402
-from numpy.typing import NDArray  # noqa: E402
 
 def signatures(
     texts: Sequence[str | bytes],
@@ -60,9 +57,6 @@ def lsh_index_load(
 ) -> tuple[float, int, int, int, NDArray[np.uint32], NDArray[np.int64] | list[str]]: ...
 
 # --- quant ---
-
-import numpy as np  # noqa: E402
-from numpy.typing import NDArray  # noqa: E402
 
 def quant_choose_qparams(
     w: NDArray[np.float32], bits: int, group_size: int, symmetric: bool
