@@ -393,6 +393,25 @@ pub fn combine<T: Element>(
     Ok(())
 }
 
+/// Dot product with independent partial sums, so the loop vectorises.
+#[inline]
+fn dot<T: Element>(a: &[T], b: &[T]) -> T::Acc {
+    const LANES: usize = 16;
+    let mut partial = [T::Acc::default(); LANES];
+    let (mut ca, mut cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..LANES {
+            partial[l] = partial[l] + x[l].to_acc() * y[l].to_acc();
+        }
+    }
+    let tail = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .fold(T::Acc::default(), |s, (&u, &v)| s + u.to_acc() * v.to_acc());
+    partial.iter().fold(tail, |s, &v| s + v)
+}
+
 /// Gradient of the combine weights: `out[t, s] = <dy[t], ys[pos[t, s]]>` (0 for dropped slots).
 ///
 /// `dy`: `[T, dim]`; `ys`: `[rows, dim]`; `pos`, `out`: `[T, top_k]`.
@@ -439,10 +458,7 @@ pub fn rowdot<T: Element>(
             *o = if p < 0 {
                 T::Acc::default()
             } else {
-                let src = &ys[p as usize * dim..(p as usize + 1) * dim];
-                g.iter()
-                    .zip(src)
-                    .fold(T::Acc::default(), |a, (&u, &v)| a + u.to_acc() * v.to_acc())
+                dot(g, &ys[p as usize * dim..(p as usize + 1) * dim])
             };
         }
     };
