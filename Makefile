@@ -8,7 +8,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 ASSETS ?= $(HOME)/.cache/slimforge/assets
 export SLIMFORGE_ASSETS := $(ASSETS)
 
-.PHONY: demo test test-rust test-python lint build assets bench gpu-check clean
+.PHONY: demo test test-rust test-python lint build assets bench gpu-check gpu-check-run clean
 
 $(STAMP): requirements-dev.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -50,6 +50,9 @@ bench: build
 
 gpu-check:
 	bash scripts/gpu_check.sh
+
+gpu-check-run:
+	bash scripts/gpu_check.sh --run
 
 clean:
 	cargo clean

@@ -78,7 +78,9 @@ fn bench_banding(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(1));
     _native::parallel::set_num_threads(1).unwrap();
     group.bench_function("band_hashes+candidate_pairs/16x8/1t", |b| {
-        b.iter(|| candidate_pairs(&band_hashes(&sigs, 128, 16, 8).unwrap(), 16).unwrap())
+        b.iter(|| {
+            candidate_pairs(&band_hashes(&sigs, 128, 16, 8).unwrap(), 16, usize::MAX).unwrap()
+        })
     });
     group.finish();
 }

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from slimforge import _native
 from slimforge.attention import Attention, flash_attention, reference_attention
 

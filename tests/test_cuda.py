@@ -24,6 +24,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from slimforge import _cuda, _native
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -275,7 +276,7 @@ def dq_smem(d, m, n):
 
 @functools.cache
 def emulator(
-    elem: int, head_dim: int, tiles: tuple[int, int, int, int], idx_bits: int = 64
+    elem: int, head_dim: int, tiles: tuple[int, int, int, int], idx_bits: int = 64, rpt: int = 2
 ) -> ctypes.CDLL:
     gxx = shutil.which("g++")
     if gxx is None:
@@ -286,6 +287,7 @@ def emulator(
         f"-DHEAD_DIM={head_dim}",
         f"-DFWD_BLOCK_M={fm}",
         f"-DFWD_BLOCK_N={fn}",
+        f"-DFWD_RPT={rpt}",
         f"-DBWD_BLOCK_M={bm}",
         f"-DBWD_BLOCK_N={bn}",
         f"-DIDX_BITS={idx_bits}",
@@ -340,12 +342,25 @@ def cdiv(a, b):
 
 
 def emulated_attention(
-    q, k, v, dout, causal, window_left, window_right, scale, softcap, tiles, cu_seqlens=None
+    q,
+    k,
+    v,
+    dout,
+    causal,
+    window_left,
+    window_right,
+    scale,
+    softcap,
+    tiles,
+    cu_seqlens=None,
+    rpt=None,
 ):
     """Runs attn_fwd, then the three backward kernels, with the launchers' geometry."""
     fm, fn, bm, bn = tiles
     d = q.shape[-1]
-    lib = emulator(ELEM[q.dtype], d, tiles)
+    if rpt is None:
+        rpt = 2 if d <= 128 else 1  # as AttnConfig::choose
+    lib = emulator(ELEM[q.dtype], d, tiles, rpt=rpt)
     varlen = cu_seqlens is not None
     if varlen:
         total, hq, _ = q.shape
@@ -391,7 +406,7 @@ def emulated_attention(
         softcap=softcap,
     )
     launches = [
-        (b"attn_fwd", (cdiv(len_q, fm), hq, batch), fm * TPR, fwd_smem(d, fm, fn)),
+        (b"attn_fwd", (cdiv(len_q, fm), hq, batch), fm // rpt * TPR, fwd_smem(d, fm, fn)),
         (b"attn_bwd_delta", (cdiv(len_q, bm), hq, batch), bm, 0),
         (b"attn_bwd_dkv", (cdiv(len_k, bn), hkv, batch), bn * TPR, dkv_smem(d, bm, bn)),
         (b"attn_bwd_dq", (cdiv(len_q, bm), hq, batch), bm * TPR, dq_smem(d, bm, bn)),
@@ -406,7 +421,19 @@ SMALL_TILES = (16, 16, 16, 16)
 
 
 def check_emulated(
-    batch, nq, nk, hq, hkv, d, dtype, mask, softcap, seed, tiles=SMALL_TILES, varlen_lens=None
+    batch,
+    nq,
+    nk,
+    hq,
+    hkv,
+    d,
+    dtype,
+    mask,
+    softcap,
+    seed,
+    tiles=SMALL_TILES,
+    varlen_lens=None,
+    rpt=None,
 ):
     causal, wl, wr = MASKS[mask]
     scale = d**-0.5
@@ -418,7 +445,7 @@ def check_emulated(
     else:
         q, k, v, dout = random_inputs(batch, nq, nk, hq, hkv, d, dtype, seed)
     args = (causal, wl, wr, scale, softcap)
-    out, lse, dq, dk, dv = emulated_attention(q, k, v, dout, *args, tiles, cu_seqlens=cu)
+    out, lse, dq, dk, dv = emulated_attention(q, k, v, dout, *args, tiles, cu_seqlens=cu, rpt=rpt)
     as64 = [t.double() for t in (q, k, v, dout)]
     out64, lse64 = reference_attention(*as64[:3], *args, cu_seqlens=cu)
     grads64 = reference_grads(*as64, *args, cu_seqlens=cu)
@@ -469,10 +496,16 @@ def test_emulated_attention_fully_masked_rows():
     check_emulated(1, 20, 6, 2, 2, 16, torch.float32, "causal", 0.0, seed=8)
 
 
+def test_emulated_attention_one_row_per_thread():
+    # The forward layout used for head_dim 256 (no register tiling over rows).
+    check_emulated(2, 37, 29, 2, 1, 16, torch.float32, "window", 0.0, seed=10, rpt=1)
+    check_emulated(1, 30, 30, 2, 2, 16, torch.bfloat16, "causal", 2.0, seed=11, rpt=1)
+
+
 def test_emulated_attention_production_tiles():
     # The tiles the launcher picks for head_dim 64 on a large-shared-memory GPU.
     check_emulated(
-        1, 70, 70, 2, 1, 64, torch.float32, "causal", 0.0, seed=9, tiles=(64, 64, 32, 32)
+        1, 70, 150, 2, 1, 64, torch.float32, "causal", 0.0, seed=9, tiles=(128, 64, 32, 32)
     )
 
 

@@ -152,6 +152,17 @@ def test_exact_hashes_follow_normalisation(texts: list[str]) -> None:
     assert h.dtype == np.uint64 and h.tolist() == want
 
 
+@given(a=texts_strategy, b=texts_strategy)
+def test_exact_jaccard_property(a: str, b: str) -> None:
+    pairs = np.array([[0, 1], [1, 0], [0, 0]], dtype=np.int64)
+    for tokenizer in ("word", "char"):
+        got = exact_jaccard_pairs([a, b], pairs, ngram=2, tokenizer=tokenizer)
+        sa, sb = set(ref_shingles(a, 2, tokenizer)), set(ref_shingles(b, 2, tokenizer))
+        want = len(sa & sb) / len(sa | sb) if sa | sb else 0.0
+        assert got[0] == pytest.approx(want) and got[1] == got[0]
+        assert got[2] == (1.0 if sa else 0.0)
+
+
 # --- properties -------------------------------------------------------------------------------
 
 words_text = st.lists(
@@ -299,6 +310,20 @@ def test_candidate_pairs_match_brute_force() -> None:
     )
     got = candidate_pairs(bh)
     assert got.dtype == np.int64 and [tuple(p) for p in got.tolist()] == want
+
+
+def test_huge_buckets_error_or_star_chain() -> None:
+    bh = np.full((70_000, 1), 5, dtype=np.uint64)
+    with pytest.raises(ValueError, match="largest bucket has 70000 documents"):
+        candidate_pairs(bh)
+    capped = candidate_pairs(bh, max_bucket=100)
+    assert capped.shape == (2 * 70_000 - 3, 2)
+    assert connected_components(70_000, capped).max() == 0
+    small = np.array([[1], [1], [1], [2]], dtype=np.uint64)
+    assert candidate_pairs(small, max_bucket=3).tolist() == [[0, 1], [0, 2], [1, 2]]
+    assert candidate_pairs(small, max_bucket=2).tolist() == [[0, 1], [0, 2], [1, 2]]
+    with pytest.raises(ValueError, match="max_bucket"):
+        candidate_pairs(small, max_bucket=1)
 
 
 def test_estimates_accept_readonly_memmap(tmp_path: Path) -> None:

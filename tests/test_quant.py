@@ -10,6 +10,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
+
 from slimforge import _native
 from slimforge.quant import (
     Int4WeightOnly,
@@ -28,7 +30,6 @@ from slimforge.quant import (
     unpack_int4,
 )
 from slimforge.quant.linear import FUSED_MAX_TOKENS
-from torch import nn
 
 F32_EPS = 2.0**-23
 GROUPS = [32, 64, 128, None]
@@ -196,7 +197,7 @@ def test_forward_matches_float64_reference(
         ref = ref + lin.bias.detach().double()
     mag = x2.abs() @ w.abs().T + (lin.bias.detach().double().abs() if bias else 0.0)
     m = x2.shape[0]
-    route_used = _native.quant_default_route() if route == "auto" else route
+    route_used = _native.quant_default_route(bits) if route == "auto" else route
     fused = m <= ql.fused_max_tokens()
     # float32 accumulation; bfloat16 adds rounding of the output (and of the weight off the fused path)
     tol = 1e-5 * mag + 1e-6
@@ -242,6 +243,16 @@ def test_backward_reaches_input_only(bits, group, lead, dtype, seed):
     assert x.grad is not None and x.grad.dtype == dtype
     assert torch.all((x.grad.double() - ref).abs() <= tol * mag + 1e-6)
     assert all(not b.requires_grad for b in ql.buffers())
+
+
+@pytest.mark.parametrize("route", ["float", "int8"])
+def test_nan_in_input_propagates(route):
+    _, ql = layer(4, 32, False, 8, 64, False, 3)
+    ql.route = route
+    x = torch.randn(3, 64)
+    x[1, 5] = math.nan
+    y = ql(x)
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
 
 
 def test_buffer_updates_reach_the_kernel():
@@ -294,7 +305,8 @@ def test_peer_torch_weight_int8pack_mm_agrees():
 
 
 def test_native_routes_and_isa_are_reported():
-    assert _native.quant_default_route() in ("float", "int8")
+    assert _native.quant_default_route(4) == "int8"
+    assert _native.quant_default_route(8) in ("int8", "float")
     assert isinstance(_native.quant_kernel_isa(), str)
     _, ql = layer(8, 32, True, 8, 64, False, 0)
     with pytest.raises(ValueError, match="route"):

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import copy
-import importlib
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -14,55 +11,6 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
-
-
-def _install_quant_core_standin() -> None:
-    """Until the quant core (QuantLinear, quantize_ registry) is present, provide a pure-torch
-    stand-in with the same contract so these algorithms can be tested on their own."""
-    try:
-        importlib.import_module("slimforge.quant.api")
-        importlib.import_module("slimforge.quant.linear")
-        return
-    except ImportError:
-        pass
-    api = types.ModuleType("slimforge.quant.api")
-    handlers: dict[type, object] = {}
-
-    def register_quantize_handler(cls: type):  # type: ignore[no-untyped-def]
-        def deco(fn):  # type: ignore[no-untyped-def]
-            handlers[cls] = fn
-            return fn
-
-        return deco
-
-    api.register_quantize_handler = register_quantize_handler  # type: ignore[attr-defined]
-    api._HANDLERS = handlers  # type: ignore[attr-defined]
-    linear = types.ModuleType("slimforge.quant.linear")
-
-    class QuantLinear(nn.Module):
-        @classmethod
-        def from_quantized(cls, q, scales, zeros, bias, bits, group_size):  # type: ignore[no-untyped-def]
-            m = cls()
-            m.register_buffer("q", q.to(torch.uint8).clone())
-            m.register_buffer("scales", scales.float().clone())
-            m.register_buffer("zeros", zeros.float().clone())
-            m.register_buffer("bias", None if bias is None else bias.float().clone())
-            m.bits, m.group_size = bits, group_size
-            return m
-
-        def dequantize(self) -> torch.Tensor:
-            g = torch.arange(self.q.shape[1]) // self.group_size
-            return (self.q.float() - self.zeros[:, g]) * self.scales[:, g]
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return F.linear(x, self.dequantize().to(x.dtype), self.bias)
-
-    linear.QuantLinear = QuantLinear  # type: ignore[attr-defined]
-    sys.modules["slimforge.quant.api"] = api
-    sys.modules["slimforge.quant.linear"] = linear
-
-
-_install_quant_core_standin()
 
 from slimforge.quant import awq as awq_mod  # noqa: E402
 from slimforge.quant import gptq as gptq_mod  # noqa: E402
@@ -318,9 +266,19 @@ def test_gptq_property_matches_reference(
     assert torch.equal(
         torch.bincount(res.g_idx.long(), minlength=n_groups), torch.full((n_groups,), gs)
     )
-    ref_codes, _ = _reference_gptq(w, h, bits, gs, 0.01, act_order, static_groups, sym)
-    mismatch = int((res.q.double() != ref_codes).sum())
-    assert mismatch <= max(1, out_f * in_f // 200), mismatch
+    ref_codes, ref_deq = _reference_gptq(w, h, bits, gs, 0.01, act_order, static_groups, sym)
+    if sym:
+        # Symmetric grids put the row extreme exactly on a rounding tie (amax / s = 2^(b-1) - 0.5),
+        # so roundoff may flip it and the flip propagates: compare the GPTQ objective instead.
+        def objective(deq: torch.Tensor) -> float:
+            d = w - deq
+            return float(torch.einsum("oi,ij,oj->", d, h, d))
+
+        ref_obj, obj = objective(ref_deq), objective(res.dequantize().double())
+        assert obj <= 1.25 * ref_obj + 1e-9 and ref_obj <= 1.25 * obj + 1e-9, (obj, ref_obj)
+    else:
+        mismatch = int((res.q.double() != ref_codes).sum())
+        assert mismatch <= max(1, out_f * in_f // 200), mismatch
 
 
 def test_gptq_beats_rtn_on_correlated_data() -> None:
@@ -344,7 +302,7 @@ def test_gptq_module_forward_equals_dequantized_weight() -> None:
     lin = nn.Linear(64, 32)
     model = nn.Sequential(lin)
     results = quantize_gptq(
-        model, GPTQ(group_size=16, act_order=True), [x[:128], x[128:]], progress=False
+        model, GPTQ(group_size=32, act_order=True), [x[:128], x[128:]], progress=False
     )
     res = results["0"]
     assert res.perm is not None
@@ -354,7 +312,7 @@ def test_gptq_module_forward_equals_dequantized_weight() -> None:
     assert torch.allclose(mod(x), want, atol=1e-4)
     # Static groups need no permutation.
     model2 = nn.Sequential(copy.deepcopy(lin))
-    quantize_gptq(model2, GPTQ(group_size=16, static_groups=True), [x], progress=False)
+    quantize_gptq(model2, GPTQ(group_size=32, static_groups=True), [x], progress=False)
     assert not isinstance(model2[0], InputTransformedLinear)
 
 
@@ -585,7 +543,7 @@ def test_qat_prepare_keeps_parameters_and_converts_exactly() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
     w0 = model[0].weight
-    prepare_qat(model, QATConfig(bits=4, group_size=16))
+    prepare_qat(model, QATConfig(bits=4, group_size=32))
     assert isinstance(model[0], FakeQuantLinear) and model[0].weight is w0
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     x = torch.randn(128, 64)
@@ -598,7 +556,7 @@ def test_qat_prepare_keeps_parameters_and_converts_exactly() -> None:
     fq_out = model(x).detach()
     fq_w = model[0].fake_quant_weight().detach()
     assert torch.allclose(
-        fq_w, _reference_fake_quant(model[0].weight.detach(), 4, 16).float(), atol=1e-6
+        fq_w, _reference_fake_quant(model[0].weight.detach(), 4, 32).float(), atol=1e-6
     )
     convert(model)
     assert not any(isinstance(m, FakeQuantLinear) for m in model.modules())
@@ -630,3 +588,16 @@ def test_qat_recovers_rtn_gap_on_tiny_regression() -> None:
     rtn_eval = F.mse_loss(rtn(x_eval), y_eval).item()
     qat_eval = F.mse_loss(convert(student)(x_eval), y_eval).item()
     assert qat_eval < 0.5 * rtn_eval, (qat_eval, rtn_eval)
+
+
+def test_awq_search_loss_matches_direct_mse() -> None:
+    w = torch.randn(24, 32)
+    for n_rows in (16, 300):  # direct path (n <= in) and Gram path (n > in)
+        x = _outlier_inputs(n_rows, 32, 2)
+        cfg = AWQ(group_size=16, n_grid=5)
+        s, loss_rtn, loss = awq_search_scale([w], x, x.abs().mean(0), cfg)
+        wq = _reference_fake_quant(w * s, 4, 16) / s
+        assert loss == pytest.approx(float(((x @ (w - wq).T) ** 2).mean()), rel=1e-3)
+        rtn = _reference_fake_quant(w, 4, 16)
+        assert loss_rtn == pytest.approx(float(((x @ (w - rtn).T) ** 2).mean()), rel=1e-3)
+        assert loss <= loss_rtn

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+
 from slimforge.models.llama import (
     ByteLevelBPETokenizer,
     LlamaConfig,

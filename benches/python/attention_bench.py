@@ -13,9 +13,10 @@ import argparse
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
 from slimforge import _native
 from slimforge.attention import flash_attention
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def best_time(fn, reps: int) -> float:

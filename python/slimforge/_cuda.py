@@ -176,7 +176,7 @@ class _AttnShape:
                 )
             self.batch = cu_seqlens.numel() - 1
             self.seqlen_q = self.seqlen_k = q.shape[0]
-            if max_seqlen is None:
+            if max_seqlen is None or max_seqlen <= 0:  # unknown: one sync to find it
                 max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
             if max_seqlen < 0 or max_seqlen > q.shape[0]:
                 raise ValueError(f"max_seqlen must be in [0, {q.shape[0]}], got {max_seqlen}")
@@ -271,7 +271,8 @@ def flash_attention_forward_cuda(
         softmax_scale: defaults to head_dim ** -0.5.
         softcap: if > 0, scores become softcap * tanh(scores / softcap).
         cu_seqlens: int32 (batch + 1,) offsets of packed sequences (varlen; q and k share them).
-        max_seqlen: longest packed sequence (computed from cu_seqlens, with a sync, if None).
+        max_seqlen: longest packed sequence, at least the true maximum (rows past it are not
+            computed); found from cu_seqlens, with a sync, if None or <= 0.
 
     Returns:
         out: q's shape and dtype. lse: float32 (batch, heads, seqlen_q), or (heads, total) for

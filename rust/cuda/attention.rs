@@ -39,6 +39,8 @@ struct AttnParams {
 pub(crate) struct AttnConfig {
     pub fwd_m: usize,
     pub fwd_n: usize,
+    /// Query rows per forward thread (register tiling).
+    pub fwd_rpt: usize,
     pub bwd_m: usize,
     pub bwd_n: usize,
 }
@@ -60,8 +62,11 @@ fn dq_smem(d: usize, m: usize, n: usize) -> usize {
 impl AttnConfig {
     /// Largest tiles for `head_dim` whose shared memory fits in `smem_limit` bytes.
     pub(crate) fn choose(head_dim: usize, smem_limit: usize) -> Result<Self> {
+        // Two rows per thread double the reuse of each shared-memory read; at head_dim 256 the
+        // accumulators would no longer fit in registers.
+        let fwd_rpt = if head_dim <= 128 { 2 } else { 1 };
         let fwd_tiles: &[(usize, usize)] = if head_dim <= 64 {
-            &[(64, 64), (64, 32), (32, 32), (16, 16)]
+            &[(128, 64), (64, 64), (32, 32), (16, 16)]
         } else if head_dim <= 128 {
             &[(64, 32), (32, 32), (16, 16)]
         } else {
@@ -75,11 +80,21 @@ impl AttnConfig {
             .iter()
             .find(|&&(m, n)| dkv_smem(head_dim, m, n).max(dq_smem(head_dim, m, n)) <= smem_limit);
         match (fwd, bwd) {
-            (Some(&(fwd_m, fwd_n)), Some(&(bwd_m, bwd_n))) => Ok(AttnConfig { fwd_m, fwd_n, bwd_m, bwd_n }),
+            (Some(&(fwd_m, fwd_n)), Some(&(bwd_m, bwd_n))) => Ok(AttnConfig {
+                fwd_m,
+                fwd_n,
+                fwd_rpt,
+                bwd_m,
+                bwd_n,
+            }),
             _ => Err(Error::value(format!(
                 "head_dim {head_dim} needs more shared memory than this GPU offers ({smem_limit} bytes per block)"
             ))),
         }
+    }
+
+    pub(crate) fn fwd_threads(&self) -> usize {
+        self.fwd_m / self.fwd_rpt * TPR
     }
 }
 
@@ -264,7 +279,7 @@ pub fn attention_forward(call: &AttnCall, elem: ElemType) -> Result<()> {
                 call.heads_q as u32,
                 call.batch as u32,
             ),
-            block: ((cfg.fwd_m * TPR) as u32, 1, 1),
+            block: (cfg.fwd_threads() as u32, 1, 1),
             smem: fwd_smem(call.head_dim, cfg.fwd_m, cfg.fwd_n) as u32,
         };
         // SAFETY: AttnParams mirrors the kernel's struct; pointers come from live caller tensors.
@@ -354,6 +369,7 @@ mod tests {
                 match AttnConfig::choose(d, limit) {
                     Ok(c) => {
                         assert!(fwd_smem(d, c.fwd_m, c.fwd_n) <= limit);
+                        assert!(c.fwd_m % c.fwd_rpt == 0 && c.fwd_threads() <= 256);
                         assert!(dkv_smem(d, c.bwd_m, c.bwd_n) <= limit);
                         assert!(dq_smem(d, c.bwd_m, c.bwd_n) <= limit);
                     }

@@ -33,6 +33,7 @@ pub(crate) fn attention_module(elem: ElemType, head_dim: usize, cfg: &AttnConfig
             format!("-DHEAD_DIM={head_dim}"),
             format!("-DFWD_BLOCK_M={}", cfg.fwd_m),
             format!("-DFWD_BLOCK_N={}", cfg.fwd_n),
+            format!("-DFWD_RPT={}", cfg.fwd_rpt),
             format!("-DBWD_BLOCK_M={}", cfg.bwd_m),
             format!("-DBWD_BLOCK_N={}", cfg.bwd_n),
         ],

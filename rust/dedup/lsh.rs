@@ -141,13 +141,58 @@ pub fn band_hashes(sigs: &[u32], num_perm: usize, bands: usize, rows: usize) -> 
     Ok(out)
 }
 
+/// Most pairs one call may produce (16 GiB of packed pairs); more is an error, not an abort.
+pub const MAX_PAIRS: u64 = 1 << 31;
+
+/// Pairs contributed by one bucket of equal band hashes (rows ascending): every pair, or for a
+/// bucket larger than `max_bucket`, a star from its first row plus a chain through consecutive
+/// rows (`2 (g - 1)` pairs, enough to connect it; verification then sees fewer pairs).
+fn bucket_pairs(group: &[(u64, u32)], max_bucket: usize, out: &mut Vec<u64>) {
+    let pack = |i: u32, k: u32| ((i as u64) << 32) | k as u64;
+    if group.len() <= max_bucket {
+        for (p, &(_, i)) in group.iter().enumerate() {
+            for &(_, k) in &group[p + 1..] {
+                out.push(pack(i, k));
+            }
+        }
+    } else {
+        let first = group[0].1;
+        for w in group.windows(2) {
+            out.push(pack(first, w[1].1));
+            if w[0].1 != first {
+                out.push(pack(w[0].1, w[1].1));
+            }
+        }
+    }
+}
+
+fn bucket_pair_count(g: u64, max_bucket: usize) -> u64 {
+    if g as usize <= max_bucket {
+        g * g.saturating_sub(1) / 2
+    } else {
+        2 * (g - 1)
+    }
+}
+
 /// All pairs `(i, j)`, `i < j`, sharing a band hash in some band (empty bands excluded):
-/// unique and sorted. `band_hashes` is row-major `(n, bands)`.
-pub fn candidate_pairs(band_hashes: &[u64], bands: usize) -> Result<Vec<[i64; 2]>> {
+/// unique and sorted. `band_hashes` is row-major `(n, bands)`. Buckets of more than
+/// `max_bucket` rows contribute a star plus a chain instead of all their pairs (see
+/// `bucket_pairs`); with `usize::MAX` every pair is produced. More than `MAX_PAIRS` pairs
+/// before de-duplication is an error that suggests `max_bucket`.
+pub fn candidate_pairs(
+    band_hashes: &[u64],
+    bands: usize,
+    max_bucket: usize,
+) -> Result<Vec<[i64; 2]>> {
     if bands == 0 || band_hashes.len() % bands != 0 {
         return Err(Error::value(format!(
             "band hashes of {} values do not split into rows of {bands} bands",
             band_hashes.len()
+        )));
+    }
+    if max_bucket < 2 {
+        return Err(Error::value(format!(
+            "max_bucket must be at least 2, got {max_bucket}"
         )));
     }
     let n = band_hashes.len() / bands;
@@ -156,8 +201,8 @@ pub fn candidate_pairs(band_hashes: &[u64], bands: usize) -> Result<Vec<[i64; 2]
             "at most 2^32 - 1 documents per call, got {n}"
         )));
     }
-    let mut packed: Vec<u64> = crate::parallel::install(|| {
-        let per_band: Vec<Vec<u64>> = (0..bands)
+    crate::parallel::install(|| {
+        let columns: Vec<Vec<(u64, u32)>> = (0..bands)
             .into_par_iter()
             .map(|j| {
                 let mut column: Vec<(u64, u32)> = (0..n)
@@ -165,26 +210,49 @@ pub fn candidate_pairs(band_hashes: &[u64], bands: usize) -> Result<Vec<[i64; 2]
                     .filter(|&(h, _)| h != EMPTY_BAND)
                     .collect();
                 column.sort_unstable();
+                column
+            })
+            .collect();
+        let total: u64 = columns
+            .iter()
+            .flat_map(|c| c.chunk_by(|x, y| x.0 == y.0))
+            .map(|g| bucket_pair_count(g.len() as u64, max_bucket))
+            .fold(0u64, u64::saturating_add);
+        if total > MAX_PAIRS {
+            let largest = columns
+                .iter()
+                .flat_map(|c| c.chunk_by(|x, y| x.0 == y.0))
+                .map(<[_]>::len)
+                .max()
+                .unwrap_or(0);
+            return Err(Error::value(format!(
+                "band collisions would produce {total} candidate pairs (more than {MAX_PAIRS}); the \
+                 largest bucket has {largest} documents: pass a smaller max_bucket or remove exact \
+                 duplicates first"
+            )));
+        }
+        let mut all: Vec<u64> = Vec::new();
+        all.try_reserve_exact(total as usize)
+            .map_err(|_| Error::value(format!("cannot allocate {total} candidate pairs")))?;
+        let per_band: Vec<Vec<u64>> = columns
+            .par_iter()
+            .map(|column| {
                 let mut pairs = Vec::new();
                 for group in column.chunk_by(|x, y| x.0 == y.0) {
-                    for (p, &(_, i)) in group.iter().enumerate() {
-                        for &(_, k) in &group[p + 1..] {
-                            pairs.push(((i as u64) << 32) | k as u64);
-                        }
-                    }
+                    bucket_pairs(group, max_bucket, &mut pairs);
                 }
                 pairs
             })
             .collect();
-        let mut all: Vec<u64> = per_band.concat();
+        per_band.iter().for_each(|p| all.extend_from_slice(p));
+        drop(per_band);
         all.par_sort_unstable();
-        all
-    });
-    packed.dedup();
-    Ok(packed
-        .into_iter()
-        .map(|p| [(p >> 32) as i64, (p & 0xFFFF_FFFF) as i64])
-        .collect())
+        all.dedup();
+        Ok(all
+            .into_iter()
+            .map(|p| [(p >> 32) as i64, (p & 0xFFFF_FFFF) as i64])
+            .collect())
+    })
 }
 
 #[cfg(test)]
@@ -215,10 +283,34 @@ mod tests {
     fn pairs_from_shared_bands() {
         // 4 docs, 2 bands: 0~2 share band 0, 1~2~3 share band 1, doc 3 band 0 empty.
         let bh = [5, 7, 6, 9, 5, 9, 0, 9];
-        let pairs = candidate_pairs(&bh, 2).unwrap();
+        let pairs = candidate_pairs(&bh, 2, usize::MAX).unwrap();
         assert_eq!(pairs, vec![[0, 2], [1, 2], [1, 3], [2, 3]]);
         let empty = [0u64, 0, 0, 0];
-        assert!(candidate_pairs(&empty, 2).unwrap().is_empty());
+        assert!(candidate_pairs(&empty, 2, usize::MAX).unwrap().is_empty());
+        assert!(candidate_pairs(&bh, 2, 1).is_err());
+    }
+
+    #[test]
+    fn large_buckets_become_star_and_chain() {
+        let bh = [7u64; 6];
+        let all = candidate_pairs(&bh, 1, usize::MAX).unwrap();
+        assert_eq!(all.len(), 15);
+        let capped = candidate_pairs(&bh, 1, 5).unwrap();
+        assert_eq!(
+            capped,
+            vec![
+                [0, 1],
+                [0, 2],
+                [0, 3],
+                [0, 4],
+                [0, 5],
+                [1, 2],
+                [2, 3],
+                [3, 4],
+                [4, 5]
+            ]
+        );
+        assert_eq!(candidate_pairs(&bh, 1, 6).unwrap(), all);
     }
 
     #[test]

@@ -212,9 +212,11 @@ fn band_hashes<'py>(
 
 /// Unique sorted pairs `(m, 2)` int64, `i < j`, of rows sharing a band hash.
 #[pyfunction]
+#[pyo3(signature = (band_hashes, max_bucket=None))]
 fn candidate_pairs<'py>(
     py: Python<'py>,
     band_hashes: &Bound<'py, PyAny>,
+    max_bucket: Option<usize>,
 ) -> PyResult<Bound<'py, PyArray2<i64>>> {
     let bh = matrix::<u64>(band_hashes, "band_hashes", "uint64", None)?;
     let bands = bh.shape()[1];
@@ -224,7 +226,7 @@ fn candidate_pairs<'py>(
             "band_hashes must have at least one column",
         ));
     }
-    let out = py.detach(|| lsh::candidate_pairs(flat, bands))?;
+    let out = py.detach(|| lsh::candidate_pairs(flat, bands, max_bucket.unwrap_or(usize::MAX)))?;
     to_2d(py, out.into_flattened(), 2)
 }
 

@@ -147,9 +147,9 @@ fn quant_unpack_int4<'py>(
     to_2d(py, q, rows, cols * 2)
 }
 
-fn parse_route(route: &str) -> PyResult<Route> {
+fn parse_route(route: &str, bits: u32) -> PyResult<Route> {
     match route {
-        "auto" => Ok(gemv::default_route()),
+        "auto" => Ok(gemv::default_route(bits)),
         "float" => Ok(Route::Float),
         "int8" => Ok(Route::Int8Activations),
         _ => Err(PyValueError::new_err(format!(
@@ -171,7 +171,7 @@ fn run_linear<'py>(
     group_size: usize,
     route: &str,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-    let route = parse_route(route)?;
+    let route = parse_route(route, bits)?;
     let (n, cols) = dims(qweight);
     let k = in_features(bits, cols)?;
     let b = match bias {
@@ -278,10 +278,10 @@ fn quant_kernel_isa() -> &'static str {
     gemv::detect_isa().name()
 }
 
-/// Route that `route="auto"` picks on this CPU: "int8" or "float".
+/// Route that `route="auto"` picks for `bits` on this CPU: "int8" or "float".
 #[pyfunction]
-fn quant_default_route() -> &'static str {
-    match gemv::default_route() {
+fn quant_default_route(bits: u32) -> &'static str {
+    match gemv::default_route(bits) {
         Route::Float => "float",
         Route::Int8Activations => "int8",
     }

@@ -114,12 +114,13 @@ pub fn detect_isa() -> Isa {
     })
 }
 
-/// The faster route on this CPU: integer dot products where VNNI exists, else the float route.
-pub fn default_route() -> Route {
-    if detect_isa() == Isa::Avx512Vnni {
-        Route::Int8Activations
-    } else {
+/// The route `"auto"` picks: the faster one measured (docs/quant.md), i.e. the int8 route except
+/// for INT8 weights on AVX-512 without VNNI, where the float kernel beats the AVX2 integer one.
+pub fn default_route(bits: u32) -> Route {
+    if bits == 8 && detect_isa() == Isa::Avx512 {
         Route::Float
+    } else {
+        Route::Int8Activations
     }
 }
 
@@ -182,13 +183,15 @@ fn prepare_float(x: &[f32], m: usize, k: usize, half: usize) -> FloatActs {
     FloatActs { x: out, stride }
 }
 
-/// `chunk_elems`: inputs per 64-byte weight chunk (128 for INT4, 64 for INT8); 0 = portable.
+/// `chunk_elems`: inputs per weight chunk (a 64-byte chunk: 128 for INT4, 64 for INT8; a 32-byte
+/// chunk: half that), 0 = portable; `lanes_per_chunk`: its 32-bit lanes (16 or 8).
 fn prepare_int(
     x: &[f32],
     m: usize,
     k: usize,
     group_size: usize,
     chunk_elems: usize,
+    lanes_per_chunk: usize,
     zeros_split: bool,
 ) -> IntActs {
     let nb = k / ACT_BLOCK;
@@ -198,7 +201,6 @@ fn prepare_int(
     } else {
         k.div_ceil(chunk_elems) * chunk_elems
     };
-    let lanes_per_chunk = 16;
     let lane_stride = stride
         .checked_div(chunk_elems)
         .map_or(0, |c| c * lanes_per_chunk);
@@ -212,7 +214,9 @@ fn prepare_int(
         for b in 0..nb {
             let blk = &row[b * ACT_BLOCK..(b + 1) * ACT_BLOCK];
             let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let scale = amax / 127.0;
+            // f32::max skips NaN: a NaN/Inf block gets a NaN scale so the output shows it.
+            let finite = blk.iter().all(|v| v.is_finite());
+            let scale = if finite { amax / 127.0 } else { f32::NAN };
             let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
             let mut sum = 0i32;
             for (c, &v) in codes[b * ACT_BLOCK..(b + 1) * ACT_BLOCK]
@@ -251,29 +255,29 @@ fn prepare_int(
     }
 }
 
-/// Per-chunk group lookup for the int8 route: the weight scale of each lane of a 64-byte chunk.
+/// Per-chunk group lookup for the int8 route: the weight scale of each lane of a weight chunk.
 pub(crate) struct ChunkGroups {
     /// First group of the chunk.
     pub first: Vec<u32>,
     /// Number of groups the chunk touches (1 for group sizes >= chunk).
     pub count: Vec<u32>,
-    /// `(chunks, 16)`: group of each lane, relative to `first`.
+    /// `(chunks, lanes)`: group of each lane, relative to `first`.
     pub lane_group: Vec<i32>,
 }
 
-fn chunk_groups(k: usize, group_size: usize, chunk_elems: usize) -> ChunkGroups {
+fn chunk_groups(k: usize, group_size: usize, chunk_elems: usize, lanes: usize) -> ChunkGroups {
     let nchunks = k.div_ceil(chunk_elems);
-    let lane_elems = chunk_elems / 16;
+    let lane_elems = chunk_elems / lanes;
     let mut first = Vec::with_capacity(nchunks);
     let mut count = Vec::with_capacity(nchunks);
-    let mut lane_group = Vec::with_capacity(nchunks * 16);
+    let mut lane_group = Vec::with_capacity(nchunks * lanes);
     for c in 0..nchunks {
         let start = c * chunk_elems;
         let last = (start + chunk_elems).min(k) - 1;
         let g0 = start / group_size;
         first.push(g0 as u32);
         count.push((last / group_size - g0 + 1) as u32);
-        for l in 0..16 {
+        for l in 0..lanes {
             let e = (start + l * lane_elems).min(last);
             lane_group.push((e / group_size - g0) as i32);
         }
@@ -357,18 +361,15 @@ pub fn linear_with_isa(
             });
         }
         Route::Int8Activations => {
-            let simd = isa == Isa::Avx512Vnni;
-            let chunk_elems = match (simd, int4) {
-                (false, _) => 0,
-                (true, true) => 128,
-                (true, false) => 64,
+            // 64-byte chunks of 16 lanes (VNNI) or 32-byte chunks of 8 lanes (AVX2 maddubs).
+            let (chunk_bytes, lanes) = match isa {
+                Isa::Avx512Vnni => (64, 16),
+                Isa::Avx512 | Isa::Avx2Fma => (32, 8),
+                Isa::Portable => (0, 0),
             };
-            let acts = prepare_int(x, m, k, g, chunk_elems, int4);
-            let groups = if simd {
-                Some(chunk_groups(k, g, chunk_elems))
-            } else {
-                None
-            };
+            let chunk_elems = if int4 { 2 * chunk_bytes } else { chunk_bytes };
+            let acts = prepare_int(x, m, k, g, chunk_elems, lanes, int4);
+            let groups = (chunk_elems > 0).then(|| chunk_groups(k, g, chunk_elems, lanes));
             for_each_row_block(&mut out_t, m, parallel, |task, chunk| {
                 for (i, y) in chunk.chunks_exact_mut(m).enumerate() {
                     let r = task * ROWS_PER_TASK + i;
@@ -377,9 +378,14 @@ pub fn linear_with_isa(
                     let q = &w.qweight[r * row_bytes..(r + 1) * row_bytes];
                     match &groups {
                         #[cfg(target_arch = "x86_64")]
-                        Some(cg) => {
+                        Some(cg) if lanes == 16 => {
                             // SAFETY: VNNI support was checked by `detect_isa`; shapes by `validate`.
                             unsafe { super::gemv_x86::int_row_vnni(int4, q, s, k, cg, &acts, y) }
+                        }
+                        #[cfg(target_arch = "x86_64")]
+                        Some(cg) => {
+                            // SAFETY: AVX2 support was checked by `detect_isa`; shapes by `validate`.
+                            unsafe { super::gemv_x86::int_row_avx2(int4, q, s, cg, &acts, y) }
                         }
                         _ => int_row_portable(int4, q, s, g, &acts, y),
                     }
@@ -673,6 +679,24 @@ mod tests {
                         check(&c, m);
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn non_finite_activations_give_nan_on_every_route() {
+        let c = case(4, 128, 4, 32, false);
+        let mut x = lcg(2 * 128, 5);
+        x[7] = f32::NAN;
+        x[128 + 100] = f32::INFINITY;
+        for isa in [Isa::Portable, detect_isa()] {
+            for route in [Route::Float, Route::Int8Activations] {
+                let y = linear_with_isa(&x, 2, &c.weight(), None, route, isa).unwrap();
+                assert!(y[..4].iter().all(|v| v.is_nan()), "{isa:?} {route:?} {y:?}");
+                assert!(
+                    y[4..].iter().all(|v| !v.is_finite()),
+                    "{isa:?} {route:?} {y:?}"
+                );
             }
         }
     }

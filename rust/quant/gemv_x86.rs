@@ -4,11 +4,20 @@
 //! streamed from memory once per tile and its codes are widened once for all tokens of the tile.
 #![cfg(target_arch = "x86_64")]
 // AVX-512 intrinsics are stable since Rust 1.89; the crate's rust-version must be raised to match.
-#![allow(clippy::incompatible_msrv)]
 
 use std::arch::x86_64::*;
 
 use super::gemv::{ChunkGroups, FloatActs, IntActs, TOKEN_TILE};
+
+/// Bytes ahead of the current weight position to prefetch. Rows are contiguous, so this runs into
+/// the next row; the hardware prefetcher stops at 4 KiB pages, i.e. at every INT8 row of 4096.
+/// A prefetch is only a hint: addresses past the buffer never fault.
+const PREFETCH_BYTES: usize = 2048;
+
+#[inline(always)]
+unsafe fn prefetch(p: *const u8) {
+    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES) as *const i8);
+}
 
 /// Calls `tile::<T>(t0, T)` over token tiles of at most `TOKEN_TILE`.
 macro_rules! for_each_tile {
@@ -66,6 +75,9 @@ unsafe fn float_tile_avx512<const T: usize>(
             let sv = _mm512_set1_ps(*s.get_unchecked(gi));
             let nz = _mm512_set1_ps(*neg_zs.get_unchecked(gi));
             for j in gi * steps..(gi + 1) * steps {
+                if j % 4 == 0 {
+                    prefetch(qp.add(j * 16));
+                }
                 let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(qp.add(j * 16) as *const __m128i));
                 let lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, m15)), sv, nz);
                 let hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(v)), sv, nz);
@@ -83,6 +95,9 @@ unsafe fn float_tile_avx512<const T: usize>(
             let nz = _mm512_set1_ps(*neg_zs.get_unchecked(gi));
             for j in gi * pairs..(gi + 1) * pairs {
                 let p = qp.add(j * 32);
+                if j % 2 == 0 {
+                    prefetch(p);
+                }
                 let v0 =
                     _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i)));
                 let v1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
@@ -241,6 +256,7 @@ unsafe fn int_chunk_vnni<const T: usize>(
     let nbytes = q.len();
     let off = c * 64;
     let qp = q.as_ptr();
+    prefetch(qp.add(off));
     let wv = if off + 64 <= nbytes {
         _mm512_loadu_si512(qp.add(off) as *const _)
     } else {
@@ -286,5 +302,93 @@ unsafe fn int_chunk_vnni<const T: usize>(
             let sc = _mm512_mul_ps(_mm512_loadu_ps(ls.add(t * acts.lane_stride)), ws);
             *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, *a);
         }
+    }
+}
+
+/// Int8-activation route, AVX2: one 32-byte weight chunk (64 INT4 or 32 INT8 inputs) per step,
+/// `vpmaddubsw` + `vpmaddwd` in place of `vpdpbusd`. INT8 codes are split into nibbles first
+/// (`q = 16 * hi + lo`) so the 16-bit pair sums cannot saturate.
+///
+/// # Safety
+/// Needs AVX2 and FMA; `acts` and `cg` prepared for 32-byte chunks of this weight.
+pub(crate) unsafe fn int_row_avx2(
+    int4: bool,
+    q: &[u8],
+    s: &[f32],
+    cg: &ChunkGroups,
+    acts: &IntActs,
+    y: &mut [f32],
+) {
+    for_each_tile!(y.len(), |t0, n| match n {
+        1 => int_tile_avx2::<1>(int4, q, s, cg, acts, t0, y),
+        2 => int_tile_avx2::<2>(int4, q, s, cg, acts, t0, y),
+        3 => int_tile_avx2::<3>(int4, q, s, cg, acts, t0, y),
+        _ => int_tile_avx2::<4>(int4, q, s, cg, acts, t0, y),
+    });
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn int_tile_avx2<const T: usize>(
+    int4: bool,
+    q: &[u8],
+    s: &[f32],
+    cg: &ChunkGroups,
+    acts: &IntActs,
+    t0: usize,
+    y: &mut [f32],
+) {
+    let nbytes = q.len();
+    let qp = q.as_ptr();
+    let m15 = _mm256_set1_epi8(15);
+    let ones = _mm256_set1_epi16(1);
+    let sixteens = _mm256_set1_epi16(16);
+    let mut acc = [_mm256_setzero_ps(); T];
+    let xq = acts.xq.as_ptr().add(t0 * acts.stride);
+    let in_per_chunk = if int4 { 64 } else { 32 };
+    for c in 0..cg.first.len() {
+        let off = c * 32;
+        prefetch(qp.add(off));
+        let wv = if off + 32 <= nbytes {
+            _mm256_loadu_si256(qp.add(off) as *const __m256i)
+        } else {
+            // No masked byte loads in AVX2: copy the row's tail into a zeroed buffer.
+            let mut tail = [0u8; 32];
+            tail[..nbytes - off].copy_from_slice(&q[off..]);
+            _mm256_loadu_si256(tail.as_ptr() as *const __m256i)
+        };
+        let g0 = *cg.first.get_unchecked(c) as usize;
+        let ws = if *cg.count.get_unchecked(c) == 1 {
+            _mm256_set1_ps(*s.get_unchecked(g0))
+        } else {
+            let idx = _mm256_loadu_si256(cg.lane_group.as_ptr().add(c * 8) as *const __m256i);
+            _mm256_i32gather_ps::<4>(s.as_ptr().add(g0), idx)
+        };
+        let lo = _mm256_and_si256(wv, m15);
+        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(wv), m15);
+        for (t, a) in acc.iter_mut().enumerate() {
+            let xp = xq.add(t * acts.stride + c * in_per_chunk);
+            let d = if int4 {
+                let xe = _mm256_loadu_si256(xp as *const __m256i);
+                let xo = _mm256_loadu_si256(xp.add(32) as *const __m256i);
+                let pairs =
+                    _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
+                _mm256_madd_epi16(pairs, ones)
+            } else {
+                let xv = _mm256_loadu_si256(xp as *const __m256i);
+                _mm256_add_epi32(
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xv), ones),
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xv), sixteens),
+                )
+            };
+            let ls = _mm256_loadu_ps(
+                acts.lane_scales
+                    .as_ptr()
+                    .add((t0 + t) * acts.lane_stride + c * 8),
+            );
+            *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(ls, ws), *a);
+        }
+    }
+    for (t, a) in acc.iter().enumerate() {
+        *y.get_unchecked_mut(t0 + t) = hsum256(*a);
     }
 }

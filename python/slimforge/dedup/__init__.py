@@ -175,9 +175,18 @@ def band_hashes(sigs: NDArray[np.uint32], bands: int, rows: int) -> NDArray[np.u
     return _native.band_hashes(sigs, bands, rows)
 
 
-def candidate_pairs(bh: NDArray[np.uint64]) -> NDArray[np.int64]:
-    """Pairs ``(m, 2)`` int64 of rows sharing a band hash: ``i < j``, unique, sorted."""
-    return _native.candidate_pairs(bh)
+def candidate_pairs(bh: NDArray[np.uint64], max_bucket: int | None = None) -> NDArray[np.int64]:
+    """Pairs ``(m, 2)`` int64 of rows sharing a band hash: ``i < j``, unique, sorted.
+
+    ``bh``: band hashes ``(n, bands)`` uint64. A bucket of ``g`` rows with equal hash in one band
+    yields ``g(g-1)/2`` pairs; with ``max_bucket`` set, a bucket larger than it yields only a
+    star from its first row plus a chain through consecutive rows (``2(g-1)`` pairs, enough to
+    connect it, though verification then sees fewer pairs). More than 2**31 pairs raise
+    ``ValueError`` naming the largest bucket.
+    """
+    if max_bucket is not None:
+        max_bucket = _check_positive("max_bucket", max_bucket)
+    return _native.candidate_pairs(bh, max_bucket)
 
 
 def estimate_jaccard_pairs(

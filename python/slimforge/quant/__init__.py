@@ -1,4 +1,5 @@
-"""Weight-only INT8/INT4 quantization: primitives, ``QuantLinear``, ``quantize_``, save/load.
+"""Weight-only INT8/INT4 quantization: primitives, ``QuantLinear``, ``quantize_``, GPTQ, AWQ,
+QAT and save/load.
 
 Layout: codes ``q`` (uint8, ``[0, 2**bits - 1]``), float32 ``scales`` and integer-valued
 ``zeros`` per group, ``w ~= (q - zero) * scale``; INT4 packs element ``2j`` in the low nibble.
@@ -12,6 +13,8 @@ from slimforge.quant.api import (
     quantize_,
     register_quantize_handler,
 )
+from slimforge.quant.awq import AWQ, quantize_awq
+from slimforge.quant.gptq import GPTQ, quantize_gptq
 from slimforge.quant.linear import QuantEmbedding, QuantLinear
 from slimforge.quant.primitives import (
     choose_qparams,
@@ -20,6 +23,7 @@ from slimforge.quant.primitives import (
     quantize_affine,
     unpack_int4,
 )
+from slimforge.quant.qat import FakeQuantLinear, QATConfig, convert, prepare_qat
 from slimforge.quant.serialization import (
     load_quantized,
     register_quantized_module,
@@ -27,17 +31,25 @@ from slimforge.quant.serialization import (
 )
 
 __all__ = [
+    "AWQ",
+    "GPTQ",
+    "FakeQuantLinear",
     "Int4WeightOnly",
     "Int8WeightOnly",
+    "QATConfig",
     "QuantConfig",
     "QuantEmbedding",
     "QuantLinear",
     "choose_qparams",
+    "convert",
     "dequantize_affine",
     "load_quantized",
     "pack_int4",
+    "prepare_qat",
     "quantize_",
     "quantize_affine",
+    "quantize_awq",
+    "quantize_gptq",
     "register_quantize_handler",
     "register_quantized_module",
     "save_quantized",

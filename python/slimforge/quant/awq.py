@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
 from slimforge.quant.api import register_quantize_handler
 from slimforge.quant.calibrate import (
     Batch,
@@ -36,7 +38,6 @@ from slimforge.quant.calibrate import (
     set_submodule,
 )
 from slimforge.quant.linear import QuantLinear
-from torch import nn
 
 __all__ = ["AWQ", "AWQResult", "awq_clip", "awq_search_scale", "quantize_awq"]
 
@@ -118,14 +119,20 @@ def awq_search_scale(
             f"weights expect {w.shape[1]}"
         )
     x = x.float()
-    ref = x @ w.T
+    n_rows, in_f = x.shape
+    # mean((x (W - Wq)^T)^2) = tr(D G D^T) / (n out) with G = x^T x: cheaper when n > in.
+    gram = x.T @ x if n_rows > in_f else None
     best_s = torch.ones_like(x_mean)
     best_loss = loss_rtn = math.inf
     for i in range(config.n_grid):
         s = x_mean.float().pow(i / config.n_grid).clamp(min=1e-4)
         s = s / torch.sqrt(s.max() * s.min())
         wq = fake_quantize(w * s, config.bits, config.group_size, config.symmetric)[0] / s
-        loss = float(((x @ wq.T - ref) ** 2).mean())
+        diff = w - wq
+        if gram is not None:
+            loss = float(((diff @ gram) * diff).sum()) / (n_rows * w.shape[0])
+        else:
+            loss = float(((x @ diff.T) ** 2).mean())
         if i == 0:
             loss_rtn = loss
         if loss < best_loss:
@@ -157,7 +164,7 @@ def awq_clip(
         wc = w[r0 : r0 + chunk].reshape(-1, ng, gs)
         ref = torch.einsum("ngk,ogk->ong", xg, wc)
         amax = wc.abs().amax(dim=-1, keepdim=True)
-        best_err = torch.full(wc.shape[:2], math.inf)
+        best_err = torch.full(wc.shape[:2], math.inf, device=w.device)
         best_max = amax.clone()
         for i in range(int(max_shrink * n_grid)):
             mx = amax * (1 - i / n_grid)

@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
 from slimforge.quant.api import register_quantize_handler
 from slimforge.quant.calibrate import (
     Batch,
@@ -36,7 +38,6 @@ from slimforge.quant.calibrate import (
     set_submodule,
 )
 from slimforge.quant.linear import QuantLinear
-from torch import nn
 
 __all__ = ["GPTQ", "GPTQResult", "gptq_quantize_weight", "quantize_gptq"]
 
@@ -187,13 +188,15 @@ def gptq_quantize_weight(
         perm = torch.arange(in_f, device=w_all.device)
 
     hinv, damp_used = _inverse_cholesky(h, cfg.damp, cfg.max_damp_retries)
-    codes = torch.zeros_like(w_all)
-    scales = torch.zeros(out_f, n_groups, dtype=dtype, device=w_all.device)
+    # Work on W^T (in, out) so each column is a contiguous row and updates are BLAS ger/gemm.
+    wt = w_all.T.contiguous()
+    codes_t = torch.zeros_like(wt)
+    scales = torch.zeros(n_groups, out_f, dtype=dtype, device=wt.device)
     zeros = torch.zeros_like(scales)
     scale = zero = torch.empty(0)
     for i1 in range(0, in_f, cfg.block_size):
         i2 = min(i1 + cfg.block_size, in_f)
-        w1 = w_all[:, i1:i2].clone()
+        w1 = wt[i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
@@ -204,21 +207,23 @@ def gptq_quantize_weight(
             elif col % gs == 0:
                 end = col + gs
                 if end <= i2:
-                    cols = w1[:, i : end - i1]
+                    rows = w1[i : end - i1]
                 else:
                     # Columns past this block still owe the block's pending lazy updates.
-                    pending = err1[:, :i] @ hinv[i1:col, i2:end]
-                    cols = torch.cat([w1[:, i:], w_all[:, i2:end] - pending], dim=1)
-                scale, zero = group_qparams(cols, bits, cfg.symmetric)
-                scales[:, col // gs] = scale
-                zeros[:, col // gs] = zero
-            w = w1[:, i]
+                    pending = hinv[i1:col, i2:end].T @ err1[:i]
+                    rows = torch.cat([w1[i:], wt[i2:end] - pending], dim=0)
+                scale, zero = group_qparams(rows.T, bits, cfg.symmetric)
+                scales[col // gs] = scale
+                zeros[col // gs] = zero
+            w = w1[i]
             q = quantize_codes(w, scale, zero, bits)
-            codes[:, col] = q
+            codes_t[col] = q
             err = (w - (q - zero) * scale) / hinv1[i, i]
-            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
-            err1[:, i] = err
-        w_all[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+            w1[i:].addr_(hinv1[i, i:], err, alpha=-1)
+            err1[i] = err
+        wt[i2:].addmm_(hinv[i1:i2, i2:].T, err1, alpha=-1)
+    codes = codes_t.T
+    scales, zeros = scales.T, zeros.T
 
     inv = torch.argsort(perm)
     q_orig = codes[:, inv].to(torch.uint8)
@@ -263,10 +268,26 @@ def quantize_gptq(
         return HessianObserver(lin.in_features)
 
     def process(group: LinearGroup) -> None:
-        for name, lin, obs in zip(group.names, group.modules, group.observers, strict=True):
-            res = gptq_quantize_weight(lin.weight, obs.hessian, config)
-            lin.weight.data.copy_(res.dequantize().to(lin.weight.dtype))
-            results[name] = res
+        # Linears of a group read the same input, so they share H: one GPTQ pass over their
+        # stacked rows is exact and cuts the per-column overhead.
+        weights = torch.cat([lin.weight.detach() for lin in group.modules], dim=0)
+        res = gptq_quantize_weight(weights, group.observers[0].hessian, config)
+        start = 0
+        for name, lin in zip(group.names, group.modules, strict=True):
+            rows = slice(start, start + lin.out_features)
+            start += lin.out_features
+            part = GPTQResult(
+                res.q[rows].contiguous(),
+                res.scales[rows].contiguous(),
+                res.zeros[rows].contiguous(),
+                res.g_idx,
+                res.perm,
+                res.bits,
+                res.group_size,
+                res.damp,
+            )
+            lin.weight.data.copy_(part.dequantize().to(lin.weight.dtype))
+            results[name] = part
 
     run_sequential(model, calibration, make_observer, process, filter_fn, progress, desc="GPTQ")
     for name, res in results.items():

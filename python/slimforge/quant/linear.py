@@ -132,7 +132,8 @@ class QuantLinear(nn.Module):
     ``route`` picks the CPU kernel: ``"float"`` (codes dequantized in registers, float32
     accumulation), ``"int8"`` (activations quantized to int8 per 32 inputs, integer dot
     products; faster, adds error at most ``sum |w| * absmax(block) / 254`` per output) or
-    ``"auto"`` (``"int8"`` where the CPU has AVX-512 VNNI, else ``"float"``).
+    ``"auto"`` (the faster on this CPU, ``"int8"`` except for INT8 weights on AVX-512 without
+    VNNI; see docs/quant.md).
     """
 
     qweight: torch.Tensor
@@ -232,7 +233,7 @@ class QuantLinear(nn.Module):
 
     def fused_max_tokens(self) -> int:
         """Largest batch (rows) that runs the fused CPU kernel for this layer's route."""
-        route = _native.quant_default_route() if self.route == "auto" else self.route
+        route = _native.quant_default_route(self.bits) if self.route == "auto" else self.route
         return FUSED_MAX_TOKENS if route == "int8" else FUSED_MAX_TOKENS_FLOAT
 
     def _native_weight(self) -> tuple[Any, Any, Any, Any]:

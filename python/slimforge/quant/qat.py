@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from slimforge.quant.api import register_quantize_handler
 from slimforge.quant.calibrate import _check_bits_group, group_qparams, set_submodule
 from slimforge.quant.linear import QuantLinear
-from torch import nn
 
 __all__ = ["FakeQuantLinear", "QATConfig", "convert", "fake_quantize_ste", "prepare_qat"]
 

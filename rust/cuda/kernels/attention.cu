@@ -6,7 +6,7 @@
 //   (window_left < 0 || j >= i + off - window_left) && (window_right < 0 || j <= i + off + window_right)
 // with off = len_k - len_q (bottom-right alignment); causal is window_right = 0.
 // Fully masked rows give output 0 and LSE -inf. Compile-time: ELEM, HEAD_DIM, FWD_BLOCK_M,
-// FWD_BLOCK_N, BWD_BLOCK_M, BWD_BLOCK_N.
+// FWD_BLOCK_N, FWD_RPT, BWD_BLOCK_M, BWD_BLOCK_N.
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 64
@@ -26,12 +26,21 @@
 
 // Threads cooperating on one row; each owns the columns c = t + TPR * d.
 #define TPR 4
+// Query rows per forward thread (register tiling); the forward block has FWD_THREADS threads.
+#ifndef FWD_RPT
+#define FWD_RPT 1
+#endif
+#define FWD_GROUPS (FWD_BLOCK_M / FWD_RPT)
+#define FWD_THREADS (FWD_GROUPS * TPR)
 #define DPT (HEAD_DIM / TPR)
 // Padded row stride of the fp32 tiles in shared memory (avoids bank conflicts on row reads).
 #define ROW (HEAD_DIM + 1)
 
 #if HEAD_DIM % TPR != 0 || FWD_BLOCK_N % TPR != 0 || BWD_BLOCK_M % TPR != 0 || BWD_BLOCK_N % TPR != 0
 #error "HEAD_DIM and the tile sizes must be multiples of 4"
+#endif
+#if FWD_BLOCK_M % FWD_RPT != 0
+#error "FWD_BLOCK_M must be a multiple of FWD_RPT"
 #endif
 
 // Must match `AttnParams` in rust/cuda/attention.rs field for field.
@@ -125,17 +134,18 @@ SF_DEVICE float score(const AttnParams& p, float raw, float* th) {
     return z;
 }
 
-// grid (ceil(max_len_q / FWD_BLOCK_M), heads_q, batch), block FWD_BLOCK_M * TPR threads.
-extern "C" __global__ void SF_LAUNCH_BOUNDS(FWD_BLOCK_M * TPR) attn_fwd(AttnParams p) {
+// grid (ceil(max_len_q / FWD_BLOCK_M), heads_q, batch), block FWD_THREADS threads. Each thread owns
+// FWD_RPT query rows (g + FWD_GROUPS * k), so every K/V value read from shared memory feeds
+// FWD_RPT multiply-adds.
+extern "C" __global__ void SF_LAUNCH_BOUNDS(FWD_THREADS) attn_fwd(AttnParams p) {
     SF_DYNAMIC_SMEM(smem);
     float* qs = smem;                           // [FWD_BLOCK_M][ROW]
     float* ks = qs + FWD_BLOCK_M * ROW;         // [FWD_BLOCK_N][ROW]
     float* vs = ks + FWD_BLOCK_N * ROW;         // [FWD_BLOCK_N][ROW]
     float* ss = vs + FWD_BLOCK_N * ROW;         // [FWD_BLOCK_M][FWD_BLOCK_N + 1]
-    const int nthreads = FWD_BLOCK_M * TPR;
     const int tid = threadIdx.x;
-    const int r = tid / TPR;
-    const int t = tid - r * TPR;
+    const int g = tid / TPR;
+    const int t = tid - g * TPR;
     const int b = blockIdx.z;
     const int h = blockIdx.y;
     const int hk = h / (p.heads_q / p.heads_kv);
@@ -144,70 +154,103 @@ extern "C" __global__ void SF_LAUNCH_BOUNDS(FWD_BLOCK_M * TPR) attn_fwd(AttnPara
     if (i0 >= s.len_q) return;  // whole block: no barrier is skipped by a subset
     const int i1 = sf_imin(i0 + FWD_BLOCK_M, s.len_q);
     const int off = s.len_k - s.len_q;
-    const int i = i0 + r;
-    const bool row_valid = i < s.len_q;
 
-    load_tile(qs, p.q, s.q_start, i0, FWD_BLOCK_M, s.len_q, p.heads_q, h, tid, nthreads);
+    load_tile(qs, p.q, s.q_start, i0, FWD_BLOCK_M, s.len_q, p.heads_q, h, tid, FWD_THREADS);
 
-    float m = SF_NEG_INF;
-    float l = 0.0f;
-    float acc[DPT];
+    float m[FWD_RPT], l[FWD_RPT], acc[FWD_RPT][DPT];
 #pragma unroll
-    for (int d = 0; d < DPT; ++d) acc[d] = 0.0f;
+    for (int k = 0; k < FWD_RPT; ++k) {
+        m[k] = SF_NEG_INF;
+        l[k] = 0.0f;
+#pragma unroll
+        for (int d = 0; d < DPT; ++d) acc[k][d] = 0.0f;
+    }
 
     int lo, hi;
     key_range(p, i0, i1, s.len_k, off, &lo, &hi);
     for (int j0 = (lo / FWD_BLOCK_N) * FWD_BLOCK_N; j0 < hi; j0 += FWD_BLOCK_N) {
         SF_SYNC();  // previous tile fully consumed (and q tile stored on the first pass)
-        load_tile(ks, p.k, s.k_start, j0, FWD_BLOCK_N, s.len_k, p.heads_kv, hk, tid, nthreads);
-        load_tile(vs, p.v, s.k_start, j0, FWD_BLOCK_N, s.len_k, p.heads_kv, hk, tid, nthreads);
+        load_tile(ks, p.k, s.k_start, j0, FWD_BLOCK_N, s.len_k, p.heads_kv, hk, tid, FWD_THREADS);
+        load_tile(vs, p.v, s.k_start, j0, FWD_BLOCK_N, s.len_k, p.heads_kv, hk, tid, FWD_THREADS);
         SF_SYNC();
-        // Raw scores of this thread's keys jj = t + TPR * x; q[c] is loaded once per column.
-        float raw[FWD_BLOCK_N / TPR];
+        // Raw scores of this thread's rows and keys jj = t + TPR * x.
+        float raw[FWD_RPT][FWD_BLOCK_N / TPR];
 #pragma unroll
-        for (int x = 0; x < FWD_BLOCK_N / TPR; ++x) raw[x] = 0.0f;
+        for (int k = 0; k < FWD_RPT; ++k)
+#pragma unroll
+            for (int x = 0; x < FWD_BLOCK_N / TPR; ++x) raw[k][x] = 0.0f;
         for (int c = 0; c < HEAD_DIM; ++c) {
-            const float qc = qs[r * ROW + c];
+            float qc[FWD_RPT];
 #pragma unroll
-            for (int x = 0; x < FWD_BLOCK_N / TPR; ++x) raw[x] += qc * ks[(t + TPR * x) * ROW + c];
+            for (int k = 0; k < FWD_RPT; ++k) qc[k] = qs[(g + FWD_GROUPS * k) * ROW + c];
+#pragma unroll
+            for (int x = 0; x < FWD_BLOCK_N / TPR; ++x) {
+                const float kc = ks[(t + TPR * x) * ROW + c];
+#pragma unroll
+                for (int k = 0; k < FWD_RPT; ++k) raw[k][x] += qc[k] * kc;
+            }
         }
 #pragma unroll
-        for (int x = 0; x < FWD_BLOCK_N / TPR; ++x) {
-            const int jj = t + TPR * x;
-            const int j = j0 + jj;
-            float sc = SF_NEG_INF;
-            if (row_valid && j < s.len_k && visible(p, i, j, off)) {
-                float th;
-                sc = score(p, raw[x], &th);
+        for (int k = 0; k < FWD_RPT; ++k) {
+            const int r = g + FWD_GROUPS * k;
+            const int i = i0 + r;
+#pragma unroll
+            for (int x = 0; x < FWD_BLOCK_N / TPR; ++x) {
+                const int jj = t + TPR * x;
+                const int j = j0 + jj;
+                float sc = SF_NEG_INF;
+                if (i < s.len_q && j < s.len_k && visible(p, i, j, off)) {
+                    float th;
+                    sc = score(p, raw[k][x], &th);
+                }
+                ss[r * (FWD_BLOCK_N + 1) + jj] = sc;
             }
-            ss[r * (FWD_BLOCK_N + 1) + jj] = sc;
         }
         SF_SYNC();
-        float mx = SF_NEG_INF;
-        for (int jj = 0; jj < FWD_BLOCK_N; ++jj) mx = fmaxf(mx, ss[r * (FWD_BLOCK_N + 1) + jj]);
-        const float m_new = fmaxf(m, mx);
-        if (m_new != SF_NEG_INF) {  // else every key so far is masked: nothing to add
-            const float alpha = expf(m - m_new);  // m = -inf gives 0, never -inf - -inf
-            l *= alpha;
+        // Online softmax: a row whose keys are all masked so far keeps m = -inf and adds nothing,
+        // so -inf - -inf is never evaluated.
+        float m_new[FWD_RPT];
 #pragma unroll
-            for (int d = 0; d < DPT; ++d) acc[d] *= alpha;
-            for (int jj = 0; jj < FWD_BLOCK_N; ++jj) {
-                const float pj = expf(ss[r * (FWD_BLOCK_N + 1) + jj] - m_new);
-                l += pj;
+        for (int k = 0; k < FWD_RPT; ++k) {
+            const float* srow = ss + (g + FWD_GROUPS * k) * (FWD_BLOCK_N + 1);
+            float mx = SF_NEG_INF;
+            for (int jj = 0; jj < FWD_BLOCK_N; ++jj) mx = fmaxf(mx, srow[jj]);
+            m_new[k] = fmaxf(m[k], mx);
+            const float alpha = m_new[k] != SF_NEG_INF ? expf(m[k] - m_new[k]) : 1.0f;
+            l[k] *= alpha;
 #pragma unroll
-                for (int d = 0; d < DPT; ++d) acc[d] += pj * vs[jj * ROW + t + TPR * d];
-            }
-            m = m_new;
+            for (int d = 0; d < DPT; ++d) acc[k][d] *= alpha;
         }
-    }
-    if (!row_valid) return;
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-    elem_t* o = p.out + row_offset(s.q_start + i, p.heads_q, h);
+        for (int jj = 0; jj < FWD_BLOCK_N; ++jj) {
+            float pj[FWD_RPT];
 #pragma unroll
-    for (int d = 0; d < DPT; ++d) o[t + TPR * d] = store_elem(acc[d] * inv);
-    if (t == 0) {
-        p.lse[(sf_i64)b * p.lse_batch_stride + (sf_i64)h * p.lse_head_stride + s.lse_start + i] =
-            l > 0.0f ? m + logf(l) : SF_NEG_INF;
+            for (int k = 0; k < FWD_RPT; ++k) {
+                const float sc = ss[(g + FWD_GROUPS * k) * (FWD_BLOCK_N + 1) + jj];
+                pj[k] = m_new[k] != SF_NEG_INF ? expf(sc - m_new[k]) : 0.0f;
+                l[k] += pj[k];
+            }
+#pragma unroll
+            for (int d = 0; d < DPT; ++d) {
+                const float vc = vs[jj * ROW + t + TPR * d];
+#pragma unroll
+                for (int k = 0; k < FWD_RPT; ++k) acc[k][d] += pj[k] * vc;
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < FWD_RPT; ++k) m[k] = m_new[k];
+    }
+#pragma unroll
+    for (int k = 0; k < FWD_RPT; ++k) {
+        const int i = i0 + g + FWD_GROUPS * k;
+        if (i >= s.len_q) continue;
+        const float inv = l[k] > 0.0f ? 1.0f / l[k] : 0.0f;
+        elem_t* o = p.out + row_offset(s.q_start + i, p.heads_q, h);
+#pragma unroll
+        for (int d = 0; d < DPT; ++d) o[t + TPR * d] = store_elem(acc[k][d] * inv);
+        if (t == 0) {
+            p.lse[(sf_i64)b * p.lse_batch_stride + (sf_i64)h * p.lse_head_stride + s.lse_start + i] =
+                l[k] > 0.0f ? m[k] + logf(l[k]) : SF_NEG_INF;
+        }
     }
 }
 
