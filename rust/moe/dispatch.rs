@@ -56,7 +56,7 @@ pub fn dispatch_plan(
     if num_experts == 0 {
         return Err(Error::value("num_experts must be at least 1"));
     }
-    if idx.len() % top_k != 0 {
+    if !idx.len().is_multiple_of(top_k) {
         return Err(Error::value(format!(
             "idx length {} is not a multiple of top_k {top_k}",
             idx.len()
@@ -255,7 +255,7 @@ pub fn permute<T: Element>(
     if dim == 0 {
         return Ok(());
     }
-    if x.len() % dim != 0 {
+    if !x.len().is_multiple_of(dim) {
         return Err(Error::value(format!(
             "x length {} is not a multiple of dim {dim}",
             x.len()
@@ -315,7 +315,7 @@ pub fn combine<T: Element>(
     if top_k == 0 {
         return Err(Error::value("top_k must be at least 1"));
     }
-    if pos.len() % top_k != 0 {
+    if !pos.len().is_multiple_of(top_k) {
         return Err(Error::value(format!(
             "pos length {} is not a multiple of top_k {top_k}",
             pos.len()
@@ -334,7 +334,7 @@ pub fn combine<T: Element>(
     if dim == 0 {
         return Ok(());
     }
-    if ys.len() % dim != 0 {
+    if !ys.len().is_multiple_of(dim) {
         return Err(Error::value(format!(
             "ys length {} is not a multiple of dim {dim}",
             ys.len()
@@ -426,7 +426,7 @@ pub fn rowdot<T: Element>(
     if top_k == 0 {
         return Err(Error::value("top_k must be at least 1"));
     }
-    if pos.len() % top_k != 0 || out.len() != pos.len() {
+    if !pos.len().is_multiple_of(top_k) || out.len() != pos.len() {
         return Err(Error::value(format!(
             "pos and out must be [T, {top_k}], got {} and {} entries",
             pos.len(),
@@ -444,7 +444,7 @@ pub fn rowdot<T: Element>(
             dy.len()
         )));
     }
-    if ys.len() % dim != 0 {
+    if !ys.len().is_multiple_of(dim) {
         return Err(Error::value(format!(
             "ys length {} is not a multiple of dim {dim}",
             ys.len()

@@ -112,7 +112,7 @@ pub fn route<F: Real>(
             "top_k must be in 1..={num_experts} (num_experts), got {top_k}"
         )));
     }
-    if logits.len() % num_experts != 0 {
+    if !logits.len().is_multiple_of(num_experts) {
         return Err(Error::value(format!(
             "logits length {} is not a multiple of num_experts {num_experts}",
             logits.len()
