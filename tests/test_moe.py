@@ -297,9 +297,18 @@ def test_grouped_mm_float32_matches_float64_reference(capacity_factor):
         torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-4)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny ops in a tight loop: torch's OpenMP barriers dominate on a busy host."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])
 @pytest.mark.parametrize("router", ["softmax", "sigmoid"])
-def test_layer_gradcheck(capacity_factor, router):
+def test_layer_gradcheck(capacity_factor, router, one_thread):
     torch.manual_seed(2)
     m = MoE(4, 5, 4, 2, capacity_factor=capacity_factor, router=router, dtype=torch.float64)
     x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)

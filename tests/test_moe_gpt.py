@@ -9,6 +9,15 @@ from slimforge.models import GPT, GPTConfig
 from slimforge.moe import MoE
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: torch's OpenMP barriers cost more than they save on a busy host."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny(**kw) -> GPTConfig:
     base = {"vocab_size": 32, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 16}
     base.update(kw)

@@ -1,6 +1,6 @@
 """Dense vs MoE byte-level LM on the bundled Shakespeare corpus, same active parameters per token.
 
-    PYTHONPATH=python python benches/python/moe_lm.py [--quick] [--steps N] [--json out.json]
+    PYTHONPATH=python python benches/python/moe_lm.py [--quick] [--steps N] [--threads N] [--json F]
 
 Both models are nanoGPT-style decoders (`slimforge.models.GPT`) of the same shape; the dense MLP
 has width 4 * n_embd, the MoE MLP has `num_experts` experts of width 4 * n_embd / top_k with
@@ -93,7 +93,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the curves here")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         shape = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64}
         args.steps = args.steps or 40

@@ -72,17 +72,18 @@ pub fn dispatch_plan(
     let e_count = num_experts;
 
     // Histogram per chunk.
-    let hist: Vec<Vec<usize>> = crate::parallel::install(|| {
-        idx.par_chunks(SORT_CHUNK)
-            .map(|chunk| {
-                let mut h = vec![0usize; e_count];
-                for &e in chunk {
-                    h[e as usize] += 1;
-                }
-                h
-            })
-            .collect()
-    });
+    let histogram = |chunk: &[i64]| {
+        let mut h = vec![0usize; e_count];
+        for &e in chunk {
+            h[e as usize] += 1;
+        }
+        h
+    };
+    let hist: Vec<Vec<usize>> = if num_slots <= SORT_CHUNK {
+        vec![histogram(idx)]
+    } else {
+        crate::parallel::install(|| idx.par_chunks(SORT_CHUNK).map(histogram).collect())
+    };
     let mut routed = vec![0usize; e_count];
     for h in &hist {
         for (r, &c) in routed.iter_mut().zip(h) {
@@ -111,22 +112,27 @@ pub fn dispatch_plan(
     }
 
     let mut pos = vec![-1i64; num_slots];
-    crate::parallel::install(|| {
-        pos.par_chunks_mut(SORT_CHUNK)
-            .zip(idx.par_chunks(SORT_CHUNK))
-            .zip(base.par_iter())
-            .for_each(|((pos_chunk, idx_chunk), chunk_base)| {
-                let mut rank = chunk_base.clone();
-                for (p, &e) in pos_chunk.iter_mut().zip(idx_chunk) {
-                    let e = e as usize;
-                    let r = rank[e];
-                    rank[e] += 1;
-                    if r < cap {
-                        *p = (offsets[e] + r) as i64;
-                    }
-                }
-            });
-    });
+    let place = |((pos_chunk, idx_chunk), chunk_base): ((&mut [i64], &[i64]), &Vec<usize>)| {
+        let mut rank = chunk_base.clone();
+        for (p, &e) in pos_chunk.iter_mut().zip(idx_chunk) {
+            let e = e as usize;
+            let r = rank[e];
+            rank[e] += 1;
+            if r < cap {
+                *p = (offsets[e] + r) as i64;
+            }
+        }
+    };
+    if num_slots <= SORT_CHUNK {
+        place(((&mut pos[..], idx), &base[0]));
+    } else {
+        crate::parallel::install(|| {
+            pos.par_chunks_mut(SORT_CHUNK)
+                .zip(idx.par_chunks(SORT_CHUNK))
+                .zip(base.par_iter())
+                .for_each(place)
+        });
+    }
 
     let rows = offsets[e_count];
     let mut token_of = vec![-1i64; rows];
@@ -207,6 +213,25 @@ fn min_rows(dim: usize) -> usize {
     (4096 / dim.max(1)).max(1)
 }
 
+/// Below this many elements a kernel runs on the calling thread: waking the pool costs more.
+const PARALLEL_MIN_ELEMENTS: usize = 1 << 16;
+
+/// Apply `f(i, row)` to every `dim`-wide row of `out`, in the library pool when large.
+fn for_each_row<T: Send>(out: &mut [T], dim: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
+    if out.len() < PARALLEL_MIN_ELEMENTS {
+        out.chunks_mut(dim)
+            .enumerate()
+            .for_each(|(i, row)| f(i, row));
+    } else {
+        crate::parallel::install(|| {
+            out.par_chunks_mut(dim)
+                .enumerate()
+                .with_min_len(min_rows(dim))
+                .for_each(|(i, row)| f(i, row))
+        });
+    }
+}
+
 fn check_index(name: &str, values: &[i64], limit: usize) -> Result<()> {
     if let Some(bad) = values.iter().find(|&&v| v < -1 || v >= limit as i64) {
         return Err(Error::value(format!(
@@ -254,27 +279,22 @@ pub fn permute<T: Element>(
         }
     }
     check_index("token_of", token_of, num_tokens)?;
-    crate::parallel::install(|| {
-        out.par_chunks_mut(dim)
-            .enumerate()
-            .with_min_len(min_rows(dim))
-            .for_each(|(i, row)| {
-                let t = token_of[i];
-                if t < 0 {
-                    row.fill(T::ZERO);
-                    return;
+    for_each_row(out, dim, |i, row| {
+        let t = token_of[i];
+        if t < 0 {
+            row.fill(T::ZERO);
+            return;
+        }
+        let src = &x[t as usize * dim..(t as usize + 1) * dim];
+        match row_scale {
+            None => row.copy_from_slice(src),
+            Some(s) => {
+                let s = s[i];
+                for (o, &v) in row.iter_mut().zip(src) {
+                    *o = T::from_acc(v.to_acc() * s);
                 }
-                let src = &x[t as usize * dim..(t as usize + 1) * dim];
-                match row_scale {
-                    None => row.copy_from_slice(src),
-                    Some(s) => {
-                        let s = s[i];
-                        for (o, &v) in row.iter_mut().zip(src) {
-                            *o = T::from_acc(v.to_acc() * s);
-                        }
-                    }
-                }
-            });
+            }
+        }
     });
     Ok(())
 }
@@ -327,41 +347,69 @@ pub fn combine<T: Element>(
         )));
     }
     check_index("pos", pos, ys.len() / dim)?;
-    crate::parallel::install(|| {
-        out.par_chunks_mut(dim)
+    // Each token's row is reduced by one closure in a fixed slot order: no atomics, deterministic.
+    let reduce = |acc: &mut [T::Acc], t: usize, row: &mut [T]| {
+        acc.fill(T::Acc::default());
+        for s in 0..top_k {
+            let p = pos[t * top_k + s];
+            if p < 0 {
+                continue;
+            }
+            let src = &ys[p as usize * dim..(p as usize + 1) * dim];
+            match weights {
+                None => {
+                    for (a, &v) in acc.iter_mut().zip(src) {
+                        *a = *a + v.to_acc();
+                    }
+                }
+                Some(w) => {
+                    let w = w[t * top_k + s];
+                    for (a, &v) in acc.iter_mut().zip(src) {
+                        *a = *a + w * v.to_acc();
+                    }
+                }
+            }
+        }
+        for (o, &a) in row.iter_mut().zip(acc.iter()) {
+            *o = T::from_acc(a);
+        }
+    };
+    if out.len() < PARALLEL_MIN_ELEMENTS {
+        let mut acc = vec![T::Acc::default(); dim];
+        out.chunks_mut(dim)
             .enumerate()
-            .with_min_len(min_rows(dim))
-            .for_each_init(
-                || vec![T::Acc::default(); dim],
-                |acc, (t, row)| {
-                    acc.fill(T::Acc::default());
-                    for s in 0..top_k {
-                        let p = pos[t * top_k + s];
-                        if p < 0 {
-                            continue;
-                        }
-                        let src = &ys[p as usize * dim..(p as usize + 1) * dim];
-                        match weights {
-                            None => {
-                                for (a, &v) in acc.iter_mut().zip(src) {
-                                    *a = *a + v.to_acc();
-                                }
-                            }
-                            Some(w) => {
-                                let w = w[t * top_k + s];
-                                for (a, &v) in acc.iter_mut().zip(src) {
-                                    *a = *a + w * v.to_acc();
-                                }
-                            }
-                        }
-                    }
-                    for (o, &a) in row.iter_mut().zip(acc.iter()) {
-                        *o = T::from_acc(a);
-                    }
-                },
-            );
-    });
+            .for_each(|(t, row)| reduce(&mut acc, t, row));
+    } else {
+        crate::parallel::install(|| {
+            out.par_chunks_mut(dim)
+                .enumerate()
+                .with_min_len(min_rows(dim))
+                .for_each_init(
+                    || vec![T::Acc::default(); dim],
+                    |acc, (t, row)| reduce(acc, t, row),
+                )
+        });
+    }
     Ok(())
+}
+
+/// Dot product with independent partial sums, so the loop vectorises.
+#[inline]
+fn dot<T: Element>(a: &[T], b: &[T]) -> T::Acc {
+    const LANES: usize = 16;
+    let mut partial = [T::Acc::default(); LANES];
+    let (mut ca, mut cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..LANES {
+            partial[l] = partial[l] + x[l].to_acc() * y[l].to_acc();
+        }
+    }
+    let tail = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .fold(T::Acc::default(), |s, (&u, &v)| s + u.to_acc() * v.to_acc());
+    partial.iter().fold(tail, |s, &v| s + v)
 }
 
 /// Gradient of the combine weights: `out[t, s] = <dy[t], ys[pos[t, s]]>` (0 for dropped slots).
@@ -403,25 +451,29 @@ pub fn rowdot<T: Element>(
         )));
     }
     check_index("pos", pos, ys.len() / dim)?;
-    crate::parallel::install(|| {
-        out.par_chunks_mut(top_k)
+    let dots = |t: usize, o: &mut [T::Acc]| {
+        let g = &dy[t * dim..(t + 1) * dim];
+        for (s, o) in o.iter_mut().enumerate() {
+            let p = pos[t * top_k + s];
+            *o = if p < 0 {
+                T::Acc::default()
+            } else {
+                dot(g, &ys[p as usize * dim..(p as usize + 1) * dim])
+            };
+        }
+    };
+    if out.len() * dim < PARALLEL_MIN_ELEMENTS {
+        out.chunks_mut(top_k)
             .enumerate()
-            .with_min_len(min_rows(dim * top_k))
-            .for_each(|(t, o)| {
-                let g = &dy[t * dim..(t + 1) * dim];
-                for (s, o) in o.iter_mut().enumerate() {
-                    let p = pos[t * top_k + s];
-                    *o = if p < 0 {
-                        T::Acc::default()
-                    } else {
-                        let src = &ys[p as usize * dim..(p as usize + 1) * dim];
-                        g.iter()
-                            .zip(src)
-                            .fold(T::Acc::default(), |a, (&u, &v)| a + u.to_acc() * v.to_acc())
-                    };
-                }
-            });
-    });
+            .for_each(|(t, o)| dots(t, o));
+    } else {
+        crate::parallel::install(|| {
+            out.par_chunks_mut(top_k)
+                .enumerate()
+                .with_min_len(min_rows(dim * top_k))
+                .for_each(|(t, o)| dots(t, o))
+        });
+    }
     Ok(())
 }
 
@@ -500,7 +552,13 @@ mod tests {
 
     #[test]
     fn permute_and_combine_round_trip() {
-        let (t, k, e, d) = (50, 3, 5, 4);
+        // Small sizes run serially, large ones in the pool.
+        for (t, k, e, d) in [(50, 3, 5, 4), (3000, 2, 7, 33)] {
+            round_trip(t, k, e, d);
+        }
+    }
+
+    fn round_trip(t: usize, k: usize, e: usize, d: usize) {
         let idx = random_idx(t, k, e, 2);
         let x: Vec<f64> = (0..t * d).map(|i| i as f64 * 0.5 - 3.0).collect();
         let plan = dispatch_plan(&idx, k, e, None, false).unwrap();

@@ -144,6 +144,29 @@ pub fn route<F: Real>(
     if num_tokens == 0 {
         return Ok(());
     }
+    let rows = logits
+        .chunks(num_experts)
+        .zip(idx_out.chunks_mut(top_k))
+        .zip(weights_out.chunks_mut(top_k));
+    if logits.len() < 1 << 15 {
+        // Small batches stay on the calling thread: waking the pool costs more than the work.
+        let mut scores = vec![F::ZERO; num_experts];
+        let mut best = Vec::with_capacity(top_k + 1);
+        for ((row, idx), w) in rows {
+            route_row(
+                row,
+                top_k,
+                gate,
+                bias,
+                normalize,
+                &mut scores,
+                &mut best,
+                idx,
+                w,
+            );
+        }
+        return Ok(());
+    }
     crate::parallel::install(|| {
         logits
             .par_chunks(num_experts)

@@ -73,6 +73,11 @@ def permute_rows(
     """
     _check_rows("x", x)
     _check_device(x)
+    if x.is_cuda and x.dtype == torch.float64:
+        # The CUDA kernels cover float32/bfloat16/float16; float64 (tests) uses torch indexing.
+        padded = torch.cat([x, x.new_zeros((1, x.shape[1]))])
+        out = padded[torch.where(token_of < 0, x.shape[0], token_of)]
+        return out if row_scale is None else out * row_scale[:, None]
     if x.is_cuda:
         cuda = _cuda_ops()
         pad = token_of < 0
@@ -98,6 +103,10 @@ def combine_rows(
     """
     _check_rows("ys", ys)
     _check_device(ys)
+    if ys.is_cuda and ys.dtype == torch.float64:
+        padded = torch.cat([ys, ys.new_zeros((1, ys.shape[1]))])
+        picked = padded[torch.where(pos < 0, ys.shape[0], pos)]
+        return picked.sum(1) if weights is None else (picked * weights[..., None]).sum(1)
     if ys.is_cuda:
         cuda = _cuda_ops()
         w = (

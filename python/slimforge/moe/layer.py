@@ -57,6 +57,9 @@ def resolve_expert_impl(
         )
     if impl != "auto":
         return impl
+    if device.type == "cuda" and dtype != torch.bfloat16:
+        # CUDA grouped GEMM kernels target bfloat16; other dtypes take one GEMM per expert.
+        return "segments"
     if grouped_mm_available(dtype, widths):
         # Dropless without padding, and on CPU as fast as the padded bmm at balanced load
         # (docs/moe.md); bmm's padding grows with the load imbalance.
