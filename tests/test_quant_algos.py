@@ -601,3 +601,21 @@ def test_awq_search_loss_matches_direct_mse() -> None:
         rtn = _reference_fake_quant(w, 4, 16)
         assert loss_rtn == pytest.approx(float(((x @ (w - rtn).T) ** 2).mean()), rel=1e-3)
         assert loss <= loss_rtn
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_model_save_load_round_trip(tmp_path, act_order: bool) -> None:
+    from slimforge.quant import load_quantized, save_quantized
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+
+    model = make()
+    x = _correlated(128, 64)
+    quantize_gptq(model, GPTQ(group_size=32, act_order=act_order), [x], progress=False)
+    assert isinstance(model[0], InputTransformedLinear) == act_order
+    save_quantized(model, tmp_path)
+    loaded = load_quantized(make, tmp_path)
+    assert type(loaded[0]) is type(model[0])
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)

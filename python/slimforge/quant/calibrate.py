@@ -522,6 +522,29 @@ class InputTransformedLinear(nn.Module):
         self.register_buffer("perm", None if perm is None else perm.long())
         self.register_buffer("pre_scale", None if pre_scale is None else pre_scale.float())
 
+    def quant_spec(self) -> dict[str, Any]:
+        """Constructor arguments, for :mod:`slimforge.quant.serialization`."""
+        inner_spec = getattr(self.inner, "quant_spec", None)
+        if inner_spec is None:
+            raise TypeError(f"cannot save a wrapped {type(self.inner).__name__}")
+        return {
+            "inner": {"type": type(self.inner).__name__, **inner_spec()},
+            "in_features": int(self.inner.in_features),
+            "perm": self.perm is not None,
+            "pre_scale": self.pre_scale is not None,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> InputTransformedLinear:
+        from slimforge.quant.serialization import module_from_spec
+
+        n = int(spec["in_features"])
+        return cls(
+            module_from_spec(spec["inner"]),
+            perm=torch.zeros(n, dtype=torch.long) if spec["perm"] else None,
+            pre_scale=torch.ones(n) if spec["pre_scale"] else None,
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x.index_select(-1, self.perm)

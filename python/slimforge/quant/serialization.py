@@ -16,9 +16,10 @@ from typing import Any, Protocol
 
 from torch import nn
 
+from slimforge.quant.calibrate import InputTransformedLinear
 from slimforge.quant.linear import QuantEmbedding, QuantLinear
 
-__all__ = ["load_quantized", "register_quantized_module", "save_quantized"]
+__all__ = ["load_quantized", "module_from_spec", "register_quantized_module", "save_quantized"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "quant_config.json"
@@ -44,6 +45,15 @@ def register_quantized_module(cls: type[nn.Module]) -> type[nn.Module]:
 
 register_quantized_module(QuantLinear)
 register_quantized_module(QuantEmbedding)
+register_quantized_module(InputTransformedLinear)
+
+
+def module_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """An empty quantized module of the registered type and shape that ``spec`` records."""
+    cls = _MODULE_TYPES.get(spec.get("type", ""))
+    if cls is None:
+        raise ValueError(f"unknown quantized module type {spec.get('type')!r}")
+    return cls.from_spec(spec)  # type: ignore[attr-defined]
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
