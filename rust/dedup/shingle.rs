@@ -313,31 +313,12 @@ impl Shingler {
         let mut window = [0u64; 5];
         let mut count = 0usize;
         let mut long_buf = Vec::new();
-        let mut token = |start: usize, end: usize| {
-            let len = end - start;
-            let h = if len <= 8 {
-                short.hash(bytes, start, len)
-            } else {
-                long_buf.clear();
-                long_buf.extend(bytes[start..end].iter().map(|&b| b | 0x20));
-                token_hash(&long_buf, self.seed)
-            };
-            window = [window[1], window[2], window[3], window[4], h];
-            count += 1;
-            if count >= 5 {
-                let s = c5[0]
-                    .wrapping_mul(window[0])
-                    .wrapping_add(c5[1].wrapping_mul(window[1]))
-                    .wrapping_add(c5[2].wrapping_mul(window[2]))
-                    .wrapping_add(c5[3].wrapping_mul(window[3]))
-                    .wrapping_add(c5[4].wrapping_mul(window[4]));
-                emit(fmix64(s));
-            }
-        };
-        // Bit changes of the mask mark token starts and ends, which alternate.
+        // Bit changes of the mask mark token starts and ends, which alternate; a zero word past
+        // the end closes a token that runs to the last byte.
         let mut carry = 0u64;
         let mut start = 0usize;
-        for (w, &m) in masks.iter().enumerate() {
+        for w in 0..=masks.len() {
+            let m = masks.get(w).copied().unwrap_or(0);
             let mut edges = m ^ ((m << 1) | carry);
             carry = m >> 63;
             while edges != 0 {
@@ -345,13 +326,28 @@ impl Shingler {
                 edges &= edges - 1;
                 if (m >> bit) & 1 == 1 {
                     start = w * 64 + bit;
+                    continue;
+                }
+                let len = w * 64 + bit - start;
+                let h = if len <= 8 {
+                    short.hash(bytes, start, len)
                 } else {
-                    token(start, w * 64 + bit);
+                    long_buf.clear();
+                    long_buf.extend(bytes[start..start + len].iter().map(|&b| b | 0x20));
+                    token_hash(&long_buf, self.seed)
+                };
+                window = [window[1], window[2], window[3], window[4], h];
+                count += 1;
+                if count >= 5 {
+                    let s = c5[0]
+                        .wrapping_mul(window[0])
+                        .wrapping_add(c5[1].wrapping_mul(window[1]))
+                        .wrapping_add(c5[2].wrapping_mul(window[2]))
+                        .wrapping_add(c5[3].wrapping_mul(window[3]))
+                        .wrapping_add(c5[4].wrapping_mul(window[4]));
+                    emit(fmix64(s));
                 }
             }
-        }
-        if carry == 1 {
-            token(start, n);
         }
         if count > 0 && count < 5 {
             emit(combine(&window[5 - count..], c));
