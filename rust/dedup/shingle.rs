@@ -146,6 +146,7 @@ pub fn token_hash(b: &[u8], seed: u64) -> u64 {
 struct ShortTokenHasher {
     key_1to3: u64,
     key_4to8: u64,
+    key_9to16: (u64, u64),
 }
 
 impl ShortTokenHasher {
@@ -154,7 +155,26 @@ impl ShortTokenHasher {
         ShortTokenHasher {
             key_1to3: ((secret32(0) ^ secret32(4)) as u64).wrapping_add(seed),
             key_4to8: (secret64(8) ^ secret64(16)).wrapping_sub(seed48),
+            key_9to16: (
+                (secret64(24) ^ secret64(32)).wrapping_add(seed),
+                (secret64(40) ^ secret64(48)).wrapping_sub(seed),
+            ),
         }
+    }
+
+    /// xxh3 of a lowercased alphanumeric token of 9-16 bytes, read in place.
+    #[inline(always)]
+    fn hash_9to16(&self, bytes: &[u8], start: usize, len: usize) -> u64 {
+        const LOWER: u64 = 0x2020_2020_2020_2020;
+        let lo = (read64(bytes, start) | LOWER) ^ self.key_9to16.0;
+        let hi = (read64(bytes, start + len - 8) | LOWER) ^ self.key_9to16.1;
+        let product = lo as u128 * hi as u128;
+        let acc = (len as u64)
+            .wrapping_add(lo.swap_bytes())
+            .wrapping_add(hi)
+            .wrapping_add(product as u64 ^ (product >> 64) as u64);
+        let v = (acc ^ (acc >> 37)).wrapping_mul(0x1656_6791_9E37_79F9);
+        v ^ (v >> 32)
     }
 
     /// Needs `1 <= len <= 8`, `start + len <= bytes.len()` and `bytes.len() >= 4`.
@@ -332,6 +352,8 @@ impl Shingler {
                 let len = w * 64 + bit - start;
                 let h = if len <= 8 {
                     short.hash(bytes, start, len)
+                } else if len <= 16 {
+                    short.hash_9to16(bytes, start, len)
                 } else {
                     long_buf.clear();
                     long_buf.extend(bytes[start..start + len].iter().map(|&b| b | 0x20));
