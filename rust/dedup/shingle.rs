@@ -1,7 +1,8 @@
 //! Normalisation, tokenising and shingle hashing.
 //!
 //! * Normalised text: Unicode NFKC, then full lowercase (`str::to_lowercase`, which also applies
-//!   the final-sigma rule, like Python's `str.lower`). ASCII text takes a copy-and-lowercase path.
+//!   the final-sigma rule, like Python's `str.lower`). ASCII text takes a copy-and-lowercase path,
+//!   or, with word 5-grams, a one-pass path that lowercases tokens as it hashes them.
 //! * Word tokens: maximal runs of chars with `char::is_alphanumeric` (Unicode Alphabetic or
 //!   Numeric); everything else (spaces, punctuation, `_`) separates words.
 //! * Char tokens: the chars of the normalised text, with every run of whitespace replaced by one
@@ -140,6 +141,66 @@ pub fn token_hash(b: &[u8], seed: u64) -> u64 {
     xxh64_avalanche(keyed)
 }
 
+/// xxh3 of lowercased ASCII alphanumeric tokens of 1-8 bytes read in place, both length classes
+/// computed and one selected (the class changes unpredictably from word to word).
+struct ShortTokenHasher {
+    key_1to3: u64,
+    key_4to8: u64,
+    key_9to16: (u64, u64),
+}
+
+impl ShortTokenHasher {
+    fn new(seed: u64) -> Self {
+        let seed48 = seed ^ (((seed as u32).swap_bytes() as u64) << 32);
+        ShortTokenHasher {
+            key_1to3: ((secret32(0) ^ secret32(4)) as u64).wrapping_add(seed),
+            key_4to8: (secret64(8) ^ secret64(16)).wrapping_sub(seed48),
+            key_9to16: (
+                (secret64(24) ^ secret64(32)).wrapping_add(seed),
+                (secret64(40) ^ secret64(48)).wrapping_sub(seed),
+            ),
+        }
+    }
+
+    /// xxh3 of a lowercased alphanumeric token of 9-16 bytes, read in place.
+    #[inline(always)]
+    fn hash_9to16(&self, bytes: &[u8], start: usize, len: usize) -> u64 {
+        const LOWER: u64 = 0x2020_2020_2020_2020;
+        let lo = (read64(bytes, start) | LOWER) ^ self.key_9to16.0;
+        let hi = (read64(bytes, start + len - 8) | LOWER) ^ self.key_9to16.1;
+        let product = lo as u128 * hi as u128;
+        let acc = (len as u64)
+            .wrapping_add(lo.swap_bytes())
+            .wrapping_add(hi)
+            .wrapping_add(product as u64 ^ (product >> 64) as u64);
+        let v = (acc ^ (acc >> 37)).wrapping_mul(0x1656_6791_9E37_79F9);
+        v ^ (v >> 32)
+    }
+
+    /// Needs `1 <= len <= 8`, `start + len <= bytes.len()` and `bytes.len() >= 4`.
+    #[inline(always)]
+    fn hash(&self, bytes: &[u8], start: usize, len: usize) -> u64 {
+        let n = bytes.len();
+        let byte = |i: usize| (bytes[i] | 0x20) as u32;
+        let combo = (byte(start) << 16)
+            | (byte(start + (len >> 1)) << 24)
+            | byte(start + len - 1)
+            | ((len as u32) << 8);
+        let h13 = xxh64_avalanche(combo as u64 ^ self.key_1to3);
+        // Clamped reads stay in bounds; their value only matters when len >= 4.
+        let head = read32(bytes, start.min(n - 4)) | 0x2020_2020;
+        let tail = read32(bytes, (start + len).max(4) - 4) | 0x2020_2020;
+        let input64 = (tail as u64).wrapping_add((head as u64) << 32);
+        let mut v = input64 ^ self.key_4to8;
+        v ^= v.rotate_left(49) ^ v.rotate_left(24);
+        v = v.wrapping_mul(0x9FB2_1C65_1E98_DF25);
+        v ^= (v >> 35).wrapping_add(len as u64);
+        v = v.wrapping_mul(0x9FB2_1C65_1E98_DF25);
+        let h48 = v ^ (v >> 28);
+        std::hint::select_unpredictable(len >= 4, h48, h13)
+    }
+}
+
 #[inline(always)]
 fn xxh64_avalanche(mut v: u64) -> u64 {
     v ^= v >> 33;
@@ -197,6 +258,13 @@ impl Shingler {
 
     /// Calls `emit` with the 64-bit hash of every shingle of `text`, in order (repeats included).
     pub fn for_each_shingle(&self, text: &str, scratch: &mut Scratch, mut emit: impl FnMut(u64)) {
+        if self.tokenizer == Tokenizer::Word
+            && self.ngram == 5
+            && text.len() >= 4
+            && text.is_ascii()
+        {
+            return self.ascii_word_5gram_shingles(text.as_bytes(), &mut scratch.masks, emit);
+        }
         let ascii = normalize_into(text, &mut scratch.text);
         scratch.tokens.clear();
         match self.tokenizer {
@@ -234,6 +302,78 @@ impl Shingler {
             for w in tokens.windows(self.ngram) {
                 emit(combine(w, c));
             }
+        }
+    }
+
+    /// The default scheme (word tokens, 5-grams) on ASCII text of at least 4 bytes in one pass:
+    /// no lowercase copy (alphanumeric ASCII bytes lowercase as `b | 0x20`), no token buffer.
+    fn ascii_word_5gram_shingles(
+        &self,
+        bytes: &[u8],
+        masks: &mut Vec<u64>,
+        mut emit: impl FnMut(u64),
+    ) {
+        let n = bytes.len();
+        masks.clear();
+        masks.resize(n.div_ceil(64), 0);
+        let mut chunks = bytes.chunks_exact(64);
+        for (m, chunk) in masks.iter_mut().zip(&mut chunks) {
+            *m = ascii_alnum_mask64(chunk.try_into().expect("64 bytes"));
+        }
+        let tail = chunks.remainder();
+        if !tail.is_empty() {
+            let mut m = 0u64;
+            for (i, &b) in tail.iter().enumerate() {
+                m |= (b.is_ascii_alphanumeric() as u64) << i;
+            }
+            *masks.last_mut().expect("a word for the tail") = m;
+        }
+        let short = ShortTokenHasher::new(self.seed);
+        let c = &self.multipliers;
+        let c5: [u64; 5] = [c[0], c[1], c[2], c[3], c[4]];
+        let mut window = [0u64; 5];
+        let mut count = 0usize;
+        let mut long_buf = Vec::new();
+        // Bit changes of the mask mark token starts and ends, which alternate; a zero word past
+        // the end closes a token that runs to the last byte.
+        let mut carry = 0u64;
+        let mut start = 0usize;
+        for w in 0..=masks.len() {
+            let m = masks.get(w).copied().unwrap_or(0);
+            let mut edges = m ^ ((m << 1) | carry);
+            carry = m >> 63;
+            while edges != 0 {
+                let bit = edges.trailing_zeros() as usize;
+                edges &= edges - 1;
+                if (m >> bit) & 1 == 1 {
+                    start = w * 64 + bit;
+                    continue;
+                }
+                let len = w * 64 + bit - start;
+                let h = if len <= 8 {
+                    short.hash(bytes, start, len)
+                } else if len <= 16 {
+                    short.hash_9to16(bytes, start, len)
+                } else {
+                    long_buf.clear();
+                    long_buf.extend(bytes[start..start + len].iter().map(|&b| b | 0x20));
+                    token_hash(&long_buf, self.seed)
+                };
+                window = [window[1], window[2], window[3], window[4], h];
+                count += 1;
+                if count >= 5 {
+                    let s = c5[0]
+                        .wrapping_mul(window[0])
+                        .wrapping_add(c5[1].wrapping_mul(window[1]))
+                        .wrapping_add(c5[2].wrapping_mul(window[2]))
+                        .wrapping_add(c5[3].wrapping_mul(window[3]))
+                        .wrapping_add(c5[4].wrapping_mul(window[4]));
+                    emit(fmix64(s));
+                }
+            }
+        }
+        if count > 0 && count < 5 {
+            emit(combine(&window[5 - count..], c));
         }
     }
 
@@ -565,6 +705,38 @@ mod tests {
                         "len {len} seed {seed}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn fused_ascii_path_matches_reference() {
+        let s = Shingler::new(5, Tokenizer::Word, 9).unwrap();
+        let c = position_multipliers(5);
+        let mut state = 3u64;
+        let alphabet: Vec<char> = "aZ9q \n,.-_xYkLmnopQRSTuv".chars().collect();
+        for len in [4, 5, 9, 40, 63, 64, 65, 128, 129, 500] {
+            for rep in 0..30 {
+                let text: String = (0..len)
+                    .map(|i| {
+                        let r = splitmix64(&mut state);
+                        // Long runs of letters now and then, for tokens over 8 and 16 bytes.
+                        if rep % 3 == 0 && i % 23 != 0 {
+                            alphabet[(r % 2) as usize]
+                        } else {
+                            alphabet[(r % alphabet.len() as u64) as usize]
+                        }
+                    })
+                    .collect();
+                let tokens = word_token_hashes_reference(&normalize(&text), 9);
+                let want: Vec<u64> = if tokens.is_empty() {
+                    Vec::new()
+                } else if tokens.len() < 5 {
+                    vec![combine(&tokens, &c)]
+                } else {
+                    tokens.windows(5).map(|w| combine(w, &c)).collect()
+                };
+                assert_eq!(hashes(&s, &text), want, "{text:?}");
             }
         }
     }
