@@ -194,26 +194,39 @@ pub struct Options {
     pub num_global: usize,
 }
 
+/// Checks the scalar attention options shared by the CPU and CUDA kernels.
+pub fn check_scalar_options(
+    softmax_scale: f64,
+    softcap: f64,
+    window_left: i64,
+    window_right: i64,
+) -> Result<()> {
+    if !softmax_scale.is_finite() {
+        return Err(Error::value(format!(
+            "softmax_scale must be finite, got {softmax_scale}"
+        )));
+    }
+    if !(softcap.is_finite() && softcap >= 0.0) {
+        return Err(Error::value(format!(
+            "softcap must be >= 0 (0 = off), got {softcap}"
+        )));
+    }
+    if window_left < -1 || window_right < -1 {
+        return Err(Error::value(format!(
+            "window bounds must be -1 (unbounded) or >= 0, got ({window_left}, {window_right})"
+        )));
+    }
+    Ok(())
+}
+
 impl Options {
     fn validate(&self) -> Result<()> {
-        if !self.softmax_scale.is_finite() {
-            return Err(Error::value(format!(
-                "softmax_scale must be finite, got {}",
-                self.softmax_scale
-            )));
-        }
-        if !(self.softcap.is_finite() && self.softcap >= 0.0) {
-            return Err(Error::value(format!(
-                "softcap must be >= 0, got {}",
-                self.softcap
-            )));
-        }
-        if self.window_left < -1 || self.window_right < -1 {
-            return Err(Error::value(format!(
-                "window bounds must be -1 (unbounded) or >= 0, got ({}, {})",
-                self.window_left, self.window_right
-            )));
-        }
+        check_scalar_options(
+            self.softmax_scale,
+            self.softcap,
+            self.window_left,
+            self.window_right,
+        )?;
         if self.causal && self.window_right > 0 {
             return Err(Error::value(format!(
                 "causal attention sees no keys right of the diagonal, but window_right = {}",

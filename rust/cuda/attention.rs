@@ -154,24 +154,12 @@ impl AttnCall {
                 self.heads_q, self.heads_kv
             )));
         }
-        if !self.softmax_scale.is_finite() {
-            return Err(Error::value(format!(
-                "softmax_scale must be finite, got {}",
-                self.softmax_scale
-            )));
-        }
-        if !(self.softcap.is_finite() && self.softcap >= 0.0) {
-            return Err(Error::value(format!(
-                "softcap must be >= 0 (0 = off), got {}",
-                self.softcap
-            )));
-        }
-        if self.window_left < -1 || self.window_right < -1 {
-            return Err(Error::value(format!(
-                "window sizes must be >= 0 or -1 (unbounded), got ({}, {})",
-                self.window_left, self.window_right
-            )));
-        }
+        crate::attention::cpu::check_scalar_options(
+            f64::from(self.softmax_scale),
+            f64::from(self.softcap),
+            self.window_left,
+            self.window_right,
+        )?;
         if self.cu_seqlens != 0 && self.seqlen_q != self.seqlen_k {
             return Err(Error::value(
                 "varlen attention needs the same packed length for q and k/v",
