@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::gemm::{Avx2, Avx512};
-use super::gemm::{Isa as IsaChoice, Portable, Real, Storage};
+use super::gemm::{Isa as IsaChoice, MulAdd, Portable, Real, Storage};
 use super::mask::{MaskSpec, TileClass};
 use crate::error::{Error, Result};
 
@@ -467,12 +467,15 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
     let cap2 = cap * log2e;
     let scale_over_cap = scale * inv_cap;
     let mut q_t = vec![zero; d * BQ];
-    for r in 0..rows {
-        let src = &ctx.q[((q0 + i0 + r) * hq + h) * d..][..d];
-        for (x, &qx) in src.iter().enumerate() {
-            *q_t.get_unchecked_mut(x * BQ + r) = qx.load() * q_mul;
-        }
-    }
+    transpose_rows(
+        &ctx.q[((q0 + i0) * hq + h) * d..],
+        hq * d,
+        rows,
+        d,
+        q_mul,
+        &mut q_t,
+        BQ,
+    );
     let mut s_t = vec![zero; BK * BQ];
     let mut acc_t = vec![zero; dp * BQ];
     let mut m = [neg_inf; BQ];
@@ -528,24 +531,29 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
             let m_new = m[r].max(tile_max[r]);
             // A column that has seen nothing keeps m = -inf; shifting by 0 gives P = 0, not NaN.
             m_use[r] = if m_new == neg_inf { zero } else { m_new };
-            alpha[r] = (m[r] - m_use[r]).exp2();
+            alpha[r] = (m[r] - m_use[r]).exp2_with::<I::MulAdd>();
             m[r] = m_new;
         }
         tile_sum.fill(zero);
         for c in 0..cols {
             let row = &mut s_t[c * BQ..(c + 1) * BQ];
             for ((x, &mu), t) in row.iter_mut().zip(&m_use).zip(tile_sum.iter_mut()) {
-                let p = (*x - mu).exp2();
+                let p = (*x - mu).exp2_with::<I::MulAdd>();
                 *x = p;
                 *t = *t + p;
             }
         }
+        let mut rescale = false;
         for r in 0..BQ {
             l[r] = l[r] * alpha[r] + tile_sum[r];
+            rescale |= alpha[r] != S::Acc::ONE;
         }
-        for x in 0..d {
-            for (a, &al) in acc_t[x * BQ..(x + 1) * BQ].iter_mut().zip(&alpha) {
-                *a = *a * al;
+        // Once the running maxima settle (most tiles after the first few) alpha is exactly 1.
+        if rescale {
+            for x in 0..d {
+                for (a, &al) in acc_t[x * BQ..(x + 1) * BQ].iter_mut().zip(&alpha) {
+                    *a = *a * al;
+                }
             }
         }
         // acc^T += V^T P^T (features x queries); V^T is a strided view of the V tile.
@@ -577,6 +585,28 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
             *out_row.add(x) = S::store(acc_t[x * BQ + r] * inv);
         }
         *ctx.lse.ptr().add(lse_base + r) = m[r] * ln2 + l[r].ln();
+    }
+}
+
+/// `dst[x * ld + r] = src[r * stride + x] * mul` for `r < rows`, `x < d`.
+///
+/// Kept out of line, so it is compiled for the baseline target: inside the AVX-512 kernels the
+/// strided side of a transpose vectorises into gathers or scatters, which cost more than scalar
+/// moves here.
+#[inline(never)]
+fn transpose_rows<S: Storage>(
+    src: &[S],
+    stride: usize,
+    rows: usize,
+    d: usize,
+    mul: S::Acc,
+    dst: &mut [S::Acc],
+    ld: usize,
+) {
+    for r in 0..rows {
+        for (x, &v) in src[r * stride..r * stride + d].iter().enumerate() {
+            dst[x * ld + r] = v.load() * mul;
+        }
     }
 }
 
@@ -817,6 +847,8 @@ unsafe fn backward_part<S: Storage, I: IsaChoice>(
     } else {
         zero
     };
+    let log2e = S::Acc::from_f64(std::f64::consts::LOG2_E);
+    let (scale2, cap2) = (scale * log2e, cap * log2e);
     let q_len = shape.total_q() * hq * d;
     let dq_part = ctx.dq_parts.ptr().add(part * q_len);
 
@@ -889,11 +921,15 @@ unsafe fn backward_part<S: Storage, I: IsaChoice>(
                         for (x, t) in row[..cols].iter_mut().zip(trow.iter_mut()) {
                             let th = (*x * scale * inv_cap).tanh();
                             *t = th;
-                            *x = (cap * th - lse).exp();
+                            *x = I::MulAdd::mul_add(cap2, th, zero - lse * log2e)
+                                .exp2_with::<I::MulAdd>();
                         }
                     } else {
+                        // P = 2^(s * scale * log2(e) - lse * log2(e)): one multiply-add and exp2.
+                        let lse2 = lse * log2e;
                         for x in row[..cols].iter_mut() {
-                            *x = (*x * scale - lse).exp();
+                            *x = I::MulAdd::mul_add(*x, scale2, zero - lse2)
+                                .exp2_with::<I::MulAdd>();
                         }
                     }
                     if class == TileClass::Partial {

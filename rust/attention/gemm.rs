@@ -30,6 +30,11 @@ pub trait Real:
     fn ln(self) -> Self;
     /// `2^x`, vectorisable; `exp2(-inf) = 0`.
     fn exp2(self) -> Self;
+    /// [`Real::exp2`] built from the multiply-add flavour `F` (fused inside the FMA kernels).
+    #[inline(always)]
+    fn exp2_with<F: MulAdd>(self) -> Self {
+        self.exp2()
+    }
     /// `tanh`, vectorisable.
     fn tanh(self) -> Self;
     fn max(self, other: Self) -> Self;
@@ -74,6 +79,10 @@ impl Real for f32 {
     #[inline(always)]
     fn exp2(self) -> Self {
         fast_exp2_f32(self)
+    }
+    #[inline(always)]
+    fn exp2_with<F: MulAdd>(self) -> Self {
+        fast_exp2_f32_with::<F>(self)
     }
     #[inline(always)]
     fn tanh(self) -> Self {
@@ -199,25 +208,51 @@ pub fn fast_exp_f32(x: f32) -> f32 {
     }
 }
 
+const LN2: f64 = std::f64::consts::LN_2;
+const LN2_2: f32 = (LN2 * LN2) as f32;
+const LN2_3: f32 = (LN2 * LN2 * LN2) as f32;
+const LN2_4: f32 = (LN2 * LN2 * LN2 * LN2) as f32;
+const LN2_5: f32 = (LN2 * LN2 * LN2 * LN2 * LN2) as f32;
+const LN2_6: f32 = (LN2 * LN2 * LN2 * LN2 * LN2 * LN2) as f32;
+const LN2_7: f32 = (LN2 * LN2 * LN2 * LN2 * LN2 * LN2 * LN2) as f32;
+
 /// `2^x` for f32 in branch-free, vectorisable form (same polynomial as [`fast_exp_f32`]).
 #[inline(always)]
 pub fn fast_exp2_f32(x: f32) -> f32 {
-    let xc = x.clamp(-126.0, 127.0);
-    let n = (xc + 0.5).floor();
-    let r = (xc - n) * std::f32::consts::LN_2;
-    let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
-    let scale = f32::from_bits((n + (127.0 + 8_388_608.0)).to_bits() << 23);
-    if x < -126.0 {
-        0.0
-    } else {
-        y * scale
+    fast_exp2_f32_with::<Unfused>(x)
+}
+
+/// [`fast_exp2_f32`] with the multiply-add flavour `F`: about a dozen vector operations.
+///
+/// Rounding uses the `1.5 * 2^23` trick: adding it leaves `round(x) + 127` in the low mantissa
+/// bits, which are both `n` (after subtracting the constant back) and, shifted left by 23, the
+/// exponent field of `2^n` (no float-to-int conversion, no `floor`). Inputs at or below -127 give
+/// `n = -127`, whose exponent field is 0, so the result is exactly 0 without a select.
+#[inline(always)]
+pub fn fast_exp2_f32_with<F: MulAdd>(x: f32) -> f32 {
+    const SHIFT: f32 = 12_582_912.0 + 127.0; // 1.5 * 2^23 + exponent bias
+    let xc = if x > -127.0 { x } else { -127.0 };
+    let xc = if xc < 127.0 { xc } else { 127.0 };
+    let t = xc + SHIFT;
+    let n = t - SHIFT;
+    let r = xc - n;
+    // The `expf` polynomial in y = r ln 2 with ln 2 folded into the coefficients:
+    // 2^r = 1 + r (ln2 + r (c0 ln2^2 + r (c1 ln2^3 + ...))).
+    const C: [f32; 7] = [
+        1.987_569_1e-4 * LN2_7,
+        1.398_199_9e-3 * LN2_6,
+        8.333_452e-3 * LN2_5,
+        4.166_579_6e-2 * LN2_4,
+        1.666_666_5e-1 * LN2_3,
+        0.5 * LN2_2,
+        std::f32::consts::LN_2,
+    ];
+    let mut p = C[0];
+    for &c in &C[1..] {
+        p = F::mul_add(p, r, c);
     }
+    let y = F::mul_add(p, r, 1.0);
+    y * f32::from_bits(t.to_bits() << 23)
 }
 
 /// A storage element type of the inputs and outputs: `f32`, `bf16` (accumulated in f32) or `f64`.
@@ -611,15 +646,25 @@ mod tests {
 
     #[test]
     fn fast_exp2_matches_std() {
-        let mut worst = 0.0f32;
-        let mut x = -125.0f32;
-        while x < 127.0 {
-            worst = worst.max((fast_exp2_f32(x) - x.exp2()).abs() / x.exp2());
-            x += 0.0173;
+        fn check<F: MulAdd>() {
+            let e = fast_exp2_f32_with::<F>;
+            let mut worst = 0.0f32;
+            let mut x = -125.0f32;
+            while x < 127.0 {
+                worst = worst.max((e(x) - x.exp2()).abs() / x.exp2());
+                x += 0.0173;
+            }
+            assert!(worst < 4e-7, "worst relative error {worst}");
+            for x in [f32::NEG_INFINITY, -1000.0, -127.0] {
+                assert_eq!(e(x), 0.0, "{x}");
+            }
+            assert_eq!(e(0.0), 1.0);
+            for i in -8..=8 {
+                assert_eq!(e(i as f32), (i as f32).exp2(), "{i}");
+            }
         }
-        assert!(worst < 4e-7, "worst relative error {worst}");
-        assert_eq!(fast_exp2_f32(f32::NEG_INFINITY), 0.0);
-        assert_eq!(fast_exp2_f32(0.0), 1.0);
+        check::<Unfused>();
+        check::<Fused>();
     }
 
     #[test]
