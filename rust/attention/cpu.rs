@@ -517,11 +517,7 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
                 }
             }
             if class == TileClass::Partial {
-                for (r, x) in row[..rows].iter_mut().enumerate() {
-                    if !mask.visible(i0 + r, j0 + c) {
-                        *x = neg_inf;
-                    }
-                }
+                mask.mask_outside(j0 + c, false, i0, &mut row[..rows], neg_inf);
             }
             for (t, &x) in tile_max.iter_mut().zip(row.iter()) {
                 *t = t.max(x);
@@ -933,11 +929,7 @@ unsafe fn backward_part<S: Storage, I: IsaChoice>(
                         }
                     }
                     if class == TileClass::Partial {
-                        for (c, x) in row[..cols].iter_mut().enumerate() {
-                            if !mask.visible(i0 + r, j0 + c) {
-                                *x = zero;
-                            }
-                        }
+                        mask.mask_outside(i0 + r, true, j0, &mut row[..cols], zero);
                     }
                     row[cols..].fill(zero);
                 }

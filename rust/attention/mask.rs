@@ -62,6 +62,60 @@ impl MaskSpec {
     }
 
     /// Class of the tile of queries `[i0, i1)` x keys `[j0, j1)` (both non-empty).
+    /// The positions of `0..len` that one query row (`other = i`, `by_query = true`) or one key
+    /// column (`other = j`) sees, outside the global tokens: a contiguous range `lo..hi`.
+    /// [`MaskSpec::mask_outside`] applies it with the global rows and columns kept.
+    #[inline(always)]
+    fn band(&self, other: usize, by_query: bool, start: usize, len: usize) -> (usize, usize) {
+        let (o, off) = (other as i64, self.diag_offset);
+        // Query i sees keys i + off - left ..= i + off + right; key j is seen by queries
+        // j - off - right ..= j - off + left (an unset side is unbounded).
+        let (lo, hi) = if by_query {
+            (
+                (self.window_left >= 0).then(|| o + off - self.window_left),
+                (self.window_right >= 0).then(|| o + off + self.window_right),
+            )
+        } else {
+            (
+                (self.window_right >= 0).then(|| o - off - self.window_right),
+                (self.window_left >= 0).then(|| o - off + self.window_left),
+            )
+        };
+        let clip = |x: i64| (x - start as i64).clamp(0, len as i64) as usize;
+        let lo = lo.map_or(0, clip);
+        let hi = hi.map_or(len, |h| clip(h + 1));
+        (lo, hi.max(lo))
+    }
+
+    /// Sets `fill` on the entries of a partial tile's row (query `i` over keys `start..`, or with
+    /// `by_query = false` key `j` over queries `start..`) that the mask hides: the same rule as
+    /// [`MaskSpec::visible`], as two contiguous fills instead of a test per element.
+    #[inline(always)]
+    pub fn mask_outside<T: Copy>(
+        &self,
+        other: usize,
+        by_query: bool,
+        start: usize,
+        row: &mut [T],
+        fill: T,
+    ) {
+        let g = self.num_global;
+        if other < g {
+            return; // a global token sees and is seen by everything
+        }
+        let len = row.len();
+        let (lo, hi) = self.band(other, by_query, start, len);
+        // Positions below the global count stay visible.
+        let keep = g.saturating_sub(start).min(len);
+        if keep < lo {
+            row[keep..lo].fill(fill);
+        }
+        let from = hi.max(keep);
+        if from < len {
+            row[from..].fill(fill);
+        }
+    }
+
     pub fn classify(&self, i0: usize, i1: usize, j0: usize, j1: usize) -> TileClass {
         debug_assert!(i0 < i1 && j0 < j1);
         let g = self.num_global;
@@ -109,6 +163,43 @@ mod tests {
                     TileClass::Skip => assert!(!any, "{spec:?} tile {i0} {j0} skipped but visible"),
                     TileClass::Full => assert!(all, "{spec:?} tile {i0} {j0} full but masked"),
                     TileClass::Partial => {}
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mask_outside_agrees_with_the_element_rule() {
+        for &(nq, nk) in &[(37, 37), (20, 50), (50, 20), (1, 9), (64, 64)] {
+            for &(l, r) in &[(-1, -1), (-1, 0), (3, 0), (5, 2), (0, 0), (-1, 4), (7, -1)] {
+                for g in [0usize, 1, 5] {
+                    let spec = MaskSpec::new(l, r, g, nq, nk);
+                    for start in [0usize, 3, 16] {
+                        for i in 0..nq {
+                            let mut row = vec![true; nk.saturating_sub(start)];
+                            spec.mask_outside(i, true, start, &mut row, false);
+                            for (c, &v) in row.iter().enumerate() {
+                                assert_eq!(
+                                    v,
+                                    spec.visible(i, start + c),
+                                    "{spec:?} i={i} j={}",
+                                    start + c
+                                );
+                            }
+                        }
+                        for j in 0..nk {
+                            let mut col = vec![true; nq.saturating_sub(start)];
+                            spec.mask_outside(j, false, start, &mut col, false);
+                            for (r, &v) in col.iter().enumerate() {
+                                assert_eq!(
+                                    v,
+                                    spec.visible(start + r, j),
+                                    "{spec:?} i={} j={j}",
+                                    start + r
+                                );
+                            }
+                        }
+                    }
                 }
             }
         }
