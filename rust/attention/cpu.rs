@@ -868,15 +868,15 @@ unsafe fn backward_part<S: Storage, I: IsaChoice>(
             k_t.fill(zero);
             v_t.fill(zero);
         }
-        for c in 0..cols {
-            let base = ((k0 + j0 + c) * hkv + hk) * d;
-            for x in 0..d {
-                let kv = ctx.k.get_unchecked(base + x).load();
-                *k_tile.get_unchecked_mut(c * dp + x) = kv;
-                *k_t.get_unchecked_mut(x * BK + c) = kv;
-                *v_t.get_unchecked_mut(x * BK + c) = ctx.v.get_unchecked(base + x).load();
+        let base = ((k0 + j0) * hkv + hk) * d;
+        for (c, dst) in k_tile.chunks_exact_mut(dp).take(cols).enumerate() {
+            let src = &ctx.k[base + c * hkv * d..][..d];
+            for (o, &x) in dst.iter_mut().zip(src) {
+                *o = x.load();
             }
         }
+        transpose_rows(&ctx.k[base..], hkv * d, cols, d, one, &mut k_t, BK);
+        transpose_rows(&ctx.v[base..], hkv * d, cols, d, one, &mut v_t, BK);
         dk_acc.fill(zero);
         dv_acc.fill(zero);
         for h in hk * group..(hk + 1) * group {
@@ -989,38 +989,58 @@ unsafe fn backward_part<S: Storage, I: IsaChoice>(
                     dp,
                     true,
                 );
-                // dQ_tile = dS K (rows past `rows` are never read)
-                let m_rows = round_up(rows, 8);
-                S::Acc::gemm_for::<I>(
-                    m_rows,
-                    dp,
-                    cols,
-                    ds.as_ptr(),
-                    BK,
-                    1,
-                    k_tile.as_ptr(),
-                    dp,
-                    dq_tile.as_mut_ptr(),
-                    dp,
-                    false,
-                );
-                for r in 0..rows {
-                    // A slice (not pointer arithmetic) so the compiler sees no aliasing and vectorises.
-                    let dst = std::slice::from_raw_parts_mut(
-                        dq_part.add(((q0 + i0 + r) * hq + h) * d),
-                        d,
+                let dq_rows = dq_part.add(((q0 + i0) * hq + h) * d);
+                if rows == BQ && d == dp {
+                    // dQ rows += dS K, accumulated in place (whole tile, no padding columns).
+                    S::Acc::gemm_for::<I>(
+                        BQ,
+                        dp,
+                        cols,
+                        ds.as_ptr(),
+                        BK,
+                        1,
+                        k_tile.as_ptr(),
+                        dp,
+                        dq_rows,
+                        hq * d,
+                        true,
                     );
-                    for (o, &g) in dst.iter_mut().zip(&dq_tile[r * dp..r * dp + d]) {
-                        *o = *o + g;
+                } else {
+                    // dQ_tile = dS K (rows past `rows` are never read), then added row by row.
+                    let m_rows = round_up(rows, 8);
+                    S::Acc::gemm_for::<I>(
+                        m_rows,
+                        dp,
+                        cols,
+                        ds.as_ptr(),
+                        BK,
+                        1,
+                        k_tile.as_ptr(),
+                        dp,
+                        dq_tile.as_mut_ptr(),
+                        dp,
+                        false,
+                    );
+                    for r in 0..rows {
+                        // A slice (not pointer arithmetic): no aliasing seen, so it vectorises.
+                        let dst = std::slice::from_raw_parts_mut(dq_rows.add(r * hq * d), d);
+                        for (o, &g) in dst.iter_mut().zip(&dq_tile[r * dp..r * dp + d]) {
+                            *o = *o + g;
+                        }
                     }
                 }
             }
         }
         for c in 0..cols {
             let base = ((k0 + j0 + c) * hkv + hk) * d;
-            for x in 0..d {
-                *ctx.dk.ptr().add(base + x) = S::store(dk_acc[c * dp + x] * scale);
-                *ctx.dv.ptr().add(base + x) = S::store(dv_acc[c * dp + x]);
+            // Slices (not pointer arithmetic) so the compiler sees no aliasing and vectorises.
+            let dk = std::slice::from_raw_parts_mut(ctx.dk.ptr().add(base), d);
+            let dv = std::slice::from_raw_parts_mut(ctx.dv.ptr().add(base), d);
+            for (o, &a) in dk.iter_mut().zip(&dk_acc[c * dp..c * dp + d]) {
+                *o = S::store(a * scale);
+            }
+            for (o, &a) in dv.iter_mut().zip(&dv_acc[c * dp..c * dp + d]) {
+                *o = S::store(a);
             }
         }
         jt += ctx.parts;
