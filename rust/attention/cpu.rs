@@ -382,6 +382,21 @@ pub fn forward<S: Storage>(
     check_len("q", q.len(), shape.total_q() * hq * d)?;
     check_len("k", k.len(), shape.total_k() * hkv * d)?;
     check_len("v", v.len(), shape.total_k() * hkv * d)?;
+    // One trip into the pool for the whole call (the installs inside then run in place): each
+    // trip costs two thread wake-ups, which dominate small calls.
+    Ok(crate::parallel::install(|| {
+        forward_in_pool(q, k, v, shape, opts)
+    }))
+}
+
+fn forward_in_pool<S: Storage>(
+    q: &[S],
+    k: &[S],
+    v: &[S],
+    shape: &Shape,
+    opts: &Options,
+) -> (Vec<S>, Vec<S::Acc>) {
+    let hq = shape.heads_q;
     let mut out = vec![S::store(S::Acc::ZERO); q.len()];
     let mut lse = vec![S::Acc::NEG_INFINITY; shape.lse_len()];
     let mut tasks = Vec::new();
@@ -407,7 +422,7 @@ pub fn forward<S: Storage>(
             unsafe { forward_dispatch(&ctx, task, isa) }
         })
     });
-    Ok((out, lse))
+    (out, lse)
 }
 
 unsafe fn forward_dispatch<S: Storage>(ctx: &FwdCtx<'_, S>, task: (usize, usize, usize), isa: Isa) {
@@ -704,6 +719,25 @@ pub fn backward<S: Storage>(
     check_len("k", k.len(), shape.total_k() * hkv * d)?;
     check_len("v", v.len(), shape.total_k() * hkv * d)?;
     check_len("lse", lse.len(), shape.lse_len())?;
+    // One trip into the pool for the whole call, as in `forward`.
+    Ok(crate::parallel::install(|| {
+        backward_in_pool(dout, q, k, v, out, lse, shape, opts)
+    }))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_in_pool<S: Storage>(
+    dout: &[S],
+    q: &[S],
+    k: &[S],
+    v: &[S],
+    out: &[S],
+    lse: &[S::Acc],
+    shape: &Shape,
+    opts: &Options,
+) -> (Vec<S>, Vec<S>, Vec<S>) {
+    let (hq, hkv, d) = (shape.heads_q, shape.heads_kv, shape.head_dim);
+    let q_len = shape.total_q() * hq * d;
     let batch = shape.batch();
     let zero = S::Acc::ZERO;
 
@@ -790,7 +824,7 @@ pub fn backward<S: Storage>(
                 }
             })
     });
-    Ok((dq, dk, dv))
+    (dq, dk, dv)
 }
 
 unsafe fn backward_dispatch<S: Storage>(
