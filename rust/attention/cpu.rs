@@ -292,9 +292,13 @@ fn check_len(name: &str, got: usize, want: usize) -> Result<()> {
     Ok(())
 }
 
-/// K and V of every (sequence, kv head) as contiguous, zero-padded rows of `round_up(d, 16)`
-/// accumulation-type values, `round_up(seqlen_k, FWD_BLOCK_K)` rows each: the forward's key tiles
-/// are then plain slices (no per-tile packing, no cache-aliasing strided reads).
+/// Rows of each (sequence, kv head) block of [`PackedKv`]: the forward's key gemm reads whole
+/// groups of 8 rows.
+const KV_ROW_ALIGN: usize = 8;
+
+/// K and V of every (sequence, kv head) as contiguous rows of `round_up(d, 16)` accumulation-type
+/// values (zero-padded), `round_up(seqlen_k, 8)` rows each: the forward's key tiles are then plain
+/// slices (no per-tile packing, no cache-aliasing strided reads).
 struct PackedKv<T> {
     k: Vec<T>,
     v: Vec<T>,
@@ -311,12 +315,13 @@ impl<T: Real> PackedKv<T> {
         let mut rows = 0;
         for b in 0..shape.batch() {
             seq_base.push(rows);
-            rows += hkv * round_up(shape.seq_k(b).1, FWD_BLOCK_K);
+            rows += hkv * round_up(shape.seq_k(b).1, KV_ROW_ALIGN);
         }
         seq_base.push(rows);
+        // Every element is written below (values or padding zeros): no zero-fill pass first.
         let mut packed = PackedKv {
-            k: vec![T::ZERO; rows * dp],
-            v: vec![T::ZERO; rows * dp],
+            k: Vec::<T>::with_capacity(rows * dp),
+            v: Vec::<T>::with_capacity(rows * dp),
             seq_base,
             dp,
         };
@@ -331,31 +336,49 @@ impl<T: Real> PackedKv<T> {
         crate::parallel::install(|| {
             pairs.par_iter().for_each(|&(b, hk)| {
                 let (k0, nk) = shape.seq_k(b);
-                for j in 0..nk {
-                    let src = ((k0 + j) * hkv + hk) * d;
-                    let dst = this.row(shape, b, hk, j);
-                    // SAFETY: (b, hk) pairs own disjoint rows; `row` stays inside the buffers.
-                    unsafe {
-                        let krow = std::slice::from_raw_parts_mut(kp.ptr().add(dst), d);
-                        let vrow = std::slice::from_raw_parts_mut(vp.ptr().add(dst), d);
-                        for ((ko, vo), (&kx, &vx)) in krow
-                            .iter_mut()
-                            .zip(vrow.iter_mut())
-                            .zip(k[src..src + d].iter().zip(&v[src..src + d]))
-                        {
-                            *ko = kx.load();
-                            *vo = vx.load();
+                let first = this.row(shape, b, hk, 0);
+                let block = round_up(nk, KV_ROW_ALIGN) * dp;
+                // SAFETY: (b, hk) pairs own disjoint blocks, all inside the allocations; the
+                // blocks tile `0..rows * dp` exactly, so every element gets written.
+                let (kb, vb) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(kp.ptr().add(first), block),
+                        std::slice::from_raw_parts_mut(vp.ptr().add(first), block),
+                    )
+                };
+                for (j, (krow, vrow)) in kb
+                    .chunks_exact_mut(dp)
+                    .zip(vb.chunks_exact_mut(dp))
+                    .enumerate()
+                {
+                    if j < nk {
+                        let src = ((k0 + j) * hkv + hk) * d;
+                        for (o, &x) in krow.iter_mut().zip(&k[src..src + d]) {
+                            *o = x.load();
                         }
+                        for (o, &x) in vrow.iter_mut().zip(&v[src..src + d]) {
+                            *o = x.load();
+                        }
+                        krow[d..].fill(T::ZERO);
+                        vrow[d..].fill(T::ZERO);
+                    } else {
+                        krow.fill(T::ZERO);
+                        vrow.fill(T::ZERO);
                     }
                 }
             })
         });
+        // SAFETY: all `rows * dp` elements were initialised above.
+        unsafe {
+            packed.k.set_len(rows * dp);
+            packed.v.set_len(rows * dp);
+        }
         packed
     }
 
     /// Element offset of row `j` of (sequence b, kv head hk).
     fn row(&self, shape: &Shape, b: usize, hk: usize, j: usize) -> usize {
-        (self.seq_base[b] + hk * round_up(shape.seq_k(b).1, FWD_BLOCK_K) + j) * self.dp
+        (self.seq_base[b] + hk * round_up(shape.seq_k(b).1, KV_ROW_ALIGN) + j) * self.dp
     }
 }
 
@@ -397,7 +420,8 @@ fn forward_in_pool<S: Storage>(
     opts: &Options,
 ) -> (Vec<S>, Vec<S::Acc>) {
     let hq = shape.heads_q;
-    let mut out = vec![S::store(S::Acc::ZERO); q.len()];
+    // Every row of `out` is written by the task of its query tile: no zero-fill pass first.
+    let mut out = Vec::<S>::with_capacity(q.len());
     let mut lse = vec![S::Acc::NEG_INFINITY; shape.lse_len()];
     let mut tasks = Vec::new();
     for b in 0..shape.batch() {
@@ -422,6 +446,8 @@ fn forward_in_pool<S: Storage>(
             unsafe { forward_dispatch(&ctx, task, isa) }
         })
     });
+    // SAFETY: the query tiles of all (sequence, head) pairs cover every row of `out`.
+    unsafe { out.set_len(q.len()) };
     (out, lse)
 }
 
@@ -588,8 +614,11 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
     for r in 0..rows {
         let out_row = ctx.out.ptr().add(((q0 + i0 + r) * hq + h) * d);
         if l[r] == zero {
+            // The row sees no key: output 0.
+            // (All storage types have 0.0 as all-zero bits; the row may be uninitialised.)
+            std::ptr::write_bytes(out_row, 0, d);
             *ctx.lse.ptr().add(lse_base + r) = neg_inf;
-            continue; // out was zero-initialised
+            continue;
         }
         let inv = S::Acc::ONE / l[r];
         for x in 0..d {
