@@ -684,7 +684,10 @@ impl QueryRows {
     fn build<S: Storage>(&self, x: &[S]) -> Vec<S::Acc> {
         let shape = &self.shape;
         let (hq, d) = (shape.heads_q, shape.head_dim);
-        let mut out = vec![S::Acc::ZERO; self.seq_base[shape.batch()] * self.dp];
+        let dp = self.dp;
+        let len = self.seq_base[shape.batch()] * dp;
+        // Every element is written below (values or padding zeros): no zero-fill pass first.
+        let mut out = Vec::<S::Acc>::with_capacity(len);
         let dst = SharedMut(out.as_mut_ptr());
         let pairs: Vec<(usize, usize)> = (0..shape.batch())
             .flat_map(|b| (0..hq).map(move |h| (b, h)))
@@ -692,18 +695,26 @@ impl QueryRows {
         crate::parallel::install(|| {
             pairs.par_iter().for_each(|&(b, h)| {
                 let (q0, nq) = shape.seq_q(b);
-                for i in 0..nq {
-                    let src = &x[((q0 + i) * hq + h) * d..][..d];
-                    // SAFETY: (b, h) pairs own disjoint rows; `row` stays inside `out`.
-                    let row = unsafe {
-                        std::slice::from_raw_parts_mut(dst.ptr().add(self.row(b, h, i)), d)
-                    };
-                    for (o, &value) in row.iter_mut().zip(src) {
-                        *o = value.load();
+                let block = round_up(nq, BWD_BLOCK_Q) * dp;
+                // SAFETY: (b, h) pairs own disjoint blocks that tile `0..len` exactly.
+                let rows = unsafe {
+                    std::slice::from_raw_parts_mut(dst.ptr().add(self.row(b, h, 0)), block)
+                };
+                for (i, row) in rows.chunks_exact_mut(dp).enumerate() {
+                    if i < nq {
+                        let src = &x[((q0 + i) * hq + h) * d..][..d];
+                        for (o, &value) in row.iter_mut().zip(src) {
+                            *o = value.load();
+                        }
+                        row[d..].fill(S::Acc::ZERO);
+                    } else {
+                        row.fill(S::Acc::ZERO);
                     }
                 }
             })
         });
+        // SAFETY: all `len` elements were initialised above.
+        unsafe { out.set_len(len) };
         out
     }
 }
@@ -805,8 +816,9 @@ fn backward_in_pool<S: Storage>(
         .clamp(1, BWD_MAX_PARTS)
         .min(max_kv_tiles);
     let mut dq_parts = vec![zero; parts * q_len];
-    let mut dk = vec![S::store(zero); k.len()];
-    let mut dv = vec![S::store(zero); v.len()];
+    // dK and dV rows are all written by the task owning their key tile: no zero-fill pass.
+    let mut dk = Vec::<S>::with_capacity(k.len());
+    let mut dv = Vec::<S>::with_capacity(v.len());
     let ctx = BwdCtx {
         k,
         v,
@@ -835,6 +847,11 @@ fn backward_in_pool<S: Storage>(
             unsafe { backward_dispatch(&ctx, task, isa) }
         })
     });
+    // SAFETY: the parts of every (sequence, kv head) cover all of its key tiles.
+    unsafe {
+        dk.set_len(k.len());
+        dv.set_len(v.len());
+    }
 
     let scale = S::Acc::from_f64(opts.softmax_scale);
     let mut dq = vec![S::store(zero); q_len];
@@ -1096,14 +1113,15 @@ unsafe fn backward_part<S: Storage, I: IsaChoice>(
         }
         for c in 0..cols {
             let base = ((k0 + j0 + c) * hkv + hk) * d;
-            // Slices (not pointer arithmetic) so the compiler sees no aliasing and vectorises.
-            let dk = std::slice::from_raw_parts_mut(ctx.dk.ptr().add(base), d);
-            let dv = std::slice::from_raw_parts_mut(ctx.dv.ptr().add(base), d);
-            for (o, &a) in dk.iter_mut().zip(&dk_acc[c * dp..c * dp + d]) {
-                *o = S::store(a * scale);
-            }
-            for (o, &a) in dv.iter_mut().zip(&dv_acc[c * dp..c * dp + d]) {
-                *o = S::store(a);
+            // The rows may be uninitialised: raw writes, no slices of them.
+            let (dk, dv) = (ctx.dk.ptr().add(base), ctx.dv.ptr().add(base));
+            for (x, (&a, &b)) in dk_acc[c * dp..c * dp + d]
+                .iter()
+                .zip(&dv_acc[c * dp..c * dp + d])
+                .enumerate()
+            {
+                dk.add(x).write(S::store(a * scale));
+                dv.add(x).write(S::store(b));
             }
         }
         jt += ctx.parts;
