@@ -329,41 +329,48 @@ impl<T: Real> PackedKv<T> {
             SharedMut(packed.k.as_mut_ptr()),
             SharedMut(packed.v.as_mut_ptr()),
         );
-        let pairs: Vec<(usize, usize)> = (0..shape.batch())
-            .flat_map(|b| (0..hkv).map(move |h| (b, h)))
+        // Work in token order (each source row holds every kv head of one token, contiguous), so
+        // reads stream through memory; a kv-head-major walk strides by heads * d and defeats the
+        // prefetchers. Chunks of rows per task; each writes hkv sequential streams.
+        const CHUNK: usize = 64;
+        let chunks: Vec<(usize, usize)> = (0..shape.batch())
+            .flat_map(|b| {
+                let padded = round_up(shape.seq_k(b).1, KV_ROW_ALIGN);
+                (0..padded.div_ceil(CHUNK)).map(move |c| (b, c * CHUNK))
+            })
             .collect();
         let this = &packed;
         crate::parallel::install(|| {
-            pairs.par_iter().for_each(|&(b, hk)| {
+            chunks.par_iter().for_each(|&(b, j_start)| {
                 let (k0, nk) = shape.seq_k(b);
-                let first = this.row(shape, b, hk, 0);
-                let block = round_up(nk, KV_ROW_ALIGN) * dp;
-                // SAFETY: (b, hk) pairs own disjoint blocks, all inside the allocations; the
-                // blocks tile `0..rows * dp` exactly, so every element gets written.
-                let (kb, vb) = unsafe {
-                    (
-                        std::slice::from_raw_parts_mut(kp.ptr().add(first), block),
-                        std::slice::from_raw_parts_mut(vp.ptr().add(first), block),
-                    )
-                };
-                for (j, (krow, vrow)) in kb
-                    .chunks_exact_mut(dp)
-                    .zip(vb.chunks_exact_mut(dp))
-                    .enumerate()
-                {
-                    if j < nk {
-                        let src = ((k0 + j) * hkv + hk) * d;
-                        for (o, &x) in krow.iter_mut().zip(&k[src..src + d]) {
-                            *o = x.load();
+                let j_end = (j_start + CHUNK).min(round_up(nk, KV_ROW_ALIGN));
+                for hk in 0..hkv {
+                    let first = this.row(shape, b, hk, j_start);
+                    let len = (j_end - j_start) * dp;
+                    // SAFETY: (b, row chunk) tasks own disjoint rows of every kv head's block; the
+                    // blocks tile `0..rows * dp`, so every element gets written exactly once.
+                    let (kb, vb) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(kp.ptr().add(first), len),
+                            std::slice::from_raw_parts_mut(vp.ptr().add(first), len),
+                        )
+                    };
+                    let rows = kb.chunks_exact_mut(dp).zip(vb.chunks_exact_mut(dp));
+                    for (j, (krow, vrow)) in (j_start..j_end).zip(rows) {
+                        if j < nk {
+                            let src = ((k0 + j) * hkv + hk) * d;
+                            for (o, &x) in krow.iter_mut().zip(&k[src..src + d]) {
+                                *o = x.load();
+                            }
+                            for (o, &x) in vrow.iter_mut().zip(&v[src..src + d]) {
+                                *o = x.load();
+                            }
+                            krow[d..].fill(T::ZERO);
+                            vrow[d..].fill(T::ZERO);
+                        } else {
+                            krow.fill(T::ZERO);
+                            vrow.fill(T::ZERO);
                         }
-                        for (o, &x) in vrow.iter_mut().zip(&v[src..src + d]) {
-                            *o = x.load();
-                        }
-                        krow[d..].fill(T::ZERO);
-                        vrow[d..].fill(T::ZERO);
-                    } else {
-                        krow.fill(T::ZERO);
-                        vrow.fill(T::ZERO);
                     }
                 }
             })
@@ -507,16 +514,15 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
     let q_mul = if capped { S::Acc::ONE } else { scale * log2e };
     let cap2 = cap * log2e;
     let scale_over_cap = scale * inv_cap;
+    // Q rows are heads * d apart in memory: copy them with vector loads first (many rows in
+    // flight), then transpose from L1; a scalar transpose straight from the strided rows waits
+    // on one cache miss after another.
+    let mut q_rows = Vec::with_capacity(rows * d);
+    for r in 0..rows {
+        q_rows.extend_from_slice(&ctx.q[((q0 + i0 + r) * hq + h) * d..][..d]);
+    }
     let mut q_t = vec![zero; d * BQ];
-    transpose_rows(
-        &ctx.q[((q0 + i0) * hq + h) * d..],
-        hq * d,
-        rows,
-        d,
-        q_mul,
-        &mut q_t,
-        BQ,
-    );
+    transpose_rows(&q_rows, d, rows, d, q_mul, &mut q_t, BQ);
     let mut s_t = vec![zero; BK * BQ];
     let mut acc_t = vec![zero; dp * BQ];
     let mut m = [neg_inf; BQ];
