@@ -11,6 +11,7 @@ pub mod index_file;
 pub mod jsonl;
 pub mod lsh;
 pub mod minhash;
+pub mod batch;
 pub mod shingle;
 pub mod verify;
 

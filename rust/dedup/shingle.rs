@@ -16,6 +16,7 @@
 use unicode_normalization::{is_nfkc_quick, IsNormalized, UnicodeNormalization};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+use super::batch::{self, Level, ShortKeys};
 use crate::error::{Error, Result};
 
 /// How a document is split into tokens before n-grams are formed.
@@ -141,64 +142,35 @@ pub fn token_hash(b: &[u8], seed: u64) -> u64 {
     xxh64_avalanche(keyed)
 }
 
-/// xxh3 of lowercased ASCII alphanumeric tokens of 1-8 bytes read in place, both length classes
-/// computed and one selected (the class changes unpredictably from word to word).
-struct ShortTokenHasher {
-    key_1to3: u64,
-    key_4to8: u64,
-    key_9to16: (u64, u64),
-}
-
-impl ShortTokenHasher {
-    fn new(seed: u64) -> Self {
-        let seed48 = seed ^ (((seed as u32).swap_bytes() as u64) << 32);
-        ShortTokenHasher {
+/// xxh3's keys for tokens of 1-3, 4-8 and 9-16 bytes under `seed`.
+fn short_keys(seed: u64) -> (ShortKeys, (u64, u64)) {
+    let seed48 = seed ^ (((seed as u32).swap_bytes() as u64) << 32);
+    (
+        ShortKeys {
             key_1to3: ((secret32(0) ^ secret32(4)) as u64).wrapping_add(seed),
             key_4to8: (secret64(8) ^ secret64(16)).wrapping_sub(seed48),
-            key_9to16: (
-                (secret64(24) ^ secret64(32)).wrapping_add(seed),
-                (secret64(40) ^ secret64(48)).wrapping_sub(seed),
-            ),
-        }
-    }
+        },
+        (
+            (secret64(24) ^ secret64(32)).wrapping_add(seed),
+            (secret64(40) ^ secret64(48)).wrapping_sub(seed),
+        ),
+    )
+}
 
-    /// xxh3 of a lowercased alphanumeric token of 9-16 bytes, read in place.
-    #[inline(always)]
-    fn hash_9to16(&self, bytes: &[u8], start: usize, len: usize) -> u64 {
-        const LOWER: u64 = 0x2020_2020_2020_2020;
-        let lo = (read64(bytes, start) | LOWER) ^ self.key_9to16.0;
-        let hi = (read64(bytes, start + len - 8) | LOWER) ^ self.key_9to16.1;
-        let product = lo as u128 * hi as u128;
-        let acc = (len as u64)
-            .wrapping_add(lo.swap_bytes())
-            .wrapping_add(hi)
-            .wrapping_add(product as u64 ^ (product >> 64) as u64);
-        let v = (acc ^ (acc >> 37)).wrapping_mul(0x1656_6791_9E37_79F9);
-        v ^ (v >> 32)
-    }
-
-    /// Needs `1 <= len <= 8`, `start + len <= bytes.len()` and `bytes.len() >= 4`.
-    #[inline(always)]
-    fn hash(&self, bytes: &[u8], start: usize, len: usize) -> u64 {
-        let n = bytes.len();
-        let byte = |i: usize| (bytes[i] | 0x20) as u32;
-        let combo = (byte(start) << 16)
-            | (byte(start + (len >> 1)) << 24)
-            | byte(start + len - 1)
-            | ((len as u32) << 8);
-        let h13 = xxh64_avalanche(combo as u64 ^ self.key_1to3);
-        // Clamped reads stay in bounds; their value only matters when len >= 4.
-        let head = read32(bytes, start.min(n - 4)) | 0x2020_2020;
-        let tail = read32(bytes, (start + len).max(4) - 4) | 0x2020_2020;
-        let input64 = (tail as u64).wrapping_add((head as u64) << 32);
-        let mut v = input64 ^ self.key_4to8;
-        v ^= v.rotate_left(49) ^ v.rotate_left(24);
-        v = v.wrapping_mul(0x9FB2_1C65_1E98_DF25);
-        v ^= (v >> 35).wrapping_add(len as u64);
-        v = v.wrapping_mul(0x9FB2_1C65_1E98_DF25);
-        let h48 = v ^ (v >> 28);
-        std::hint::select_unpredictable(len >= 4, h48, h13)
-    }
+/// xxh3 of the lowercased alphanumeric ASCII token `bytes[start..start + len]`, 9-16 bytes,
+/// read in place.
+#[inline]
+fn hash_9to16_lowercased(bytes: &[u8], start: usize, len: usize, keys: (u64, u64)) -> u64 {
+    const LOWER: u64 = 0x2020_2020_2020_2020;
+    let lo = (read64(bytes, start) | LOWER) ^ keys.0;
+    let hi = (read64(bytes, start + len - 8) | LOWER) ^ keys.1;
+    let product = lo as u128 * hi as u128;
+    let acc = (len as u64)
+        .wrapping_add(lo.swap_bytes())
+        .wrapping_add(hi)
+        .wrapping_add(product as u64 ^ (product >> 64) as u64);
+    let v = (acc ^ (acc >> 37)).wrapping_mul(0x1656_6791_9E37_79F9);
+    v ^ (v >> 32)
 }
 
 #[inline(always)]
@@ -224,14 +196,22 @@ pub struct Shingler {
     seed: u64,
     multipliers: Vec<u64>,
     ascii_char_hashes: Vec<u64>,
+    short_keys: ShortKeys,
+    key_9to16: (u64, u64),
 }
 
 /// Per-thread buffers reused across documents.
 #[derive(Default)]
 pub struct Scratch {
     text: String,
+    /// Token hashes of the current document: the first `token_count` (the buffer only grows on
+    /// the ASCII path).
     tokens: Vec<u64>,
+    token_count: usize,
     masks: Vec<u64>,
+    ascii: AsciiTokens,
+    long_buf: Vec<u8>,
+    shingles: Vec<u64>,
 }
 
 impl Shingler {
@@ -243,12 +223,15 @@ impl Shingler {
             Tokenizer::Char => (0u8..128).map(|c| xxh3_64_with_seed(&[c], seed)).collect(),
             Tokenizer::Word => Vec::new(),
         };
+        let (short_keys, key_9to16) = short_keys(seed);
         Ok(Shingler {
             ngram,
             tokenizer,
             seed,
             multipliers: position_multipliers(ngram),
             ascii_char_hashes,
+            short_keys,
+            key_9to16,
         })
     }
 
@@ -258,123 +241,109 @@ impl Shingler {
 
     /// Calls `emit` with the 64-bit hash of every shingle of `text`, in order (repeats included).
     pub fn for_each_shingle(&self, text: &str, scratch: &mut Scratch, mut emit: impl FnMut(u64)) {
-        if self.tokenizer == Tokenizer::Word
-            && self.ngram == 5
-            && text.len() >= 4
-            && text.is_ascii()
-        {
-            return self.ascii_word_5gram_shingles(text.as_bytes(), &mut scratch.masks, emit);
-        }
-        let ascii = normalize_into(text, &mut scratch.text);
-        scratch.tokens.clear();
-        match self.tokenizer {
-            Tokenizer::Word => word_token_hashes(
-                &scratch.text,
-                ascii,
-                self.seed,
-                &mut scratch.masks,
-                &mut scratch.tokens,
-            ),
-            Tokenizer::Char => self.char_token_hashes(&scratch.text, &mut scratch.tokens),
-        }
-        let tokens = &scratch.tokens;
-        if tokens.is_empty() {
-            return;
-        }
-        let c = &self.multipliers;
-        if tokens.len() < self.ngram {
-            emit(combine(tokens, c));
-            return;
-        }
-        if self.ngram == 5 {
-            // The default gets a fixed-size window so the combine is fully unrolled.
-            let c5: [u64; 5] = [c[0], c[1], c[2], c[3], c[4]];
-            for w in tokens.windows(5) {
-                let s = c5[0]
-                    .wrapping_mul(w[0])
-                    .wrapping_add(c5[1].wrapping_mul(w[1]))
-                    .wrapping_add(c5[2].wrapping_mul(w[2]))
-                    .wrapping_add(c5[3].wrapping_mul(w[3]))
-                    .wrapping_add(c5[4].wrapping_mul(w[4]));
-                emit(fmix64(s));
-            }
-        } else {
-            for w in tokens.windows(self.ngram) {
-                emit(combine(w, c));
-            }
+        for &h in self.shingle_hashes(text, scratch) {
+            emit(h);
         }
     }
 
-    /// The default scheme (word tokens, 5-grams) on ASCII text of at least 4 bytes in one pass:
-    /// no lowercase copy (alphanumeric ASCII bytes lowercase as `b | 0x20`), no token buffer.
-    fn ascii_word_5gram_shingles(
-        &self,
-        bytes: &[u8],
-        masks: &mut Vec<u64>,
-        mut emit: impl FnMut(u64),
-    ) {
-        let n = bytes.len();
-        masks.clear();
-        masks.resize(n.div_ceil(64), 0);
-        let mut chunks = bytes.chunks_exact(64);
-        for (m, chunk) in masks.iter_mut().zip(&mut chunks) {
-            *m = ascii_alnum_mask64(chunk.try_into().expect("64 bytes"));
+    /// The 64-bit hash of every shingle of `text`, in order (repeats included), in a buffer of
+    /// `scratch`.
+    pub fn shingle_hashes<'s>(&self, text: &str, scratch: &'s mut Scratch) -> &'s [u64] {
+        let level = Level::detect();
+        let count = self.shingle_count(text, scratch, level);
+        let tokens = &scratch.tokens[..scratch.token_count];
+        let out = &mut scratch.shingles;
+        out.clear();
+        if count == 1 && tokens.len() < self.ngram {
+            out.push(combine(tokens, &self.multipliers));
+        } else if count > 0 {
+            out.resize(count, 0);
+            batch::combine_windows(level, tokens, &self.multipliers, out);
         }
-        let tail = chunks.remainder();
-        if !tail.is_empty() {
-            let mut m = 0u64;
-            for (i, &b) in tail.iter().enumerate() {
-                m |= (b.is_ascii_alphanumeric() as u64) << i;
+        out
+    }
+
+    /// The low 32 bits of every shingle hash of `text` (what MinHash permutes) into `out`.
+    pub fn shingle_hashes_low32(&self, text: &str, scratch: &mut Scratch, out: &mut Vec<u32>) {
+        let level = Level::detect();
+        let count = self.shingle_count(text, scratch, level);
+        let tokens = &scratch.tokens[..scratch.token_count];
+        out.clear();
+        if count == 1 && tokens.len() < self.ngram {
+            out.push(combine(tokens, &self.multipliers) as u32);
+        } else if count > 0 {
+            out.resize(count, 0);
+            batch::combine_windows_low32(level, tokens, &self.multipliers, out);
+        }
+    }
+
+    /// Hashes the tokens of `text` into `scratch.tokens[..scratch.token_count]`; returns the
+    /// number of shingles.
+    fn shingle_count(&self, text: &str, scratch: &mut Scratch, level: Level) -> usize {
+        // Pure ASCII needs no NFKC and lowercases per byte: word tokens are hashed in place
+        // (token offsets are u32 there).
+        let ascii_done = self.tokenizer == Tokenizer::Word
+            && text.len() < u32::MAX as usize - 128
+            && self.ascii_word_token_hashes(text.as_bytes(), scratch, level);
+        if !ascii_done {
+            let ascii = normalize_into(text, &mut scratch.text);
+            scratch.tokens.clear();
+            match self.tokenizer {
+                Tokenizer::Word => word_token_hashes(
+                    &scratch.text,
+                    ascii,
+                    self.seed,
+                    &mut scratch.masks,
+                    &mut scratch.tokens,
+                ),
+                Tokenizer::Char => self.char_token_hashes(&scratch.text, &mut scratch.tokens),
             }
-            *masks.last_mut().expect("a word for the tail") = m;
+            scratch.token_count = scratch.tokens.len();
         }
-        let short = ShortTokenHasher::new(self.seed);
-        let c = &self.multipliers;
-        let c5: [u64; 5] = [c[0], c[1], c[2], c[3], c[4]];
-        let mut window = [0u64; 5];
-        let mut count = 0usize;
-        let mut long_buf = Vec::new();
-        // Bit changes of the mask mark token starts and ends, which alternate; a zero word past
-        // the end closes a token that runs to the last byte.
-        let mut carry = 0u64;
-        let mut start = 0usize;
-        for w in 0..=masks.len() {
-            let m = masks.get(w).copied().unwrap_or(0);
-            let mut edges = m ^ ((m << 1) | carry);
-            carry = m >> 63;
-            while edges != 0 {
-                let bit = edges.trailing_zeros() as usize;
-                edges &= edges - 1;
-                if (m >> bit) & 1 == 1 {
-                    start = w * 64 + bit;
-                    continue;
-                }
-                let len = w * 64 + bit - start;
-                let h = if len <= 8 {
-                    short.hash(bytes, start, len)
-                } else if len <= 16 {
-                    short.hash_9to16(bytes, start, len)
-                } else {
-                    long_buf.clear();
-                    long_buf.extend(bytes[start..start + len].iter().map(|&b| b | 0x20));
-                    token_hash(&long_buf, self.seed)
-                };
-                window = [window[1], window[2], window[3], window[4], h];
-                count += 1;
-                if count >= 5 {
-                    let s = c5[0]
-                        .wrapping_mul(window[0])
-                        .wrapping_add(c5[1].wrapping_mul(window[1]))
-                        .wrapping_add(c5[2].wrapping_mul(window[2]))
-                        .wrapping_add(c5[3].wrapping_mul(window[3]))
-                        .wrapping_add(c5[4].wrapping_mul(window[4]));
-                    emit(fmix64(s));
-                }
-            }
+        match scratch.token_count {
+            0 => 0,
+            t if t < self.ngram => 1,
+            t => t + 1 - self.ngram,
         }
-        if count > 0 && count < 5 {
-            emit(combine(&window[5 - count..], c));
+    }
+
+    /// Word-token hashes of ASCII text into `scratch.tokens`, without a lowercase copy: a SIMD
+    /// alphanumeric mask gives the token edges, every token's first 8 bytes go to an array, and
+    /// one batched kernel hashes the tokens of up to 8 bytes; longer ones (about one in ten in
+    /// English) are fixed up one by one. False (nothing done) when `bytes` is not ASCII.
+    fn ascii_word_token_hashes(&self, bytes: &[u8], sc: &mut Scratch, level: Level) -> bool {
+        let Some((token_count, long_count)) = ascii_word_tokens(level, bytes, &mut sc.ascii)
+        else {
+            return false;
+        };
+        let t = &sc.ascii;
+        if sc.tokens.len() < token_count {
+            sc.tokens.resize(token_count, 0);
         }
+        sc.token_count = token_count;
+        let tokens = &mut sc.tokens[..token_count];
+        batch::short_token_hashes(
+            level,
+            &t.words[..token_count],
+            &t.starts[..token_count],
+            &t.ends[..token_count],
+            self.short_keys,
+            tokens,
+        );
+        for &i in &t.long[..long_count] {
+            let i = i as usize;
+            let (start, end) = (t.starts[i] as usize, t.ends[i] as usize);
+            let len = end - start;
+            tokens[i] = if len <= 16 {
+                hash_9to16_lowercased(bytes, start, len, self.key_9to16)
+            } else {
+                sc.long_buf.clear();
+                sc.long_buf
+                    .extend(bytes[start..end].iter().map(|&b| b | 0x20));
+                token_hash(&sc.long_buf, self.seed)
+            };
+        }
+        true
     }
 
     /// Sorted, de-duplicated shingle hashes of `text` (the set exact Jaccard is computed on).
@@ -408,6 +377,169 @@ impl Shingler {
         }
     }
 }
+
+/// Tokens of the ASCII word path. The buffers only grow: only the first entries of a document
+/// are meaningful, and no document pays for clearing them.
+#[derive(Default)]
+pub struct AsciiTokens {
+    /// Start and end (one past) of every token.
+    starts: Vec<u32>,
+    ends: Vec<u32>,
+    /// First 8 bytes of every token, little-endian, zero-padded at the end of the text.
+    words: Vec<u64>,
+    /// Indices of the tokens longer than 8 bytes.
+    long: Vec<u32>,
+}
+
+/// Writes the positions of the set bits of `bits` (plus `base`) at `out[*count..]` and advances
+/// `*count`; slots past the new count are scratch, overwritten later.
+#[inline(always)]
+fn push_positions(out: &mut Vec<u32>, count: &mut usize, bits: u64, base: u32, compress: bool) {
+    if *count + 64 > out.len() {
+        out.resize((out.len() * 2).max(*count + 64).max(1024), 0);
+    }
+    let dst: &mut [u32; 64] = (&mut out[*count..*count + 64])
+        .try_into()
+        .expect("64 slots");
+    #[cfg(target_arch = "x86_64")]
+    if compress {
+        // SAFETY: `compress` is only set where AVX-512 VBMI2 was detected.
+        unsafe { positions_compress(bits, base, dst) };
+        *count += bits.count_ones() as usize;
+        return;
+    }
+    let _ = compress;
+    // 8 at a time: no data-dependent loop exit per bit.
+    let total = bits.count_ones() as usize;
+    let mut bits = bits;
+    let mut k = 0;
+    loop {
+        for d in &mut dst[k..k + 8] {
+            *d = base + bits.trailing_zeros();
+            bits &= bits.wrapping_sub(1);
+        }
+        k += 8;
+        if k >= total {
+            break;
+        }
+    }
+    *count += total;
+}
+
+/// `push_positions` with one byte compress of the lane numbers, then widened to u32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi2")]
+#[inline]
+unsafe fn positions_compress(bits: u64, base: u32, dst: &mut [u32; 64]) {
+    use std::arch::x86_64::*;
+    static LANES: [u8; 64] = {
+        let mut l = [0u8; 64];
+        let mut i = 0;
+        while i < 64 {
+            l[i] = i as u8;
+            i += 1;
+        }
+        l
+    };
+    let lanes = _mm512_loadu_si512(LANES.as_ptr() as *const _);
+    let packed = _mm512_maskz_compress_epi8(bits, lanes);
+    let base = _mm512_set1_epi32(base as i32);
+    let p = dst.as_mut_ptr() as *mut __m512i;
+    _mm512_storeu_si512(p, _mm512_add_epi32(_mm512_cvtepu8_epi32(_mm512_castsi512_si128(packed)), base));
+    if bits.count_ones() > 16 {
+        let q1 = _mm512_extracti32x4_epi32::<1>(packed);
+        let q2 = _mm512_extracti32x4_epi32::<2>(packed);
+        let q3 = _mm512_extracti32x4_epi32::<3>(packed);
+        _mm512_storeu_si512(p.add(1), _mm512_add_epi32(_mm512_cvtepu8_epi32(q1), base));
+        _mm512_storeu_si512(p.add(2), _mm512_add_epi32(_mm512_cvtepu8_epi32(q2), base));
+        _mm512_storeu_si512(p.add(3), _mm512_add_epi32(_mm512_cvtepu8_epi32(q3), base));
+    }
+}
+
+/// Fills `t` for `bytes`; returns the number of tokens and of tokens over 8 bytes, or `None`
+/// as soon as a byte is not ASCII.
+#[inline(always)]
+fn ascii_word_tokens_body(
+    level: Level,
+    bytes: &[u8],
+    t: &mut AsciiTokens,
+) -> Option<(usize, usize)> {
+    let n = bytes.len();
+    #[cfg(target_arch = "x86_64")]
+    let compress = level == Level::Avx512 && std::is_x86_feature_detected!("avx512vbmi2");
+    #[cfg(not(target_arch = "x86_64"))]
+    let compress = false;
+    let mask = |chunk: &[u8; 64]| -> (u64, u64) {
+        #[cfg(target_arch = "x86_64")]
+        if level == Level::Avx512 {
+            // SAFETY: this copy is only compiled and run with AVX-512F/BW (see `multiversion`).
+            return unsafe { ascii_alnum_and_high_mask64_avx512(chunk) };
+        }
+        let _ = level;
+        ascii_alnum_and_high_mask64(chunk)
+    };
+    // A token starts where the alphanumeric mask turns on and ends where it turns off.
+    let (mut ns, mut ne) = (0usize, 0usize);
+    let mut carry = 0u64;
+    let mut chunks = bytes.chunks_exact(64);
+    let mut base = 0u32;
+    for chunk in &mut chunks {
+        let (m, high) = mask(chunk.try_into().expect("64 bytes"));
+        if high != 0 {
+            return None;
+        }
+        let prev = (m << 1) | carry;
+        push_positions(&mut t.starts, &mut ns, m & !prev, base, compress);
+        push_positions(&mut t.ends, &mut ne, !m & prev, base, compress);
+        carry = m >> 63;
+        base += 64;
+    }
+    let mut m = 0u64;
+    for (i, &b) in chunks.remainder().iter().enumerate() {
+        if !b.is_ascii() {
+            return None;
+        }
+        m |= (b.is_ascii_alphanumeric() as u64) << i;
+    }
+    // After a full last chunk this word is empty and holds only the closing edge, at bit 0.
+    let prev = (m << 1) | carry;
+    push_positions(&mut t.starts, &mut ns, m & !prev, base, compress);
+    push_positions(&mut t.ends, &mut ne, !m & prev, base, compress);
+    debug_assert_eq!(ns, ne);
+    let token_count = ns.min(ne);
+    if t.words.len() < token_count {
+        t.words.resize(token_count, 0);
+    }
+    if t.long.len() < token_count {
+        t.long.resize(token_count, 0);
+    }
+    let starts = &t.starts[..token_count];
+    let ends = &t.ends[..token_count];
+    let words = &mut t.words[..token_count];
+    let long = &mut t.long[..token_count];
+    // All but the last few tokens have 8 bytes of text from their start on.
+    let mut inside = token_count;
+    while inside > 0 && starts[inside - 1] as usize + 8 > n {
+        inside -= 1;
+    }
+    let mut long_count = 0usize;
+    for i in 0..token_count {
+        let start = starts[i] as usize;
+        words[i] = if i < inside {
+            read64(bytes, start)
+        } else {
+            let mut b = [0u8; 8];
+            b[..n - start].copy_from_slice(&bytes[start..]);
+            u64::from_le_bytes(b)
+        };
+        // Branch-free: about one token in ten is long, at random.
+        long[long_count.min(i)] = i as u32;
+        long_count += (ends[i] - starts[i] > 8) as usize;
+    }
+    Some((token_count, long_count))
+}
+
+batch::multiversion!(ascii_word_tokens => ascii_word_tokens_body, (bytes: &[u8], t: &mut AsciiTokens) -> Option<(usize, usize)>);
 
 #[inline]
 fn combine(tokens: &[u64], c: &[u64]) -> u64 {
@@ -533,6 +665,52 @@ fn ascii_alnum_mask64(chunk: &[u8; 64]) -> u64 {
         }
         m
     }
+}
+
+/// `ascii_alnum_mask64`, plus the bytes with the high bit set (non-ASCII), in one pass.
+#[inline]
+fn ascii_alnum_and_high_mask64(chunk: &[u8; 64]) -> (u64, u64) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        let mut high = 0u64;
+        for q in 0..4 {
+            // SAFETY: SSE2 is part of the x86_64 baseline; the load is unaligned and in bounds.
+            let bits = unsafe {
+                _mm_movemask_epi8(_mm_loadu_si128(chunk.as_ptr().add(16 * q) as *const __m128i))
+            };
+            high |= (bits as u32 as u64) << (16 * q);
+        }
+        (ascii_alnum_mask64(chunk), high)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let mut high = 0u64;
+        for (i, &b) in chunk.iter().enumerate() {
+            high |= ((b >> 7) as u64) << i;
+        }
+        (ascii_alnum_mask64(chunk), high)
+    }
+}
+
+/// `ascii_alnum_and_high_mask64` in one AVX-512BW step.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn ascii_alnum_and_high_mask64_avx512(chunk: &[u8; 64]) -> (u64, u64) {
+    use std::arch::x86_64::*;
+    let v = _mm512_loadu_si512(chunk.as_ptr() as *const _);
+    // Unsigned range checks: `(b | 0x20) - 'a' < 26` for letters, `b - '0' < 10` for digits.
+    let folded = _mm512_or_si512(v, _mm512_set1_epi8(0x20));
+    let letter = _mm512_cmplt_epu8_mask(
+        _mm512_sub_epi8(folded, _mm512_set1_epi8(b'a' as i8)),
+        _mm512_set1_epi8(26),
+    );
+    let digit = _mm512_cmplt_epu8_mask(
+        _mm512_sub_epi8(v, _mm512_set1_epi8(b'0' as i8)),
+        _mm512_set1_epi8(10),
+    );
+    (letter | digit, _mm512_movepi8_mask(v))
 }
 
 /// First position >= `pos` whose bit is `want`; `masks.len() * 64` if none.
