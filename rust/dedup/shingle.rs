@@ -456,6 +456,93 @@ unsafe fn positions_compress(bits: u64, base: u32, dst: &mut [u32; 64]) {
     }
 }
 
+/// `ascii_word_tokens_body` with AVX-512 throughout: one mask and two byte compresses per 64
+/// bytes for the token edges, gathers for the first 8 bytes of 8 tokens at a time, and a dword
+/// compress for the indices of the long tokens.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt,bmi1,bmi2")]
+unsafe fn ascii_word_tokens_avx512(bytes: &[u8], t: &mut AsciiTokens) -> Option<(usize, usize)> {
+    use std::arch::x86_64::*;
+    let n = bytes.len();
+    let (mut ns, mut ne) = (0usize, 0usize);
+    let mut carry = 0u64;
+    let mut chunks = bytes.chunks_exact(64);
+    let mut base = 0u32;
+    for chunk in &mut chunks {
+        let (m, high) = ascii_alnum_and_high_mask64_avx512(chunk.try_into().expect("64 bytes"));
+        if high != 0 {
+            return None;
+        }
+        let prev = (m << 1) | carry;
+        push_positions(&mut t.starts, &mut ns, m & !prev, base, true);
+        push_positions(&mut t.ends, &mut ne, !m & prev, base, true);
+        carry = m >> 63;
+        base += 64;
+    }
+    let mut m = 0u64;
+    for (i, &b) in chunks.remainder().iter().enumerate() {
+        if !b.is_ascii() {
+            return None;
+        }
+        m |= (b.is_ascii_alphanumeric() as u64) << i;
+    }
+    let prev = (m << 1) | carry;
+    push_positions(&mut t.starts, &mut ns, m & !prev, base, true);
+    push_positions(&mut t.ends, &mut ne, !m & prev, base, true);
+    debug_assert_eq!(ns, ne);
+    let count = ns.min(ne);
+    // 16 slots of slack for whole-vector stores.
+    if t.words.len() < count + 16 {
+        t.words.resize(count + 16, 0);
+    }
+    if t.long.len() < count + 16 {
+        t.long.resize(count + 16, 0);
+    }
+    let mut inside = count;
+    while inside > 0 && t.starts[inside - 1] as usize + 8 > n {
+        inside -= 1;
+    }
+    let (starts, ends) = (&t.starts[..count], &t.ends[..count]);
+    let words = &mut t.words[..count + 16];
+    let long = &mut t.long[..count + 16];
+    let text = bytes.as_ptr() as *const i64;
+    let mut i = 0;
+    // Every token before `inside` has 8 readable bytes from its start on.
+    while i + 8 <= inside {
+        let idx = _mm256_loadu_si256(starts.as_ptr().add(i) as *const __m256i);
+        let w = _mm512_i32gather_epi64::<1>(idx, text);
+        _mm512_storeu_si512(words.as_mut_ptr().add(i) as *mut _, w);
+        i += 8;
+    }
+    for i in i..count {
+        let start = starts[i] as usize;
+        words[i] = if i < inside {
+            read64(bytes, start)
+        } else {
+            let mut b = [0u8; 8];
+            b[..n - start].copy_from_slice(&bytes[start..]);
+            u64::from_le_bytes(b)
+        };
+    }
+    let mut long_count = 0usize;
+    let mut lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let sixteen = _mm512_set1_epi32(16);
+    let eight = _mm512_set1_epi32(8);
+    let mut i = 0;
+    while i < count {
+        let k: __mmask16 = if count - i >= 16 { 0xFFFF } else { (1u16 << (count - i)) - 1 };
+        let s = _mm512_maskz_loadu_epi32(k, starts.as_ptr().add(i) as *const i32);
+        let e = _mm512_maskz_loadu_epi32(k, ends.as_ptr().add(i) as *const i32);
+        let is_long = _mm512_cmpgt_epu32_mask(_mm512_sub_epi32(e, s), eight);
+        let packed = _mm512_maskz_compress_epi32(is_long, lane);
+        _mm512_storeu_si512(long.as_mut_ptr().add(long_count) as *mut _, packed);
+        long_count += is_long.count_ones() as usize;
+        lane = _mm512_add_epi32(lane, sixteen);
+        i += 16;
+    }
+    Some((count, long_count))
+}
+
 /// Fills `t` for `bytes`; returns the number of tokens and of tokens over 8 bytes, or `None`
 /// as soon as a byte is not ASCII.
 #[inline(always)]
@@ -466,18 +553,14 @@ fn ascii_word_tokens_body(
 ) -> Option<(usize, usize)> {
     let n = bytes.len();
     #[cfg(target_arch = "x86_64")]
-    let compress = level == Level::Avx512 && std::is_x86_feature_detected!("avx512vbmi2");
-    #[cfg(not(target_arch = "x86_64"))]
+    if level == Level::Avx512 && std::is_x86_feature_detected!("avx512vbmi2") {
+        // SAFETY: `Level::Avx512` means AVX-512F/BW/VL, BMI1/2 and POPCNT were detected, and
+        // VBMI2 just above.
+        return unsafe { ascii_word_tokens_avx512(bytes, t) };
+    }
+    let _ = level;
+    let mask = ascii_alnum_and_high_mask64;
     let compress = false;
-    let mask = |chunk: &[u8; 64]| -> (u64, u64) {
-        #[cfg(target_arch = "x86_64")]
-        if level == Level::Avx512 {
-            // SAFETY: this copy is only compiled and run with AVX-512F/BW (see `multiversion`).
-            return unsafe { ascii_alnum_and_high_mask64_avx512(chunk) };
-        }
-        let _ = level;
-        ascii_alnum_and_high_mask64(chunk)
-    };
     // A token starts where the alphanumeric mask turns on and ends where it turns off.
     let (mut ns, mut ne) = (0usize, 0usize);
     let mut carry = 0u64;
