@@ -6,12 +6,12 @@
 //! bands x rows), `verify` (exact Jaccard of candidates), `cluster` (union-find), and
 //! `index_file` (the on-disk LSH index), `jsonl` (batch reading of JSONL document files).
 
+pub mod batch;
 pub mod cluster;
 pub mod index_file;
 pub mod jsonl;
 pub mod lsh;
 pub mod minhash;
-pub mod batch;
 pub mod shingle;
 pub mod verify;
 

@@ -249,7 +249,16 @@ impl Shingler {
     /// The 64-bit hash of every shingle of `text`, in order (repeats included), in a buffer of
     /// `scratch`.
     pub fn shingle_hashes<'s>(&self, text: &str, scratch: &'s mut Scratch) -> &'s [u64] {
-        let level = Level::detect();
+        self.shingle_hashes_at(Level::detect(), text, scratch)
+    }
+
+    /// `shingle_hashes` with the kernel copies of `level` (tests compare them).
+    fn shingle_hashes_at<'s>(
+        &self,
+        level: Level,
+        text: &str,
+        scratch: &'s mut Scratch,
+    ) -> &'s [u64] {
         let count = self.shingle_count(text, scratch, level);
         let tokens = &scratch.tokens[..scratch.token_count];
         let out = &mut scratch.shingles;
@@ -312,8 +321,7 @@ impl Shingler {
     /// one batched kernel hashes the tokens of up to 8 bytes; longer ones (about one in ten in
     /// English) are fixed up one by one. False (nothing done) when `bytes` is not ASCII.
     fn ascii_word_token_hashes(&self, bytes: &[u8], sc: &mut Scratch, level: Level) -> bool {
-        let Some((token_count, long_count)) = ascii_word_tokens(level, bytes, &mut sc.ascii)
-        else {
+        let Some((token_count, long_count)) = ascii_word_tokens(level, bytes, &mut sc.ascii) else {
             return false;
         };
         let t = &sc.ascii;
@@ -445,7 +453,10 @@ unsafe fn positions_compress(bits: u64, base: u32, dst: &mut [u32; 64]) {
     let packed = _mm512_maskz_compress_epi8(bits, lanes);
     let base = _mm512_set1_epi32(base as i32);
     let p = dst.as_mut_ptr() as *mut __m512i;
-    _mm512_storeu_si512(p, _mm512_add_epi32(_mm512_cvtepu8_epi32(_mm512_castsi512_si128(packed)), base));
+    _mm512_storeu_si512(
+        p,
+        _mm512_add_epi32(_mm512_cvtepu8_epi32(_mm512_castsi512_si128(packed)), base),
+    );
     if bits.count_ones() > 16 {
         let q1 = _mm512_extracti32x4_epi32::<1>(packed);
         let q2 = _mm512_extracti32x4_epi32::<2>(packed);
@@ -530,7 +541,11 @@ unsafe fn ascii_word_tokens_avx512(bytes: &[u8], t: &mut AsciiTokens) -> Option<
     let eight = _mm512_set1_epi32(8);
     let mut i = 0;
     while i < count {
-        let k: __mmask16 = if count - i >= 16 { 0xFFFF } else { (1u16 << (count - i)) - 1 };
+        let k: __mmask16 = if count - i >= 16 {
+            0xFFFF
+        } else {
+            (1u16 << (count - i)) - 1
+        };
         let s = _mm512_maskz_loadu_epi32(k, starts.as_ptr().add(i) as *const i32);
         let e = _mm512_maskz_loadu_epi32(k, ends.as_ptr().add(i) as *const i32);
         let is_long = _mm512_cmpgt_epu32_mask(_mm512_sub_epi32(e, s), eight);
@@ -970,34 +985,149 @@ mod tests {
         }
     }
 
+    /// Random texts over `alphabet`, with long letter runs now and then (tokens over 8 and 16
+    /// bytes) and lengths around the 64-byte blocks.
+    fn random_texts(alphabet: &str, state: &mut u64) -> Vec<String> {
+        let alphabet: Vec<char> = alphabet.chars().collect();
+        let mut texts = Vec::new();
+        for len in [
+            0, 1, 3, 4, 5, 8, 9, 17, 40, 63, 64, 65, 127, 128, 129, 500, 3000,
+        ] {
+            for rep in 0..30 {
+                texts.push(
+                    (0..len)
+                        .map(|i| {
+                            let r = splitmix64(state);
+                            if rep % 3 == 0 && i % 23 != 0 {
+                                alphabet[(r % 2) as usize]
+                            } else {
+                                alphabet[(r % alphabet.len() as u64) as usize]
+                            }
+                        })
+                        .collect(),
+                );
+            }
+        }
+        texts
+    }
+
     #[test]
     fn fused_ascii_path_matches_reference() {
-        let s = Shingler::new(5, Tokenizer::Word, 9).unwrap();
-        let c = position_multipliers(5);
         let mut state = 3u64;
-        let alphabet: Vec<char> = "aZ9q \n,.-_xYkLmnopQRSTuv".chars().collect();
-        for len in [4, 5, 9, 40, 63, 64, 65, 128, 129, 500] {
-            for rep in 0..30 {
-                let text: String = (0..len)
-                    .map(|i| {
-                        let r = splitmix64(&mut state);
-                        // Long runs of letters now and then, for tokens over 8 and 16 bytes.
-                        if rep % 3 == 0 && i % 23 != 0 {
-                            alphabet[(r % 2) as usize]
-                        } else {
-                            alphabet[(r % alphabet.len() as u64) as usize]
-                        }
-                    })
-                    .collect();
-                let tokens = word_token_hashes_reference(&normalize(&text), 9);
+        let mut texts = random_texts("aZ9q \n,.-_xYkLmnopQRSTuv", &mut state);
+        // Tokens of exactly 8, 9, 16 and 17 bytes, at the very end and after a 64-byte block.
+        for w in [
+            "abcdefgh",
+            "ABCDEFGHI",
+            "abcdefghijklmnop",
+            "abcdefghijklmnopq",
+        ] {
+            texts.push(format!("x {w}"));
+            texts.push(format!("{} {w}", "y".repeat(63)));
+            texts.push(format!("{w}{}", " ".repeat(64 - w.len())));
+        }
+        // Non-ASCII in the first block, in the tail, and after full blocks.
+        texts.push(format!("{}é", "word ".repeat(13)));
+        texts.push(format!("é{}", "word ".repeat(30)));
+        texts.push(format!("{}Ünï", "word ".repeat(40)));
+        let mut sc = Scratch::default();
+        for ngram in [1, 2, 3, 5, 7] {
+            let s = Shingler::new(ngram, Tokenizer::Word, 9).unwrap();
+            let c = position_multipliers(ngram);
+            for text in &texts {
+                let tokens = word_token_hashes_reference(&normalize(text), 9);
                 let want: Vec<u64> = if tokens.is_empty() {
                     Vec::new()
-                } else if tokens.len() < 5 {
+                } else if tokens.len() < ngram {
                     vec![combine(&tokens, &c)]
                 } else {
-                    tokens.windows(5).map(|w| combine(w, &c)).collect()
+                    tokens.windows(ngram).map(|w| combine(w, &c)).collect()
                 };
-                assert_eq!(hashes(&s, &text), want, "{text:?}");
+                for level in Level::available() {
+                    let got = s.shingle_hashes_at(level, text, &mut sc);
+                    assert_eq!(got, want, "{level:?} ngram {ngram} {text:?}");
+                }
+                let mut low = Vec::new();
+                s.shingle_hashes_low32(text, &mut sc, &mut low);
+                let want_low: Vec<u32> = want.iter().map(|&h| h as u32).collect();
+                assert_eq!(low, want_low);
+            }
+        }
+    }
+
+    #[test]
+    fn char_shingles_match_reference_at_every_level() {
+        let mut state = 5u64;
+        let texts = random_texts("aZ é\t,Σ\nxq", &mut state);
+        let mut sc = Scratch::default();
+        for ngram in [1, 3, 5, 9] {
+            let s = Shingler::new(ngram, Tokenizer::Char, 2).unwrap();
+            let c = position_multipliers(ngram);
+            for text in &texts {
+                let norm = normalize(text);
+                let chars: Vec<String> = norm
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    .chars()
+                    .map(String::from)
+                    .collect();
+                let tokens: Vec<u64> = chars
+                    .iter()
+                    .map(|ch| xxh3_64_with_seed(ch.as_bytes(), 2))
+                    .collect();
+                let want: Vec<u64> = if tokens.is_empty() {
+                    Vec::new()
+                } else if tokens.len() < ngram {
+                    vec![combine(&tokens, &c)]
+                } else {
+                    tokens.windows(ngram).map(|w| combine(w, &c)).collect()
+                };
+                for level in Level::available() {
+                    assert_eq!(
+                        s.shingle_hashes_at(level, text, &mut sc),
+                        want,
+                        "{level:?} {text:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn short_token_kernel_equals_xxh3_at_every_level() {
+        let mut state = 7u64;
+        let text: Vec<u8> = (0..4096)
+            .map(|_| {
+                let r = splitmix64(&mut state);
+                b"aZ09qxYM"[(r % 8) as usize]
+            })
+            .collect();
+        let mut words = Vec::new();
+        let (mut starts, mut ends) = (Vec::new(), Vec::new());
+        for start in 0..text.len() - 8 {
+            let len = 1 + start % 8;
+            words.push(read64(&text, start));
+            starts.push(start as u32);
+            ends.push((start + len) as u32);
+        }
+        for seed in [0, 1, 9, u64::MAX] {
+            let (keys, _) = short_keys(seed);
+            let want: Vec<u64> = starts
+                .iter()
+                .zip(&ends)
+                .map(|(&s, &e)| {
+                    let lower: Vec<u8> = text[s as usize..e as usize]
+                        .iter()
+                        .map(|b| b | 0x20)
+                        .collect();
+                    xxh3_64_with_seed(&lower, seed)
+                })
+                .collect();
+            for level in Level::available() {
+                let mut got = vec![0; want.len()];
+                batch::short_token_hashes(level, &words, &starts, &ends, keys, &mut got);
+                assert_eq!(got, want, "{level:?} seed {seed}");
             }
         }
     }
