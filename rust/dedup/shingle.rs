@@ -2,7 +2,8 @@
 //!
 //! * Normalised text: Unicode NFKC, then full lowercase (`str::to_lowercase`, which also applies
 //!   the final-sigma rule, like Python's `str.lower`). ASCII text takes a copy-and-lowercase path,
-//!   or, with word 5-grams, a one-pass path that lowercases tokens as it hashes them.
+//!   or, with word tokens, a batched path that reads tokens in place and lowercases them as it
+//!   hashes them (see `ascii_word_tokens` and `super::batch`).
 //! * Word tokens: maximal runs of chars with `char::is_alphanumeric` (Unicode Alphabetic or
 //!   Numeric); everything else (spaces, punctuation, `_`) separates words.
 //! * Char tokens: the chars of the normalised text, with every run of whitespace replaced by one
