@@ -203,6 +203,7 @@ macro_rules! multiversion {
                     Level::Portable => {}
                 }
             }
+            let _ = level;
             $body(Level::Portable, $($arg),*)
         }
     };
