@@ -107,6 +107,8 @@ fn short_token_hashes_body(
 /// A shingle hash as stored: the full 64 bits, or the low 32 that MinHash permutes.
 pub trait ShingleHash: Copy {
     fn from_hash(h: u64) -> Self;
+    /// `combine_windows` into this type.
+    fn combine(level: Level, tokens: &[u64], c: &[u64], out: &mut [Self]);
 }
 
 impl ShingleHash for u64 {
@@ -114,12 +116,18 @@ impl ShingleHash for u64 {
     fn from_hash(h: u64) -> Self {
         h
     }
+    fn combine(level: Level, tokens: &[u64], c: &[u64], out: &mut [Self]) {
+        combine_windows(level, tokens, c, out)
+    }
 }
 
 impl ShingleHash for u32 {
     #[inline(always)]
     fn from_hash(h: u64) -> Self {
         h as u32
+    }
+    fn combine(level: Level, tokens: &[u64], c: &[u64], out: &mut [Self]) {
+        combine_windows_low32(level, tokens, c, out)
     }
 }
 

@@ -17,7 +17,7 @@
 use unicode_normalization::{is_nfkc_quick, IsNormalized, UnicodeNormalization};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use super::batch::{self, Level, ShortKeys};
+use super::batch::{self, Level, ShingleHash, ShortKeys};
 use crate::error::{Error, Result};
 
 /// How a document is split into tokens before n-grams are formed.
@@ -205,10 +205,8 @@ pub struct Shingler {
 #[derive(Default)]
 pub struct Scratch {
     text: String,
-    /// Token hashes of the current document: the first `token_count` (the buffer only grows on
-    /// the ASCII path).
+    /// Token hashes (of the current block on the ASCII path, whose buffers only grow).
     tokens: Vec<u64>,
-    token_count: usize,
     masks: Vec<u64>,
     ascii: AsciiTokens,
     long_buf: Vec<u8>,
@@ -260,97 +258,132 @@ impl Shingler {
         text: &str,
         scratch: &'s mut Scratch,
     ) -> &'s [u64] {
-        let count = self.shingle_count(text, scratch, level);
-        let tokens = &scratch.tokens[..scratch.token_count];
-        let out = &mut scratch.shingles;
-        out.clear();
-        if count == 1 && tokens.len() < self.ngram {
-            out.push(combine(tokens, &self.multipliers));
-        } else if count > 0 {
-            out.resize(count, 0);
-            batch::combine_windows(level, tokens, &self.multipliers, out);
-        }
-        out
+        let mut out = std::mem::take(&mut scratch.shingles);
+        self.shingles_into(level, text, scratch, &mut out);
+        scratch.shingles = out;
+        &scratch.shingles
     }
 
     /// The low 32 bits of every shingle hash of `text` (what MinHash permutes) into `out`.
     pub fn shingle_hashes_low32(&self, text: &str, scratch: &mut Scratch, out: &mut Vec<u32>) {
-        let level = Level::detect();
-        let count = self.shingle_count(text, scratch, level);
-        let tokens = &scratch.tokens[..scratch.token_count];
-        out.clear();
-        if count == 1 && tokens.len() < self.ngram {
-            out.push(combine(tokens, &self.multipliers) as u32);
-        } else if count > 0 {
-            out.resize(count, 0);
-            batch::combine_windows_low32(level, tokens, &self.multipliers, out);
-        }
+        self.shingles_into(Level::detect(), text, scratch, out);
     }
 
-    /// Hashes the tokens of `text` into `scratch.tokens[..scratch.token_count]`; returns the
-    /// number of shingles.
-    fn shingle_count(&self, text: &str, scratch: &mut Scratch, level: Level) -> usize {
+    /// Every shingle hash of `text`, in order, into `out` (replacing its contents).
+    fn shingles_into<T: ShingleHash>(
+        &self,
+        level: Level,
+        text: &str,
+        sc: &mut Scratch,
+        out: &mut Vec<T>,
+    ) {
+        out.clear();
         // Pure ASCII needs no NFKC and lowercases per byte: word tokens are hashed in place
         // (token offsets are u32 there).
-        let ascii_done = self.tokenizer == Tokenizer::Word
+        if self.tokenizer == Tokenizer::Word
             && text.len() < u32::MAX as usize - 128
-            && self.ascii_word_token_hashes(text.as_bytes(), scratch, level);
-        if !ascii_done {
-            let ascii = normalize_into(text, &mut scratch.text);
-            scratch.tokens.clear();
-            match self.tokenizer {
-                Tokenizer::Word => word_token_hashes(
-                    &scratch.text,
-                    ascii,
-                    self.seed,
-                    &mut scratch.masks,
-                    &mut scratch.tokens,
-                ),
-                Tokenizer::Char => self.char_token_hashes(&scratch.text, &mut scratch.tokens),
-            }
-            scratch.token_count = scratch.tokens.len();
+            && self.ascii_word_shingles(level, text.as_bytes(), sc, out)
+        {
+            return;
         }
-        match scratch.token_count {
-            0 => 0,
-            t if t < self.ngram => 1,
-            t => t + 1 - self.ngram,
+        out.clear();
+        let ascii = normalize_into(text, &mut sc.text);
+        sc.tokens.clear();
+        match self.tokenizer {
+            Tokenizer::Word => {
+                word_token_hashes(&sc.text, ascii, self.seed, &mut sc.masks, &mut sc.tokens)
+            }
+            Tokenizer::Char => self.char_token_hashes(&sc.text, &mut sc.tokens),
+        }
+        let tokens = &sc.tokens;
+        if tokens.is_empty() {
+        } else if tokens.len() < self.ngram {
+            out.push(T::from_hash(combine(tokens, &self.multipliers)));
+        } else {
+            let from = out.len();
+            out.resize(from + tokens.len() + 1 - self.ngram, T::from_hash(0));
+            T::combine(level, tokens, &self.multipliers, &mut out[from..]);
         }
     }
 
-    /// Word-token hashes of ASCII text into `scratch.tokens`, without a lowercase copy: a SIMD
-    /// alphanumeric mask gives the token edges, every token's first 8 bytes go to an array, and
-    /// one batched kernel hashes the tokens of up to 8 bytes; longer ones (about one in ten in
-    /// English) are fixed up one by one. False (nothing done) when `bytes` is not ASCII.
-    fn ascii_word_token_hashes(&self, bytes: &[u8], sc: &mut Scratch, level: Level) -> bool {
-        let Some((token_count, long_count)) = ascii_word_tokens(level, bytes, &mut sc.ascii) else {
-            return false;
-        };
-        let t = &sc.ascii;
-        if sc.tokens.len() < token_count {
-            sc.tokens.resize(token_count, 0);
-        }
-        sc.token_count = token_count;
-        let tokens = &mut sc.tokens[..token_count];
-        batch::short_token_hashes(
-            level,
-            &t.words[..token_count],
-            &t.starts[..token_count],
-            &t.ends[..token_count],
-            self.short_keys,
-            tokens,
-        );
-        for &i in &t.long[..long_count] {
-            let i = i as usize;
-            let (start, end) = (t.starts[i] as usize, t.ends[i] as usize);
-            let len = end - start;
-            tokens[i] = if len <= 16 {
-                hash_9to16_lowercased(bytes, start, len, self.key_9to16)
-            } else {
-                sc.long_buf.clear();
-                sc.long_buf
-                    .extend(bytes[start..end].iter().map(|&b| b | 0x20));
-                token_hash(&sc.long_buf, self.seed)
+    /// The shingles of ASCII text with word tokens, appended to `out`, block by block (blocks
+    /// of about `ASCII_BLOCK` bytes cut between tokens, so the per-token arrays stay in cache
+    /// and small): a SIMD alphanumeric mask gives the token edges, every token's first 8 bytes
+    /// go to an array, one batched kernel hashes the tokens of up to 8 bytes, longer ones (about
+    /// one in ten in English) are fixed up one by one, and the last `ngram - 1` token hashes
+    /// carry over to the next block. False (with `out` partly filled) when `bytes` is not ASCII.
+    fn ascii_word_shingles<T: ShingleHash>(
+        &self,
+        level: Level,
+        bytes: &[u8],
+        sc: &mut Scratch,
+        out: &mut Vec<T>,
+    ) -> bool {
+        let n = bytes.len();
+        let keep = self.ngram - 1;
+        let mut carried = 0usize;
+        let mut total = 0usize;
+        let mut from = 0usize;
+        while from < n {
+            let mut to = (from + ASCII_BLOCK).min(n);
+            // Cut before a byte that cannot continue a token.
+            while to < n && bytes[to].is_ascii_alphanumeric() {
+                to += 1;
+            }
+            let block = &bytes[from..to];
+            from = to;
+            let Some((count, long_count)) = ascii_word_tokens(level, block, &mut sc.ascii) else {
+                return false;
             };
+            let t = &sc.ascii;
+            if sc.tokens.len() < carried + count {
+                sc.tokens.resize(carried + count, 0);
+            }
+            let tokens = &mut sc.tokens[carried..carried + count];
+            batch::short_token_hashes(
+                level,
+                &t.words[..count],
+                &t.starts[..count],
+                &t.ends[..count],
+                self.short_keys,
+                tokens,
+            );
+            for &i in &t.long[..long_count] {
+                let i = i as usize;
+                let (start, end) = (t.starts[i] as usize, t.ends[i] as usize);
+                let len = end - start;
+                tokens[i] = if len <= 16 {
+                    hash_9to16_lowercased(block, start, len, self.key_9to16)
+                } else {
+                    sc.long_buf.clear();
+                    sc.long_buf
+                        .extend(block[start..end].iter().map(|&b| b | 0x20));
+                    token_hash(&sc.long_buf, self.seed)
+                };
+            }
+            total += count;
+            let avail = carried + count;
+            if avail > keep {
+                let windows = avail - keep;
+                let at = out.len();
+                out.resize(at + windows, T::from_hash(0));
+                T::combine(
+                    level,
+                    &sc.tokens[..avail],
+                    &self.multipliers,
+                    &mut out[at..],
+                );
+                sc.tokens.copy_within(windows..avail, 0);
+                carried = keep;
+            } else {
+                carried = avail;
+            }
+        }
+        if total > 0 && total < self.ngram {
+            out.push(T::from_hash(combine(
+                &sc.tokens[..total],
+                &self.multipliers,
+            )));
         }
         true
     }
@@ -386,6 +419,9 @@ impl Shingler {
         }
     }
 }
+
+/// Text bytes per block on the ASCII word path (blocks end between tokens, so a little more).
+const ASCII_BLOCK: usize = 16 * 1024;
 
 /// Tokens of the ASCII word path. The buffers only grow: only the first entries of a document
 /// are meaningful, and no document pays for clearing them.
@@ -1027,10 +1063,20 @@ mod tests {
             texts.push(format!("{} {w}", "y".repeat(63)));
             texts.push(format!("{w}{}", " ".repeat(64 - w.len())));
         }
+        // Several ASCII_BLOCK blocks: a token straddling the first cut, a single run longer than
+        // a block, and a mix of short texts.
+        texts.push(format!(
+            "{}abcdefghij {}",
+            "ab ".repeat(5460),
+            "word ".repeat(5000)
+        ));
+        texts.push(format!("x {} y z", "q".repeat(40_000)));
+        texts.push(texts[..300].join(" ").repeat(2));
         // Non-ASCII in the first block, in the tail, and after full blocks.
         texts.push(format!("{}é", "word ".repeat(13)));
         texts.push(format!("é{}", "word ".repeat(30)));
         texts.push(format!("{}Ünï", "word ".repeat(40)));
+        texts.push(format!("{}Ünï", "word ".repeat(10_000)));
         let mut sc = Scratch::default();
         for ngram in [1, 2, 3, 5, 7] {
             let s = Shingler::new(ngram, Tokenizer::Word, 9).unwrap();
