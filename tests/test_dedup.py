@@ -615,6 +615,34 @@ def test_index_query_matches_batch_dedup(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("tail_rows", [3, 4096])
+def test_index_alternating_inserts_and_queries(
+    tail_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Single inserts between queries use the recent-rows tail and, past `tail_rows`, merge it
+    # into the main arrays; every answer must equal a fresh index built from the same rows.
+    import slimforge.dedup as dd
+
+    monkeypatch.setattr(dd, "_LSH_TAIL_ROWS", tail_rows)
+    docs = build_corpus(n_base=60, seed=5)
+    sigs = MinHasher().signatures(docs)
+    index = LSHIndex(threshold=0.8, num_perm=128)
+    index.insert(sigs[:10])
+    for i in range(10, len(docs)):
+        index.insert(sigs[i : i + 1], keys=[i])
+        if i % 7 == 0 or i == len(docs) - 1:
+            fresh = LSHIndex(threshold=0.8, num_perm=128)
+            fresh.insert(sigs[: i + 1])
+            probe = sigs[max(0, i - 20) : i + 1]
+            got_pairs, got_est = index.query_pairs(probe)
+            want_pairs, want_est = fresh.query_pairs(probe)
+            np.testing.assert_array_equal(got_pairs, want_pairs)
+            np.testing.assert_array_equal(got_est, want_est)
+            assert index.query(sigs[i]) == fresh.query(sigs[i])
+            assert i in index.query(sigs[i])
+    assert len(index) == len(docs)
+
+
 def test_index_str_keys_and_corruption(tmp_path: Path) -> None:
     sigs = signatures(
         ["alpha beta gamma delta epsilon", "zeta eta theta iota kappa", ""], num_perm=32

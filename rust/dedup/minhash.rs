@@ -172,10 +172,8 @@ impl MinHasher {
     }
 
     fn signature_into(&self, text: &str, scratch: &mut SigScratch, out: &mut [u32]) {
-        scratch.xs.clear();
-        let xs = &mut scratch.xs;
         self.shingler
-            .for_each_shingle(text, &mut scratch.shingle, |h| xs.push(h as u32));
+            .shingle_hashes_low32(text, &mut scratch.shingle, &mut scratch.xs);
         if scratch.xs.is_empty() {
             out.fill(u32::MAX);
             return;

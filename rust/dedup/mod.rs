@@ -6,6 +6,7 @@
 //! bands x rows), `verify` (exact Jaccard of candidates), `cluster` (union-find), and
 //! `index_file` (the on-disk LSH index), `jsonl` (batch reading of JSONL document files).
 
+pub mod batch;
 pub mod cluster;
 pub mod index_file;
 pub mod jsonl;

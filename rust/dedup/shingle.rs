@@ -2,7 +2,8 @@
 //!
 //! * Normalised text: Unicode NFKC, then full lowercase (`str::to_lowercase`, which also applies
 //!   the final-sigma rule, like Python's `str.lower`). ASCII text takes a copy-and-lowercase path,
-//!   or, with word 5-grams, a one-pass path that lowercases tokens as it hashes them.
+//!   or, with word tokens, a batched path that reads tokens in place and lowercases them as it
+//!   hashes them (see `ascii_word_tokens` and `super::batch`).
 //! * Word tokens: maximal runs of chars with `char::is_alphanumeric` (Unicode Alphabetic or
 //!   Numeric); everything else (spaces, punctuation, `_`) separates words.
 //! * Char tokens: the chars of the normalised text, with every run of whitespace replaced by one
@@ -16,6 +17,7 @@
 use unicode_normalization::{is_nfkc_quick, IsNormalized, UnicodeNormalization};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+use super::batch::{self, Level, ShingleHash, ShortKeys};
 use crate::error::{Error, Result};
 
 /// How a document is split into tokens before n-grams are formed.
@@ -141,64 +143,35 @@ pub fn token_hash(b: &[u8], seed: u64) -> u64 {
     xxh64_avalanche(keyed)
 }
 
-/// xxh3 of lowercased ASCII alphanumeric tokens of 1-8 bytes read in place, both length classes
-/// computed and one selected (the class changes unpredictably from word to word).
-struct ShortTokenHasher {
-    key_1to3: u64,
-    key_4to8: u64,
-    key_9to16: (u64, u64),
-}
-
-impl ShortTokenHasher {
-    fn new(seed: u64) -> Self {
-        let seed48 = seed ^ (((seed as u32).swap_bytes() as u64) << 32);
-        ShortTokenHasher {
+/// xxh3's keys for tokens of 1-3, 4-8 and 9-16 bytes under `seed`.
+fn short_keys(seed: u64) -> (ShortKeys, (u64, u64)) {
+    let seed48 = seed ^ (((seed as u32).swap_bytes() as u64) << 32);
+    (
+        ShortKeys {
             key_1to3: ((secret32(0) ^ secret32(4)) as u64).wrapping_add(seed),
             key_4to8: (secret64(8) ^ secret64(16)).wrapping_sub(seed48),
-            key_9to16: (
-                (secret64(24) ^ secret64(32)).wrapping_add(seed),
-                (secret64(40) ^ secret64(48)).wrapping_sub(seed),
-            ),
-        }
-    }
+        },
+        (
+            (secret64(24) ^ secret64(32)).wrapping_add(seed),
+            (secret64(40) ^ secret64(48)).wrapping_sub(seed),
+        ),
+    )
+}
 
-    /// xxh3 of a lowercased alphanumeric token of 9-16 bytes, read in place.
-    #[inline(always)]
-    fn hash_9to16(&self, bytes: &[u8], start: usize, len: usize) -> u64 {
-        const LOWER: u64 = 0x2020_2020_2020_2020;
-        let lo = (read64(bytes, start) | LOWER) ^ self.key_9to16.0;
-        let hi = (read64(bytes, start + len - 8) | LOWER) ^ self.key_9to16.1;
-        let product = lo as u128 * hi as u128;
-        let acc = (len as u64)
-            .wrapping_add(lo.swap_bytes())
-            .wrapping_add(hi)
-            .wrapping_add(product as u64 ^ (product >> 64) as u64);
-        let v = (acc ^ (acc >> 37)).wrapping_mul(0x1656_6791_9E37_79F9);
-        v ^ (v >> 32)
-    }
-
-    /// Needs `1 <= len <= 8`, `start + len <= bytes.len()` and `bytes.len() >= 4`.
-    #[inline(always)]
-    fn hash(&self, bytes: &[u8], start: usize, len: usize) -> u64 {
-        let n = bytes.len();
-        let byte = |i: usize| (bytes[i] | 0x20) as u32;
-        let combo = (byte(start) << 16)
-            | (byte(start + (len >> 1)) << 24)
-            | byte(start + len - 1)
-            | ((len as u32) << 8);
-        let h13 = xxh64_avalanche(combo as u64 ^ self.key_1to3);
-        // Clamped reads stay in bounds; their value only matters when len >= 4.
-        let head = read32(bytes, start.min(n - 4)) | 0x2020_2020;
-        let tail = read32(bytes, (start + len).max(4) - 4) | 0x2020_2020;
-        let input64 = (tail as u64).wrapping_add((head as u64) << 32);
-        let mut v = input64 ^ self.key_4to8;
-        v ^= v.rotate_left(49) ^ v.rotate_left(24);
-        v = v.wrapping_mul(0x9FB2_1C65_1E98_DF25);
-        v ^= (v >> 35).wrapping_add(len as u64);
-        v = v.wrapping_mul(0x9FB2_1C65_1E98_DF25);
-        let h48 = v ^ (v >> 28);
-        std::hint::select_unpredictable(len >= 4, h48, h13)
-    }
+/// xxh3 of the lowercased alphanumeric ASCII token `bytes[start..start + len]`, 9-16 bytes,
+/// read in place.
+#[inline]
+fn hash_9to16_lowercased(bytes: &[u8], start: usize, len: usize, keys: (u64, u64)) -> u64 {
+    const LOWER: u64 = 0x2020_2020_2020_2020;
+    let lo = (read64(bytes, start) | LOWER) ^ keys.0;
+    let hi = (read64(bytes, start + len - 8) | LOWER) ^ keys.1;
+    let product = lo as u128 * hi as u128;
+    let acc = (len as u64)
+        .wrapping_add(lo.swap_bytes())
+        .wrapping_add(hi)
+        .wrapping_add(product as u64 ^ (product >> 64) as u64);
+    let v = (acc ^ (acc >> 37)).wrapping_mul(0x1656_6791_9E37_79F9);
+    v ^ (v >> 32)
 }
 
 #[inline(always)]
@@ -224,14 +197,20 @@ pub struct Shingler {
     seed: u64,
     multipliers: Vec<u64>,
     ascii_char_hashes: Vec<u64>,
+    short_keys: ShortKeys,
+    key_9to16: (u64, u64),
 }
 
 /// Per-thread buffers reused across documents.
 #[derive(Default)]
 pub struct Scratch {
     text: String,
+    /// Token hashes (of the current block on the ASCII path, whose buffers only grow).
     tokens: Vec<u64>,
     masks: Vec<u64>,
+    ascii: AsciiTokens,
+    long_buf: Vec<u8>,
+    shingles: Vec<u64>,
 }
 
 impl Shingler {
@@ -243,12 +222,15 @@ impl Shingler {
             Tokenizer::Char => (0u8..128).map(|c| xxh3_64_with_seed(&[c], seed)).collect(),
             Tokenizer::Word => Vec::new(),
         };
+        let (short_keys, key_9to16) = short_keys(seed);
         Ok(Shingler {
             ngram,
             tokenizer,
             seed,
             multipliers: position_multipliers(ngram),
             ascii_char_hashes,
+            short_keys,
+            key_9to16,
         })
     }
 
@@ -258,123 +240,152 @@ impl Shingler {
 
     /// Calls `emit` with the 64-bit hash of every shingle of `text`, in order (repeats included).
     pub fn for_each_shingle(&self, text: &str, scratch: &mut Scratch, mut emit: impl FnMut(u64)) {
-        if self.tokenizer == Tokenizer::Word
-            && self.ngram == 5
-            && text.len() >= 4
-            && text.is_ascii()
-        {
-            return self.ascii_word_5gram_shingles(text.as_bytes(), &mut scratch.masks, emit);
-        }
-        let ascii = normalize_into(text, &mut scratch.text);
-        scratch.tokens.clear();
-        match self.tokenizer {
-            Tokenizer::Word => word_token_hashes(
-                &scratch.text,
-                ascii,
-                self.seed,
-                &mut scratch.masks,
-                &mut scratch.tokens,
-            ),
-            Tokenizer::Char => self.char_token_hashes(&scratch.text, &mut scratch.tokens),
-        }
-        let tokens = &scratch.tokens;
-        if tokens.is_empty() {
-            return;
-        }
-        let c = &self.multipliers;
-        if tokens.len() < self.ngram {
-            emit(combine(tokens, c));
-            return;
-        }
-        if self.ngram == 5 {
-            // The default gets a fixed-size window so the combine is fully unrolled.
-            let c5: [u64; 5] = [c[0], c[1], c[2], c[3], c[4]];
-            for w in tokens.windows(5) {
-                let s = c5[0]
-                    .wrapping_mul(w[0])
-                    .wrapping_add(c5[1].wrapping_mul(w[1]))
-                    .wrapping_add(c5[2].wrapping_mul(w[2]))
-                    .wrapping_add(c5[3].wrapping_mul(w[3]))
-                    .wrapping_add(c5[4].wrapping_mul(w[4]));
-                emit(fmix64(s));
-            }
-        } else {
-            for w in tokens.windows(self.ngram) {
-                emit(combine(w, c));
-            }
+        for &h in self.shingle_hashes(text, scratch) {
+            emit(h);
         }
     }
 
-    /// The default scheme (word tokens, 5-grams) on ASCII text of at least 4 bytes in one pass:
-    /// no lowercase copy (alphanumeric ASCII bytes lowercase as `b | 0x20`), no token buffer.
-    fn ascii_word_5gram_shingles(
+    /// The 64-bit hash of every shingle of `text`, in order (repeats included), in a buffer of
+    /// `scratch`.
+    pub fn shingle_hashes<'s>(&self, text: &str, scratch: &'s mut Scratch) -> &'s [u64] {
+        self.shingle_hashes_at(Level::detect(), text, scratch)
+    }
+
+    /// `shingle_hashes` with the kernel copies of `level` (tests compare them).
+    fn shingle_hashes_at<'s>(
         &self,
-        bytes: &[u8],
-        masks: &mut Vec<u64>,
-        mut emit: impl FnMut(u64),
+        level: Level,
+        text: &str,
+        scratch: &'s mut Scratch,
+    ) -> &'s [u64] {
+        let mut out = std::mem::take(&mut scratch.shingles);
+        self.shingles_into(level, text, scratch, &mut out);
+        scratch.shingles = out;
+        &scratch.shingles
+    }
+
+    /// The low 32 bits of every shingle hash of `text` (what MinHash permutes) into `out`.
+    pub fn shingle_hashes_low32(&self, text: &str, scratch: &mut Scratch, out: &mut Vec<u32>) {
+        self.shingles_into(Level::detect(), text, scratch, out);
+    }
+
+    /// Every shingle hash of `text`, in order, into `out` (replacing its contents).
+    fn shingles_into<T: ShingleHash>(
+        &self,
+        level: Level,
+        text: &str,
+        sc: &mut Scratch,
+        out: &mut Vec<T>,
     ) {
+        out.clear();
+        // Pure ASCII needs no NFKC and lowercases per byte: word tokens are hashed in place
+        // (token offsets are u32 there).
+        if self.tokenizer == Tokenizer::Word
+            && text.len() < u32::MAX as usize - 128
+            && self.ascii_word_shingles(level, text.as_bytes(), sc, out)
+        {
+            return;
+        }
+        out.clear();
+        let ascii = normalize_into(text, &mut sc.text);
+        sc.tokens.clear();
+        match self.tokenizer {
+            Tokenizer::Word => {
+                word_token_hashes(&sc.text, ascii, self.seed, &mut sc.masks, &mut sc.tokens)
+            }
+            Tokenizer::Char => self.char_token_hashes(&sc.text, &mut sc.tokens),
+        }
+        let tokens = &sc.tokens;
+        if tokens.is_empty() {
+        } else if tokens.len() < self.ngram {
+            out.push(T::from_hash(combine(tokens, &self.multipliers)));
+        } else {
+            let from = out.len();
+            out.resize(from + tokens.len() + 1 - self.ngram, T::from_hash(0));
+            T::combine(level, tokens, &self.multipliers, &mut out[from..]);
+        }
+    }
+
+    /// The shingles of ASCII text with word tokens, appended to `out`, block by block (blocks
+    /// of about `ASCII_BLOCK` bytes cut between tokens, so the per-token arrays stay in cache
+    /// and small): a SIMD alphanumeric mask gives the token edges, every token's first 8 bytes
+    /// go to an array, one batched kernel hashes the tokens of up to 8 bytes, longer ones (about
+    /// one in ten in English) are fixed up one by one, and the last `ngram - 1` token hashes
+    /// carry over to the next block. False (with `out` partly filled) when `bytes` is not ASCII.
+    fn ascii_word_shingles<T: ShingleHash>(
+        &self,
+        level: Level,
+        bytes: &[u8],
+        sc: &mut Scratch,
+        out: &mut Vec<T>,
+    ) -> bool {
         let n = bytes.len();
-        masks.clear();
-        masks.resize(n.div_ceil(64), 0);
-        let mut chunks = bytes.chunks_exact(64);
-        for (m, chunk) in masks.iter_mut().zip(&mut chunks) {
-            *m = ascii_alnum_mask64(chunk.try_into().expect("64 bytes"));
-        }
-        let tail = chunks.remainder();
-        if !tail.is_empty() {
-            let mut m = 0u64;
-            for (i, &b) in tail.iter().enumerate() {
-                m |= (b.is_ascii_alphanumeric() as u64) << i;
+        let keep = self.ngram - 1;
+        let mut carried = 0usize;
+        let mut total = 0usize;
+        let mut from = 0usize;
+        while from < n {
+            let mut to = (from + ASCII_BLOCK).min(n);
+            // Cut before a byte that cannot continue a token.
+            while to < n && bytes[to].is_ascii_alphanumeric() {
+                to += 1;
             }
-            *masks.last_mut().expect("a word for the tail") = m;
-        }
-        let short = ShortTokenHasher::new(self.seed);
-        let c = &self.multipliers;
-        let c5: [u64; 5] = [c[0], c[1], c[2], c[3], c[4]];
-        let mut window = [0u64; 5];
-        let mut count = 0usize;
-        let mut long_buf = Vec::new();
-        // Bit changes of the mask mark token starts and ends, which alternate; a zero word past
-        // the end closes a token that runs to the last byte.
-        let mut carry = 0u64;
-        let mut start = 0usize;
-        for w in 0..=masks.len() {
-            let m = masks.get(w).copied().unwrap_or(0);
-            let mut edges = m ^ ((m << 1) | carry);
-            carry = m >> 63;
-            while edges != 0 {
-                let bit = edges.trailing_zeros() as usize;
-                edges &= edges - 1;
-                if (m >> bit) & 1 == 1 {
-                    start = w * 64 + bit;
-                    continue;
-                }
-                let len = w * 64 + bit - start;
-                let h = if len <= 8 {
-                    short.hash(bytes, start, len)
-                } else if len <= 16 {
-                    short.hash_9to16(bytes, start, len)
+            let block = &bytes[from..to];
+            from = to;
+            let Some((count, long_count)) = ascii_word_tokens(level, block, &mut sc.ascii) else {
+                return false;
+            };
+            let t = &sc.ascii;
+            if sc.tokens.len() < carried + count {
+                sc.tokens.resize(carried + count, 0);
+            }
+            let tokens = &mut sc.tokens[carried..carried + count];
+            batch::short_token_hashes(
+                level,
+                &t.words[..count],
+                &t.starts[..count],
+                &t.ends[..count],
+                self.short_keys,
+                tokens,
+            );
+            for &i in &t.long[..long_count] {
+                let i = i as usize;
+                let (start, end) = (t.starts[i] as usize, t.ends[i] as usize);
+                let len = end - start;
+                tokens[i] = if len <= 16 {
+                    hash_9to16_lowercased(block, start, len, self.key_9to16)
                 } else {
-                    long_buf.clear();
-                    long_buf.extend(bytes[start..start + len].iter().map(|&b| b | 0x20));
-                    token_hash(&long_buf, self.seed)
+                    sc.long_buf.clear();
+                    sc.long_buf
+                        .extend(block[start..end].iter().map(|&b| b | 0x20));
+                    token_hash(&sc.long_buf, self.seed)
                 };
-                window = [window[1], window[2], window[3], window[4], h];
-                count += 1;
-                if count >= 5 {
-                    let s = c5[0]
-                        .wrapping_mul(window[0])
-                        .wrapping_add(c5[1].wrapping_mul(window[1]))
-                        .wrapping_add(c5[2].wrapping_mul(window[2]))
-                        .wrapping_add(c5[3].wrapping_mul(window[3]))
-                        .wrapping_add(c5[4].wrapping_mul(window[4]));
-                    emit(fmix64(s));
-                }
+            }
+            total += count;
+            let avail = carried + count;
+            if avail > keep {
+                let windows = avail - keep;
+                let at = out.len();
+                out.resize(at + windows, T::from_hash(0));
+                T::combine(
+                    level,
+                    &sc.tokens[..avail],
+                    &self.multipliers,
+                    &mut out[at..],
+                );
+                sc.tokens.copy_within(windows..avail, 0);
+                carried = keep;
+            } else {
+                carried = avail;
             }
         }
-        if count > 0 && count < 5 {
-            emit(combine(&window[5 - count..], c));
+        if total > 0 && total < self.ngram {
+            out.push(T::from_hash(combine(
+                &sc.tokens[..total],
+                &self.multipliers,
+            )));
         }
+        true
     }
 
     /// Sorted, de-duplicated shingle hashes of `text` (the set exact Jaccard is computed on).
@@ -408,6 +419,262 @@ impl Shingler {
         }
     }
 }
+
+/// Text bytes per block on the ASCII word path (blocks end between tokens, so a little more).
+const ASCII_BLOCK: usize = 16 * 1024;
+
+/// Tokens of the ASCII word path. The buffers only grow: only the first entries of a document
+/// are meaningful, and no document pays for clearing them.
+#[derive(Default)]
+pub struct AsciiTokens {
+    /// Start and end (one past) of every token.
+    starts: Vec<u32>,
+    ends: Vec<u32>,
+    /// First 8 bytes of every token, little-endian, zero-padded at the end of the text.
+    words: Vec<u64>,
+    /// Indices of the tokens longer than 8 bytes.
+    long: Vec<u32>,
+}
+
+/// Writes the positions of the set bits of `bits` (plus `base`) at `out[*count..]` and advances
+/// `*count`; slots past the new count are scratch, overwritten later.
+#[inline(always)]
+fn push_positions(out: &mut Vec<u32>, count: &mut usize, bits: u64, base: u32, compress: bool) {
+    if *count + 64 > out.len() {
+        out.resize((out.len() * 2).max(*count + 64).max(1024), 0);
+    }
+    let dst: &mut [u32; 64] = (&mut out[*count..*count + 64])
+        .try_into()
+        .expect("64 slots");
+    #[cfg(target_arch = "x86_64")]
+    if compress {
+        // SAFETY: `compress` is only set where AVX-512 VBMI2 was detected.
+        unsafe { positions_compress(bits, base, dst) };
+        *count += bits.count_ones() as usize;
+        return;
+    }
+    let _ = compress;
+    // 8 at a time: no data-dependent loop exit per bit.
+    let total = bits.count_ones() as usize;
+    let mut bits = bits;
+    let mut k = 0;
+    loop {
+        for d in &mut dst[k..k + 8] {
+            *d = base + bits.trailing_zeros();
+            bits &= bits.wrapping_sub(1);
+        }
+        k += 8;
+        if k >= total {
+            break;
+        }
+    }
+    *count += total;
+}
+
+/// `push_positions` with one byte compress of the lane numbers, then widened to u32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi2")]
+#[inline]
+unsafe fn positions_compress(bits: u64, base: u32, dst: &mut [u32; 64]) {
+    use std::arch::x86_64::*;
+    static LANES: [u8; 64] = {
+        let mut l = [0u8; 64];
+        let mut i = 0;
+        while i < 64 {
+            l[i] = i as u8;
+            i += 1;
+        }
+        l
+    };
+    let lanes = _mm512_loadu_si512(LANES.as_ptr() as *const _);
+    let packed = _mm512_maskz_compress_epi8(bits, lanes);
+    let base = _mm512_set1_epi32(base as i32);
+    let p = dst.as_mut_ptr() as *mut __m512i;
+    _mm512_storeu_si512(
+        p,
+        _mm512_add_epi32(_mm512_cvtepu8_epi32(_mm512_castsi512_si128(packed)), base),
+    );
+    if bits.count_ones() > 16 {
+        let q1 = _mm512_extracti32x4_epi32::<1>(packed);
+        let q2 = _mm512_extracti32x4_epi32::<2>(packed);
+        let q3 = _mm512_extracti32x4_epi32::<3>(packed);
+        _mm512_storeu_si512(p.add(1), _mm512_add_epi32(_mm512_cvtepu8_epi32(q1), base));
+        _mm512_storeu_si512(p.add(2), _mm512_add_epi32(_mm512_cvtepu8_epi32(q2), base));
+        _mm512_storeu_si512(p.add(3), _mm512_add_epi32(_mm512_cvtepu8_epi32(q3), base));
+    }
+}
+
+/// `ascii_word_tokens_body` with AVX-512 throughout: one mask and two byte compresses per 64
+/// bytes for the token edges, gathers for the first 8 bytes of 8 tokens at a time, and a dword
+/// compress for the indices of the long tokens.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt,bmi1,bmi2")]
+unsafe fn ascii_word_tokens_avx512(bytes: &[u8], t: &mut AsciiTokens) -> Option<(usize, usize)> {
+    use std::arch::x86_64::*;
+    let n = bytes.len();
+    let (mut ns, mut ne) = (0usize, 0usize);
+    let mut carry = 0u64;
+    let mut chunks = bytes.chunks_exact(64);
+    let mut base = 0u32;
+    for chunk in &mut chunks {
+        let (m, high) = ascii_alnum_and_high_mask64_avx512(chunk.try_into().expect("64 bytes"));
+        if high != 0 {
+            return None;
+        }
+        let prev = (m << 1) | carry;
+        push_positions(&mut t.starts, &mut ns, m & !prev, base, true);
+        push_positions(&mut t.ends, &mut ne, !m & prev, base, true);
+        carry = m >> 63;
+        base += 64;
+    }
+    let mut m = 0u64;
+    for (i, &b) in chunks.remainder().iter().enumerate() {
+        if !b.is_ascii() {
+            return None;
+        }
+        m |= (b.is_ascii_alphanumeric() as u64) << i;
+    }
+    let prev = (m << 1) | carry;
+    push_positions(&mut t.starts, &mut ns, m & !prev, base, true);
+    push_positions(&mut t.ends, &mut ne, !m & prev, base, true);
+    debug_assert_eq!(ns, ne);
+    let count = ns.min(ne);
+    // 16 slots of slack for whole-vector stores.
+    if t.words.len() < count + 16 {
+        t.words.resize(count + 16, 0);
+    }
+    if t.long.len() < count + 16 {
+        t.long.resize(count + 16, 0);
+    }
+    let mut inside = count;
+    while inside > 0 && t.starts[inside - 1] as usize + 8 > n {
+        inside -= 1;
+    }
+    let (starts, ends) = (&t.starts[..count], &t.ends[..count]);
+    let words = &mut t.words[..count + 16];
+    let long = &mut t.long[..count + 16];
+    let text = bytes.as_ptr() as *const i64;
+    let mut i = 0;
+    // Every token before `inside` has 8 readable bytes from its start on.
+    while i + 8 <= inside {
+        let idx = _mm256_loadu_si256(starts.as_ptr().add(i) as *const __m256i);
+        let w = _mm512_i32gather_epi64::<1>(idx, text);
+        _mm512_storeu_si512(words.as_mut_ptr().add(i) as *mut _, w);
+        i += 8;
+    }
+    for i in i..count {
+        let start = starts[i] as usize;
+        words[i] = if i < inside {
+            read64(bytes, start)
+        } else {
+            let mut b = [0u8; 8];
+            b[..n - start].copy_from_slice(&bytes[start..]);
+            u64::from_le_bytes(b)
+        };
+    }
+    let mut long_count = 0usize;
+    let mut lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let sixteen = _mm512_set1_epi32(16);
+    let eight = _mm512_set1_epi32(8);
+    let mut i = 0;
+    while i < count {
+        let k: __mmask16 = if count - i >= 16 {
+            0xFFFF
+        } else {
+            (1u16 << (count - i)) - 1
+        };
+        let s = _mm512_maskz_loadu_epi32(k, starts.as_ptr().add(i) as *const i32);
+        let e = _mm512_maskz_loadu_epi32(k, ends.as_ptr().add(i) as *const i32);
+        let is_long = _mm512_cmpgt_epu32_mask(_mm512_sub_epi32(e, s), eight);
+        let packed = _mm512_maskz_compress_epi32(is_long, lane);
+        _mm512_storeu_si512(long.as_mut_ptr().add(long_count) as *mut _, packed);
+        long_count += is_long.count_ones() as usize;
+        lane = _mm512_add_epi32(lane, sixteen);
+        i += 16;
+    }
+    Some((count, long_count))
+}
+
+/// Fills `t` for `bytes`; returns the number of tokens and of tokens over 8 bytes, or `None`
+/// as soon as a byte is not ASCII.
+#[inline(always)]
+fn ascii_word_tokens_body(
+    level: Level,
+    bytes: &[u8],
+    t: &mut AsciiTokens,
+) -> Option<(usize, usize)> {
+    let n = bytes.len();
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx512 && std::is_x86_feature_detected!("avx512vbmi2") {
+        // SAFETY: `Level::Avx512` means AVX-512F/BW/VL, BMI1/2 and POPCNT were detected, and
+        // VBMI2 just above.
+        return unsafe { ascii_word_tokens_avx512(bytes, t) };
+    }
+    let _ = level;
+    let mask = ascii_alnum_and_high_mask64;
+    let compress = false;
+    // A token starts where the alphanumeric mask turns on and ends where it turns off.
+    let (mut ns, mut ne) = (0usize, 0usize);
+    let mut carry = 0u64;
+    let mut chunks = bytes.chunks_exact(64);
+    let mut base = 0u32;
+    for chunk in &mut chunks {
+        let (m, high) = mask(chunk.try_into().expect("64 bytes"));
+        if high != 0 {
+            return None;
+        }
+        let prev = (m << 1) | carry;
+        push_positions(&mut t.starts, &mut ns, m & !prev, base, compress);
+        push_positions(&mut t.ends, &mut ne, !m & prev, base, compress);
+        carry = m >> 63;
+        base += 64;
+    }
+    let mut m = 0u64;
+    for (i, &b) in chunks.remainder().iter().enumerate() {
+        if !b.is_ascii() {
+            return None;
+        }
+        m |= (b.is_ascii_alphanumeric() as u64) << i;
+    }
+    // After a full last chunk this word is empty and holds only the closing edge, at bit 0.
+    let prev = (m << 1) | carry;
+    push_positions(&mut t.starts, &mut ns, m & !prev, base, compress);
+    push_positions(&mut t.ends, &mut ne, !m & prev, base, compress);
+    debug_assert_eq!(ns, ne);
+    let token_count = ns.min(ne);
+    if t.words.len() < token_count {
+        t.words.resize(token_count, 0);
+    }
+    if t.long.len() < token_count {
+        t.long.resize(token_count, 0);
+    }
+    let starts = &t.starts[..token_count];
+    let ends = &t.ends[..token_count];
+    let words = &mut t.words[..token_count];
+    let long = &mut t.long[..token_count];
+    // All but the last few tokens have 8 bytes of text from their start on.
+    let mut inside = token_count;
+    while inside > 0 && starts[inside - 1] as usize + 8 > n {
+        inside -= 1;
+    }
+    let mut long_count = 0usize;
+    for i in 0..token_count {
+        let start = starts[i] as usize;
+        words[i] = if i < inside {
+            read64(bytes, start)
+        } else {
+            let mut b = [0u8; 8];
+            b[..n - start].copy_from_slice(&bytes[start..]);
+            u64::from_le_bytes(b)
+        };
+        // Branch-free: about one token in ten is long, at random.
+        long[long_count.min(i)] = i as u32;
+        long_count += (ends[i] - starts[i] > 8) as usize;
+    }
+    Some((token_count, long_count))
+}
+
+batch::multiversion!(ascii_word_tokens => ascii_word_tokens_body, (bytes: &[u8], t: &mut AsciiTokens) -> Option<(usize, usize)>);
 
 #[inline]
 fn combine(tokens: &[u64], c: &[u64]) -> u64 {
@@ -533,6 +800,52 @@ fn ascii_alnum_mask64(chunk: &[u8; 64]) -> u64 {
         }
         m
     }
+}
+
+/// `ascii_alnum_mask64`, plus the bytes with the high bit set (non-ASCII), in one pass.
+#[inline]
+fn ascii_alnum_and_high_mask64(chunk: &[u8; 64]) -> (u64, u64) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        let mut high = 0u64;
+        for q in 0..4 {
+            // SAFETY: SSE2 is part of the x86_64 baseline; the load is unaligned and in bounds.
+            let bits = unsafe {
+                _mm_movemask_epi8(_mm_loadu_si128(chunk.as_ptr().add(16 * q) as *const __m128i))
+            };
+            high |= (bits as u32 as u64) << (16 * q);
+        }
+        (ascii_alnum_mask64(chunk), high)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let mut high = 0u64;
+        for (i, &b) in chunk.iter().enumerate() {
+            high |= ((b >> 7) as u64) << i;
+        }
+        (ascii_alnum_mask64(chunk), high)
+    }
+}
+
+/// `ascii_alnum_and_high_mask64` in one AVX-512BW step.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn ascii_alnum_and_high_mask64_avx512(chunk: &[u8; 64]) -> (u64, u64) {
+    use std::arch::x86_64::*;
+    let v = _mm512_loadu_si512(chunk.as_ptr() as *const _);
+    // Unsigned range checks: `(b | 0x20) - 'a' < 26` for letters, `b - '0' < 10` for digits.
+    let folded = _mm512_or_si512(v, _mm512_set1_epi8(0x20));
+    let letter = _mm512_cmplt_epu8_mask(
+        _mm512_sub_epi8(folded, _mm512_set1_epi8(b'a' as i8)),
+        _mm512_set1_epi8(26),
+    );
+    let digit = _mm512_cmplt_epu8_mask(
+        _mm512_sub_epi8(v, _mm512_set1_epi8(b'0' as i8)),
+        _mm512_set1_epi8(10),
+    );
+    (letter | digit, _mm512_movepi8_mask(v))
 }
 
 /// First position >= `pos` whose bit is `want`; `masks.len() * 64` if none.
@@ -709,34 +1022,159 @@ mod tests {
         }
     }
 
+    /// Random texts over `alphabet`, with long letter runs now and then (tokens over 8 and 16
+    /// bytes) and lengths around the 64-byte blocks.
+    fn random_texts(alphabet: &str, state: &mut u64) -> Vec<String> {
+        let alphabet: Vec<char> = alphabet.chars().collect();
+        let mut texts = Vec::new();
+        for len in [
+            0, 1, 3, 4, 5, 8, 9, 17, 40, 63, 64, 65, 127, 128, 129, 500, 3000,
+        ] {
+            for rep in 0..30 {
+                texts.push(
+                    (0..len)
+                        .map(|i| {
+                            let r = splitmix64(state);
+                            if rep % 3 == 0 && i % 23 != 0 {
+                                alphabet[(r % 2) as usize]
+                            } else {
+                                alphabet[(r % alphabet.len() as u64) as usize]
+                            }
+                        })
+                        .collect(),
+                );
+            }
+        }
+        texts
+    }
+
     #[test]
     fn fused_ascii_path_matches_reference() {
-        let s = Shingler::new(5, Tokenizer::Word, 9).unwrap();
-        let c = position_multipliers(5);
         let mut state = 3u64;
-        let alphabet: Vec<char> = "aZ9q \n,.-_xYkLmnopQRSTuv".chars().collect();
-        for len in [4, 5, 9, 40, 63, 64, 65, 128, 129, 500] {
-            for rep in 0..30 {
-                let text: String = (0..len)
-                    .map(|i| {
-                        let r = splitmix64(&mut state);
-                        // Long runs of letters now and then, for tokens over 8 and 16 bytes.
-                        if rep % 3 == 0 && i % 23 != 0 {
-                            alphabet[(r % 2) as usize]
-                        } else {
-                            alphabet[(r % alphabet.len() as u64) as usize]
-                        }
-                    })
-                    .collect();
-                let tokens = word_token_hashes_reference(&normalize(&text), 9);
+        let mut texts = random_texts("aZ9q \n,.-_xYkLmnopQRSTuv", &mut state);
+        // Tokens of exactly 8, 9, 16 and 17 bytes, at the very end and after a 64-byte block.
+        for w in [
+            "abcdefgh",
+            "ABCDEFGHI",
+            "abcdefghijklmnop",
+            "abcdefghijklmnopq",
+        ] {
+            texts.push(format!("x {w}"));
+            texts.push(format!("{} {w}", "y".repeat(63)));
+            texts.push(format!("{w}{}", " ".repeat(64 - w.len())));
+        }
+        // Several ASCII_BLOCK blocks: a token straddling the first cut, a single run longer than
+        // a block, and a mix of short texts.
+        texts.push(format!(
+            "{}abcdefghij {}",
+            "ab ".repeat(5460),
+            "word ".repeat(5000)
+        ));
+        texts.push(format!("x {} y z", "q".repeat(40_000)));
+        texts.push(texts[..300].join(" ").repeat(2));
+        // Non-ASCII in the first block, in the tail, and after full blocks.
+        texts.push(format!("{}é", "word ".repeat(13)));
+        texts.push(format!("é{}", "word ".repeat(30)));
+        texts.push(format!("{}Ünï", "word ".repeat(40)));
+        texts.push(format!("{}Ünï", "word ".repeat(10_000)));
+        let mut sc = Scratch::default();
+        for ngram in [1, 2, 3, 5, 7] {
+            let s = Shingler::new(ngram, Tokenizer::Word, 9).unwrap();
+            let c = position_multipliers(ngram);
+            for text in &texts {
+                let tokens = word_token_hashes_reference(&normalize(text), 9);
                 let want: Vec<u64> = if tokens.is_empty() {
                     Vec::new()
-                } else if tokens.len() < 5 {
+                } else if tokens.len() < ngram {
                     vec![combine(&tokens, &c)]
                 } else {
-                    tokens.windows(5).map(|w| combine(w, &c)).collect()
+                    tokens.windows(ngram).map(|w| combine(w, &c)).collect()
                 };
-                assert_eq!(hashes(&s, &text), want, "{text:?}");
+                for level in Level::available() {
+                    let got = s.shingle_hashes_at(level, text, &mut sc);
+                    assert_eq!(got, want, "{level:?} ngram {ngram} {text:?}");
+                }
+                let mut low = Vec::new();
+                s.shingle_hashes_low32(text, &mut sc, &mut low);
+                let want_low: Vec<u32> = want.iter().map(|&h| h as u32).collect();
+                assert_eq!(low, want_low);
+            }
+        }
+    }
+
+    #[test]
+    fn char_shingles_match_reference_at_every_level() {
+        let mut state = 5u64;
+        let texts = random_texts("aZ é\t,Σ\nxq", &mut state);
+        let mut sc = Scratch::default();
+        for ngram in [1, 3, 5, 9] {
+            let s = Shingler::new(ngram, Tokenizer::Char, 2).unwrap();
+            let c = position_multipliers(ngram);
+            for text in &texts {
+                let norm = normalize(text);
+                let chars: Vec<String> = norm
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    .chars()
+                    .map(String::from)
+                    .collect();
+                let tokens: Vec<u64> = chars
+                    .iter()
+                    .map(|ch| xxh3_64_with_seed(ch.as_bytes(), 2))
+                    .collect();
+                let want: Vec<u64> = if tokens.is_empty() {
+                    Vec::new()
+                } else if tokens.len() < ngram {
+                    vec![combine(&tokens, &c)]
+                } else {
+                    tokens.windows(ngram).map(|w| combine(w, &c)).collect()
+                };
+                for level in Level::available() {
+                    assert_eq!(
+                        s.shingle_hashes_at(level, text, &mut sc),
+                        want,
+                        "{level:?} {text:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn short_token_kernel_equals_xxh3_at_every_level() {
+        let mut state = 7u64;
+        let text: Vec<u8> = (0..4096)
+            .map(|_| {
+                let r = splitmix64(&mut state);
+                b"aZ09qxYM"[(r % 8) as usize]
+            })
+            .collect();
+        let mut words = Vec::new();
+        let (mut starts, mut ends) = (Vec::new(), Vec::new());
+        for start in 0..text.len() - 8 {
+            let len = 1 + start % 8;
+            words.push(read64(&text, start));
+            starts.push(start as u32);
+            ends.push((start + len) as u32);
+        }
+        for seed in [0, 1, 9, u64::MAX] {
+            let (keys, _) = short_keys(seed);
+            let want: Vec<u64> = starts
+                .iter()
+                .zip(&ends)
+                .map(|(&s, &e)| {
+                    let lower: Vec<u8> = text[s as usize..e as usize]
+                        .iter()
+                        .map(|b| b | 0x20)
+                        .collect();
+                    xxh3_64_with_seed(&lower, seed)
+                })
+                .collect();
+            for level in Level::available() {
+                let mut got = vec![0; want.len()];
+                batch::short_token_hashes(level, &words, &starts, &ends, keys, &mut got);
+                assert_eq!(got, want, "{level:?} seed {seed}");
             }
         }
     }

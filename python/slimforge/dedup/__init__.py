@@ -453,6 +453,33 @@ def deduplicate(
 # --- LSHIndex -----------------------------------------------------------------------------
 
 
+class _Growable:
+    """Rows appended in amortised O(rows): the capacity doubles, old rows are copied once."""
+
+    def __init__(self, row_shape: tuple[int, ...], dtype: Any) -> None:
+        self._buf = np.empty((0, *row_shape), dtype=dtype)
+        self.n = 0
+
+    def append(self, rows: NDArray[Any]) -> None:
+        need = self.n + rows.shape[0]
+        if need > self._buf.shape[0]:
+            cap = max(need, 2 * self._buf.shape[0], 64)
+            new = np.empty((cap, *self._buf.shape[1:]), dtype=self._buf.dtype)
+            new[: self.n] = self._buf[: self.n]
+            self._buf = new
+        self._buf[self.n : need] = rows
+        self.n = need
+
+    @property
+    def view(self) -> NDArray[Any]:
+        return self._buf[: self.n]
+
+
+# Rows inserted since the last full merge are searched in a small sorted tail of their own;
+# past this many they are merged into the main sorted arrays (a linear merge of two runs).
+_LSH_TAIL_ROWS = 4096
+
+
 class LSHIndex:
     """A growing set of signatures with per-band sorted band hashes, for queries and for
     deduplicating a new shard against everything inserted before.
@@ -473,14 +500,26 @@ class LSHIndex:
         self.threshold = _check_threshold(threshold)
         self.num_perm = _check_positive("num_perm", num_perm)
         self.bands, self.rows = _resolve_banding(self.threshold, self.num_perm, bands, rows)
-        self._sigs = np.empty((0, self.num_perm), dtype=np.uint32)
-        self._int_keys: NDArray[np.int64] | None = np.empty(0, dtype=np.int64)
+        self._rows = _Growable((self.num_perm,), np.uint32)
+        self._ikeys: _Growable | None = _Growable((), np.int64)
         self._str_keys: list[str] | None = None
-        self._pending: list[NDArray[np.uint32]] = []
-        self._sorted: tuple[NDArray[np.uint64], NDArray[np.int64]] | None = None
+        # Per-band sorted band hashes and their rows: `_main` covers rows [0, _main_rows),
+        # `_tail` rows [_main_rows, _tail_rows); `None` when not built yet.
+        self._main: tuple[NDArray[np.uint64], NDArray[np.int64]] | None = None
+        self._main_rows = 0
+        self._tail: tuple[NDArray[np.uint64], NDArray[np.int64]] | None = None
+        self._tail_rows = 0
+
+    @property
+    def _sigs(self) -> NDArray[np.uint32]:
+        return self._rows.view
+
+    @property
+    def _int_keys(self) -> NDArray[np.int64] | None:
+        return None if self._ikeys is None else self._ikeys.view
 
     def __len__(self) -> int:
-        return int(self._sigs.shape[0]) + sum(p.shape[0] for p in self._pending)
+        return self._rows.n
 
     def __repr__(self) -> str:
         return (
@@ -514,28 +553,43 @@ class LSHIndex:
             if self._str_keys is None:
                 if len(self) > 0:
                     raise TypeError("this index has int keys, got str keys")
-                self._str_keys, self._int_keys = [], None
+                self._str_keys, self._ikeys = [], None
             self._str_keys.extend(new_str)
         else:
-            if self._int_keys is None:
+            if self._ikeys is None:
                 if m > 0:
                     raise TypeError("this index has str keys, got int keys")
             else:
                 assert new_int is not None
-                self._int_keys = np.concatenate([self._int_keys, new_int])
+                self._ikeys.append(new_int)
         if m:
-            self._pending.append(np.ascontiguousarray(sigs))
-            self._sorted = None
+            self._rows.append(sigs)
 
-    def _consolidate(self) -> tuple[NDArray[np.uint64], NDArray[np.int64]]:
-        if self._pending:
-            self._sigs = np.concatenate([self._sigs, *self._pending])
-            self._pending = []
-        if self._sorted is None:
-            bh = _native.band_hashes(self._sigs, self.bands, self.rows)
-            order = np.argsort(bh, axis=0, kind="stable").T.copy()
-            self._sorted = (np.take_along_axis(bh.T, order, axis=1), order.astype(np.int64))
-        return self._sorted
+    def _sorted_bands(self, first: int, last: int) -> tuple[NDArray[np.uint64], NDArray[np.int64]]:
+        """Band hashes of rows [first, last) sorted per band ``(bands, m)``, with their rows."""
+        bh = _native.band_hashes(self._sigs[first:last], self.bands, self.rows)
+        order = np.argsort(bh, axis=0, kind="stable").T.copy()
+        return np.take_along_axis(bh.T, order, axis=1), order.astype(np.int64) + first
+
+    def _consolidate(self) -> list[tuple[NDArray[np.uint64], NDArray[np.int64]]]:
+        """The sorted parts covering every row: the main part, plus a tail of recent rows."""
+        n = len(self)
+        if self._main is None:
+            self._main, self._main_rows = self._sorted_bands(0, n), n
+            self._tail = None
+        elif n - self._main_rows > _LSH_TAIL_ROWS:
+            # Stable sort of two sorted runs per band (timsort): a linear merge.
+            new_h, new_o = self._sorted_bands(self._main_rows, n)
+            h = np.concatenate([self._main[0], new_h], axis=1)
+            o = np.concatenate([self._main[1], new_o], axis=1)
+            idx = np.argsort(h, axis=1, kind="stable")
+            self._main = (np.take_along_axis(h, idx, axis=1), np.take_along_axis(o, idx, axis=1))
+            self._main_rows, self._tail = n, None
+        if self._main_rows == n:
+            return [self._main]
+        if self._tail is None or self._tail_rows != n:
+            self._tail, self._tail_rows = self._sorted_bands(self._main_rows, n), n
+        return [self._main, self._tail]
 
     def _key(self, rows: NDArray[np.int64]) -> list[Any]:
         if self._str_keys is not None:
@@ -549,21 +603,22 @@ class LSHIndex:
         """Matches of many queries: ``(pairs (m, 2) int64 of (query row, index row),
         estimated Jaccard (m,))``, sorted by query row then index row."""
         sigs = _check_signatures(np.asarray(sigs), self.num_perm)
-        hashes, order = self._consolidate()
+        parts = self._consolidate()
         qbh = _native.band_hashes(np.ascontiguousarray(sigs), self.bands, self.rows)
         found = []
-        for j in range(self.bands):
-            q = qbh[:, j]
-            lo = np.searchsorted(hashes[j], q, side="left")
-            hi = np.searchsorted(hashes[j], q, side="right")
-            counts = np.where(q == 0, 0, hi - lo)
-            total = int(counts.sum())
-            if total == 0:
-                continue
-            qrow = np.repeat(np.arange(q.shape[0], dtype=np.int64), counts)
-            offsets = np.repeat(np.cumsum(counts) - counts, counts)
-            pos = np.repeat(lo, counts) + (np.arange(total) - offsets)
-            found.append(np.stack([qrow, order[j][pos]], axis=1))
+        for hashes, order in parts:
+            for j in range(self.bands):
+                q = qbh[:, j]
+                lo = np.searchsorted(hashes[j], q, side="left")
+                hi = np.searchsorted(hashes[j], q, side="right")
+                counts = np.where(q == 0, 0, hi - lo)
+                total = int(counts.sum())
+                if total == 0:
+                    continue
+                qrow = np.repeat(np.arange(q.shape[0], dtype=np.int64), counts)
+                offsets = np.repeat(np.cumsum(counts) - counts, counts)
+                pos = np.repeat(lo, counts) + (np.arange(total) - offsets)
+                found.append(np.stack([qrow, order[j][pos]], axis=1))
         if not found:
             return np.empty((0, 2), dtype=np.int64), np.empty(0, dtype=np.float64)
         pairs = np.unique(np.concatenate(found), axis=0)
@@ -602,8 +657,9 @@ class LSHIndex:
         threshold, num_perm, bands, rows, sigs, keys = _native.lsh_index_load(os.fspath(path))
         index = cls(threshold, num_perm, bands, rows)
         if isinstance(keys, list):
-            index._str_keys, index._int_keys = keys, None
+            index._str_keys, index._ikeys = keys, None
         else:
-            index._int_keys = keys
-        index._sigs = sigs
+            assert index._ikeys is not None
+            index._ikeys.append(keys)
+        index._rows.append(sigs)
         return index
