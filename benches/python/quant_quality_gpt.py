@@ -240,6 +240,8 @@ def main() -> None:
     int8 = record("INT8 RTN per-channel sym", m, s)
     m, s = timed(lambda m: quantize_(m, Int8WeightOnly(symmetric=False), block_linears))
     int8a = record("INT8 RTN per-channel asym", m, s)
+    m, s = timed(lambda m: quantize_(m, Int8WeightOnly(no_clip=True), block_linears))
+    int8n = record("INT8 RTN per-channel sym no-clip", m, s)
     m, s = timed(lambda m: quantize_(m, Int4WeightOnly(group_size=gs), block_linears))
     int4 = record(f"INT4 RTN g{gs}", m, s)
     m, s = timed(
@@ -265,7 +267,10 @@ def main() -> None:
         print(
             "  (--quick is a smoke test on a tiny, barely trained model; targets apply to a full run)"
         )
-    print(f"  INT8 sym / fp32 = {int8 / base:.4f}, asym {int8a / base:.4f}  (target <= 1.01)")
+    print(
+        f"  INT8 sym / fp32 = {int8 / base:.4f}, asym {int8a / base:.4f}, "
+        f"sym no-clip {int8n / base:.4f}  (target <= 1.01)"
+    )
     print(f"  INT4 RTN / fp32 = {int4 / base:.4f}")
     print(f"  GPTQ / fp32 = {gptq / base:.4f}, recovered {recovered(gptq)}  (target >= 50 %)")
     print(f"  AWQ  / fp32 = {awq / base:.4f}, recovered {recovered(awq)}  (target >= 50 %)")
