@@ -141,3 +141,18 @@ def test_qat_on_gpt_trains_and_converts_to_the_same_function() -> None:
     convert(student)
     assert_blocks_quantized(student)
     torch.testing.assert_close(logits(student, x), fake, atol=1e-4, rtol=1e-4)
+
+
+def test_awq_does_not_clip_fused_qkv() -> None:
+    model = tiny_gpt()
+    names = ("blocks.0.attn.qkv", "blocks.0.mlp.fc")
+    calib = [tokens(20 + i) for i in range(2)]
+    runs = {}
+    for clip in (False, True):
+        m = copy.deepcopy(model)
+        runs[clip] = quantize_awq(
+            m, AWQ(group_size=32, clip=clip), calib, lambda mod, n: n in names, progress=False
+        )
+    # Same inputs and scales; the clip search runs on fc only (qkv carries query/key rows).
+    assert torch.equal(runs[True][names[0]].q, runs[False][names[0]].q)
+    assert not torch.equal(runs[True][names[1]].q, runs[False][names[1]].q)
