@@ -124,17 +124,21 @@ def eval_windows(data: torch.Tensor, block: int, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, batch: int = 16) -> float:
-    """exp(mean next-byte cross-entropy) over every position of every window."""
+def window_ce(model: nn.Module, windows: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    """Mean next-byte cross-entropy (nats) of each window, float64 (n,)."""
     model.eval()
-    total, count = 0.0, 0
+    out = []
     for i in range(0, windows.shape[0], batch):
         w = windows[i : i + batch]
         logits, _ = model(w[:, :-1], w[:, 1:])
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), w[:, 1:].reshape(-1))
-        total += float(ce) * w[:, 1:].numel()
-        count += w[:, 1:].numel()
-    return math.exp(total / count)
+        ce = F.cross_entropy(logits.transpose(1, 2).float(), w[:, 1:], reduction="none")
+        out.append(ce.double().mean(dim=1))
+    return torch.cat(out)
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor) -> float:
+    """exp(mean next-byte cross-entropy) over every position of every window."""
+    return math.exp(float(window_ce(model, windows).mean()))
 
 
 def block_linears(mod: nn.Module, name: str) -> bool:
@@ -222,11 +226,21 @@ def main() -> None:
     )
 
     rows: list[tuple[str, float, float]] = []
+    ce_of: dict[str, torch.Tensor] = {}
 
     def record(name: str, m: nn.Module, secs: float) -> float:
-        ppl = perplexity(m, windows)
+        ce = window_ce(m, windows)
+        ce_of[name] = ce
+        ppl = math.exp(float(ce.mean()))
         rows.append((name, ppl, secs))
-        print(f"  {name:<32} ppl {ppl:8.4f}   ({secs:5.1f} s to quantize)", flush=True)
+        # Paired over windows: how far this row's mean CE is from fp32's, and its standard error.
+        d = ce - ce_of["fp32"]
+        se = float(d.std()) / math.sqrt(d.numel()) if d.numel() > 1 else 0.0
+        print(
+            f"  {name:<32} ppl {ppl:8.4f}   CE - fp32 {float(d.mean()):+.5f} +- {se:.5f} nats"
+            f"   ({secs:5.1f} s to quantize)",
+            flush=True,
+        )
         return ppl
 
     def timed(fn) -> tuple[nn.Module, float]:  # type: ignore[no-untyped-def]
