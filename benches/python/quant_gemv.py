@@ -127,6 +127,16 @@ def peer_variants() -> list[tuple[str, int, torch.dtype, float, Callable[[], obj
 
         return _torchao(IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(128)))
 
+    def ao_proto_int4() -> Callable[[nn.Linear], nn.Module]:
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+        return _torchao(PrototypeInt4WeightOnlyConfig(group_size=128))
+
+    def ao_da8w4() -> Callable[[nn.Linear], nn.Module]:
+        from torchao.prototype.quantization.int4 import Int8DynamicActivationInt4WeightConfig
+
+        return _torchao(Int8DynamicActivationInt4WeightConfig(group_size=128))
+
     def quanto_int4_fp32() -> Callable[[nn.Linear], nn.Module]:
         # fp32 x with qint4 weights runs quanto's C++ extension, JIT-built by ninja on first use.
         if shutil.which("ninja") is None:
@@ -137,6 +147,9 @@ def peer_variants() -> list[tuple[str, int, torch.dtype, float, Callable[[], obj
         ("torchao Int8WeightOnly", 8, f32, 1.0, ao_int8),
         ("torchao Int8WeightOnly", 8, bf16, 1.0, ao_int8),
         ("torchao Int4WeightOnly g128", 4, bf16, 0.5, ao_int4),
+        ("torchao Prototype Int4WeightOnly g128 (CPU)", 4, f32, 0.5, ao_proto_int4),
+        ("torchao Prototype Int4WeightOnly g128 (CPU)", 4, bf16, 0.5, ao_proto_int4),
+        ("torchao Int8DynamicActivationInt4Weight g128", 4, f32, 0.5, ao_da8w4),
         ("torchao IntxWeightOnly int4 g128 (int8 storage)", 4, f32, 1.0, ao_intx4),
         ("torchao IntxWeightOnly int4 g128 (int8 storage)", 4, bf16, 1.0, ao_intx4),
         ("quanto qint8", 8, f32, 1.0, lambda: _quanto("qint8")),
