@@ -205,9 +205,11 @@ def peer_rows(
             continue
         # A call far slower than streaming its weights is compute-bound: cold layers change
         # nothing there, so such a variant gets as many layers as fit in `pass_budget_s`.
+        torch.set_num_threads(min(thread_counts))  # the slowest setting sizes the pass
         t0 = time.perf_counter()
-        probe(x)
-        per_call = time.perf_counter() - t0
+        for _ in range(2):
+            probe(x)
+        per_call = (time.perf_counter() - t0) / 2
         count = min(layer_count(nb, cold_bytes, cap), max(2, int(pass_budget_s / per_call)))
         layers = [probe] + [build(copy_of()) for _ in range(count - 1)]
         print(f"  {label}: {len(layers)} layers, relative output error {err:.2e}")
@@ -348,7 +350,7 @@ def main() -> None:
             gc.collect()
 
     if not args.no_peers:
-        peer_rows(rows, thread_counts, n, k, cold_bytes, cap, passes, 0.3 if args.quick else 2.0)
+        peer_rows(rows, thread_counts, n, k, cold_bytes, cap, passes, 0.2 if args.quick else 2.0)
 
     # "slimforge faster": this row's time / slimforge's best route, same bits, x dtype, threads.
     best_sf: dict[tuple[int, str, int], float] = {}
