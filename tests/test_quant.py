@@ -133,6 +133,75 @@ def test_round_trip_error_at_most_half_step(
     assert torch.all((wf - d).abs() <= bound)
 
 
+def ref_no_clip_scales(w: torch.Tensor, bits: int, g: int) -> torch.Tensor:
+    """float64 ``max(max(w, 0) / (2^(b-1) - 1), -min(w, 0) / 2^(b-1))`` per group."""
+    half = 2 ** (bits - 1)
+    wg = w.double().reshape(w.shape[0], -1, g)
+    hi = wg.max(-1).values.clamp(min=0.0)
+    lo = wg.min(-1).values.clamp(max=0.0)
+    s = torch.maximum(hi / (half - 1), -lo / half).float()
+    return torch.where(s > 0, s, torch.full_like(s, F32_EPS))
+
+
+@given(
+    bits=st.sampled_from([4, 8]),
+    group=st.sampled_from(GROUPS),
+    rows=st.integers(1, 6),
+    ngroups=st.integers(1, 3),
+    kind=st.sampled_from(["normal", "positive", "zeros", "constant", "outliers"]),
+    scale=st.sampled_from([1e-3, 1.0, 37.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_no_clip_symmetric_never_clips(bits, group, rows, ngroups, kind, scale, seed):
+    cols = (group or 32) * ngroups
+    w = make_weight(kind, rows, cols, seed, scale)
+    g = group or cols
+    s, z = choose_qparams(w, bits, group, True, no_clip=True)
+    assert torch.equal(s, ref_no_clip_scales(w, bits, g))
+    assert torch.all(z == 2 ** (bits - 1))
+    # Unclamped codes already lie in [0, 2^b - 1]: the clamp never fires.
+    wg = w.reshape(rows, -1, g)
+    raw = torch.round(wg / s.unsqueeze(-1)) + z.unsqueeze(-1)
+    assert raw.min() >= 0 and raw.max() <= 2**bits - 1
+    q = quantize_affine(w, s, z, bits, group)
+    d = dequantize_affine(q, s, z, group)
+    bound = s.repeat_interleave(g, -1) * 0.5 * (1 + 1e-5) + F32_EPS * w.abs()
+    assert torch.all((w - d).abs() <= bound)
+    # The weight that sets the scale (the max, or the min) is a code, up to float32 rounding.
+    dg = d.reshape(rows, -1, g)
+    errs = []
+    for pick in (wg.argmax(-1, keepdim=True), wg.argmin(-1, keepdim=True)):
+        ext = wg.gather(-1, pick).squeeze(-1)
+        errs.append((dg.gather(-1, pick).squeeze(-1) - ext).abs() / ext.abs().clamp(min=1e-30))
+    assert torch.all(torch.minimum(*errs) <= 4 * F32_EPS)
+
+
+def test_no_clip_keeps_the_positive_max_that_absmax_clips() -> None:
+    lin = nn.Linear(64, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.linspace(-0.5, 1.0, 64).repeat(2, 1))
+    default = QuantLinear.from_float(lin, 8, None, symmetric=True).dequantize()
+    exact = QuantLinear.from_float(lin, 8, None, symmetric=True, no_clip=True).dequantize()
+    # absmax / 127.5 puts 1.0 at code 127.5, clamped to 127: half a step short.
+    assert default[0, -1].item() == pytest.approx(127 / 127.5, rel=1e-6)
+    assert exact[0, -1].item() == pytest.approx(1.0, rel=1e-6)
+    model = quantize_(nn.Sequential(lin), Int8WeightOnly(no_clip=True))
+    assert torch.equal(model[0].dequantize(), exact)
+    emb = nn.Embedding(3, 64)
+    with torch.no_grad():
+        emb.weight.copy_(lin.weight[:1].repeat(3, 1))
+    qemb = QuantEmbedding.from_float(emb, 8, None, symmetric=True, no_clip=True)
+    assert torch.equal(qemb.dequantize(), exact[:1].repeat(3, 1))
+    with pytest.raises(ValueError, match="symmetric"):
+        Int8WeightOnly(symmetric=False, no_clip=True)
+    with pytest.raises(ValueError, match="symmetric"):
+        Int4WeightOnly(no_clip=True)
+    with pytest.raises(ValueError, match="symmetric"):
+        choose_qparams(lin.weight, 8, None, False, no_clip=True)
+    s4, _ = choose_qparams(lin.weight, 4, 32, True, no_clip=True)
+    assert torch.allclose(s4[:, 1], torch.full((2,), 1.0 / 7))
+
+
 @given(
     shape=st.lists(st.integers(1, 5), min_size=0, max_size=2),
     half=st.integers(1, 40),

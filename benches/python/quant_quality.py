@@ -31,6 +31,7 @@ from slimforge.models.llama import (
     LlamaForCausalLM,
     perplexity,
 )
+from slimforge.quant import Int8WeightOnly, quantize_
 from slimforge.quant.awq import AWQ, quantize_awq
 from slimforge.quant.calibrate import fake_quantize
 from slimforge.quant.gptq import GPTQ, quantize_gptq
@@ -179,6 +180,10 @@ def main() -> None:
     int8a = record("INT8 RTN per-channel asym", m8, time.perf_counter() - t)
     del m8
     t = time.perf_counter()
+    m8 = quantize_(copy.deepcopy(model), Int8WeightOnly(no_clip=True), in_layers(args.layers))
+    int8n = record("INT8 RTN per-channel sym no-clip", m8, time.perf_counter() - t)
+    del m8
+    t = time.perf_counter()
     m4 = rtn(model, 4, gs, False, args.layers)
     int4 = record(f"INT4 RTN g{gs}", m4, time.perf_counter() - t)
     del m4
@@ -215,7 +220,10 @@ def main() -> None:
     print("\nsummary (ratios to fp32; 'recovered' = share of the INT4 RTN gap closed):")
     if args.quick:
         print("  (--quick is a smoke test on 4 blocks and 256 tokens; targets apply to a full run)")
-    print(f"  INT8 sym / fp32 = {int8 / base:.4f}, asym {int8a / base:.4f}  (target <= 1.01)")
+    print(
+        f"  INT8 sym / fp32 = {int8 / base:.4f}, asym {int8a / base:.4f}, "
+        f"sym no-clip {int8n / base:.4f}  (target <= 1.01)"
+    )
     print(f"  INT4 RTN / fp32 = {int4 / base:.4f}")
     print(f"  GPTQ / fp32 = {gptq / base:.4f}, recovered {recovered(gptq)}  (target >= 50 %)")
     print(f"  AWQ  / fp32 = {awq / base:.4f}, recovered {recovered(awq)}  (target >= 50 %)")

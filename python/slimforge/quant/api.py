@@ -35,10 +35,17 @@ class Int8WeightOnly(QuantConfig):
 
     Applies to ``nn.Linear`` (-> :class:`QuantLinear`) and ``nn.Embedding``
     (-> :class:`QuantEmbedding`). ``symmetric=True``: absmax scale, zero point 128.
+    ``no_clip=True`` (symmetric only): ``scale = max(max(w) / 127, -min(w) / 128)`` per
+    channel, so the largest weight is not clipped by half a step (see ``choose_qparams``).
     """
 
     group_size: int | None = None
     symmetric: bool = True
+    no_clip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.no_clip and not self.symmetric:
+            raise ValueError("no_clip applies to symmetric quantization (min-max never clips)")
 
 
 @dataclass(frozen=True)
@@ -46,10 +53,16 @@ class Int4WeightOnly(QuantConfig):
     """INT4 weights, round-to-nearest, groups of ``group_size`` (32, 64, 128 or None/-1).
 
     Applies to ``nn.Linear``. ``symmetric=False``: min-max scale and zero point per group.
+    ``no_clip=True`` (symmetric only): ``scale = max(max(w) / 7, -min(w) / 8)`` per group.
     """
 
     group_size: int | None = 128
     symmetric: bool = False
+    no_clip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.no_clip and not self.symmetric:
+            raise ValueError("no_clip applies to symmetric quantization (min-max never clips)")
 
 
 Handler = Callable[[nn.Module, QuantConfig], nn.Module]
@@ -112,9 +125,13 @@ def quantize_(
 def _int8_weight_only(module: nn.Module, config: QuantConfig) -> nn.Module:
     assert isinstance(config, Int8WeightOnly)
     if isinstance(module, nn.Linear):
-        return QuantLinear.from_float(module, 8, config.group_size, config.symmetric)
+        return QuantLinear.from_float(
+            module, 8, config.group_size, config.symmetric, config.no_clip
+        )
     if isinstance(module, nn.Embedding):
-        return QuantEmbedding.from_float(module, 8, config.group_size, config.symmetric)
+        return QuantEmbedding.from_float(
+            module, 8, config.group_size, config.symmetric, config.no_clip
+        )
     return module
 
 
@@ -122,5 +139,7 @@ def _int8_weight_only(module: nn.Module, config: QuantConfig) -> nn.Module:
 def _int4_weight_only(module: nn.Module, config: QuantConfig) -> nn.Module:
     assert isinstance(config, Int4WeightOnly)
     if isinstance(module, nn.Linear):
-        return QuantLinear.from_float(module, 4, config.group_size, config.symmetric)
+        return QuantLinear.from_float(
+            module, 4, config.group_size, config.symmetric, config.no_clip
+        )
     return module

@@ -41,7 +41,8 @@ from slimforge.quant.linear import QuantLinear
 
 __all__ = ["AWQ", "AWQResult", "awq_clip", "awq_search_scale", "quantize_awq"]
 
-_QK_NAMES = ("q_proj", "k_proj", "wq", "wk", "query", "key", "attn_q", "attn_k")
+# Fused q/k/v projections (GPT-2 c_attn, qkv, qkv_proj, MPT Wqkv) hold query/key rows too.
+_QK_NAMES = ("q_proj", "k_proj", "wq", "wk", "query", "key", "attn_q", "attn_k", "qkv", "c_attn")
 
 
 @dataclass

@@ -179,13 +179,15 @@ class QuantLinear(nn.Module):
         bits: int = 4,
         group_size: int | None = 128,
         symmetric: bool = False,
+        no_clip: bool = False,
     ) -> QuantLinear:
-        """Round-to-nearest quantization of an ``nn.Linear`` (min-max, or absmax if symmetric)."""
+        """Round-to-nearest quantization of an ``nn.Linear`` (min-max, or absmax if symmetric;
+        ``no_clip``: symmetric scale that never clips, see :func:`choose_qparams`)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
         g = resolve_group_size(group_size, linear.in_features)
-        scales, zeros = choose_qparams(w, bits, g, symmetric)
+        scales, zeros = choose_qparams(w, bits, g, symmetric, no_clip=no_clip)
         q = quantize_affine(w, scales, zeros, bits, g)
         return cls.from_quantized(q, scales, zeros, linear.bias, bits, g)
 
@@ -335,8 +337,10 @@ class QuantEmbedding(nn.Module):
         bits: int = 8,
         group_size: int | None = None,
         symmetric: bool = True,
+        no_clip: bool = False,
     ) -> QuantEmbedding:
-        """Round-to-nearest quantization of an ``nn.Embedding`` (rows are output channels)."""
+        """Round-to-nearest quantization of an ``nn.Embedding`` (rows are output channels;
+        ``no_clip`` as in :meth:`QuantLinear.from_float`)."""
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"expected an nn.Embedding, got {type(embedding).__name__}")
         if embedding.max_norm is not None or embedding.sparse:
@@ -349,7 +353,7 @@ class QuantEmbedding(nn.Module):
             group_size,
             embedding.padding_idx,
         )
-        scales, zeros = choose_qparams(w, bits, layer.group_size, symmetric)
+        scales, zeros = choose_qparams(w, bits, layer.group_size, symmetric, no_clip=no_clip)
         q = quantize_affine(w, scales, zeros, bits, layer.group_size).cpu()
         layer.qweight.copy_(pack_int4(q) if bits == 4 else q)
         layer.scales.copy_(scales.cpu())

@@ -94,23 +94,49 @@ def _codes(q: torch.Tensor, name: str) -> tuple[np.ndarray, tuple[int, ...]]:
 
 
 def choose_qparams(
-    w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool
+    w: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    *,
+    no_clip: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest quantization parameters for ``w: (..., in)``.
 
     Asymmetric (min-max): ``[min(w, 0), max(w, 0)]`` maps onto ``[0, 2**bits - 1]``.
-    Symmetric (absmax): ``scale = absmax / 7.5`` (INT4) or ``/ 127.5`` (INT8), zero 8 or 128.
+    Symmetric (absmax): ``scale = absmax / 7.5`` (INT4) or ``/ 127.5`` (INT8), zero 8 or 128;
+    a group's largest positive weight then lands half a step past the top code and is clipped.
+    ``no_clip=True`` (symmetric only; torchao's ``SYMMETRIC_NO_CLIPPING_ERR``):
+    ``scale = max(max(w) / 7, -min(w) / 8)`` (INT4) or ``max(max(w) / 127, -min(w) / 128)``
+    (INT8), so the group's extreme weight is a code exactly and nothing is clipped.
     Returns ``(scales, zeros)``, float32, shape ``(..., in // group_size)``, on ``w``'s device.
     """
     check_bits(bits)
+    if no_clip and not symmetric:
+        raise ValueError("no_clip applies to symmetric quantization (min-max never clips)")
     a, shape = _float_matrix(w, "w")
     g = resolve_group_size(group_size, shape[-1])
     s, z = _native.quant_choose_qparams(a, bits, g, bool(symmetric))
+    if no_clip:
+        s = _no_clip_scales(a, bits, g, s)
     out = (*shape[:-1], shape[-1] // g)
     return (
         torch.from_numpy(s).reshape(out).to(w.device),
         torch.from_numpy(z).reshape(out).to(w.device),
     )
+
+
+def _no_clip_scales(a: np.ndarray, bits: int, g: int, absmax_scales: np.ndarray) -> np.ndarray:
+    """``max(max(w, 0) / (2^(b-1) - 1), -min(w, 0) / 2^(b-1))`` per group, float32.
+
+    All-zero groups keep the absmax rule's floor scale.
+    """
+    half = 2 ** (bits - 1)
+    grouped = a.reshape(a.shape[0], -1, g).astype(np.float64)
+    hi = np.maximum(grouped.max(axis=-1), 0.0)
+    lo = np.minimum(grouped.min(axis=-1), 0.0)
+    s = np.maximum(hi / (half - 1), -lo / half).astype(np.float32)
+    return np.where(s > 0, s, absmax_scales.reshape(s.shape)).reshape(absmax_scales.shape)
 
 
 def quantize_affine(

@@ -1,0 +1,296 @@
+"""Perplexity of slimforge's own byte-level GPT after INT8/INT4 RTN, GPTQ, AWQ and QAT.
+
+A dense nanoGPT-style model (`slimforge.models.GPT`) is trained on the CPU on the bundled
+Shakespeare corpus (`slimforge.data.lm_splits()`: byte level, Hamlet, Macbeth and The Tempest
+held out), then quantized with the library's public APIs (`quantize_`, `quantize_gptq`,
+`quantize_awq`, `prepare_qat` + `convert`) and evaluated on the held-out plays. Every block
+linear is quantized; the tied embedding / LM head stays fp32. Calibration windows come from the
+training split. The trained weights are cached as safetensors under
+~/.cache/slimforge/gpt/ (key: shape, training settings and seed), so re-runs skip training.
+
+    PYTHONPATH=python python benches/python/quant_quality_gpt.py --quick     # < 1 minute
+    PYTHONPATH=python python benches/python/quant_quality_gpt.py --threads 1 # full table
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from slimforge.data import lm_splits
+from slimforge.models import GPT, GPTConfig
+from slimforge.quant import Int4WeightOnly, Int8WeightOnly, quantize_
+from slimforge.quant.awq import AWQ, quantize_awq
+from slimforge.quant.gptq import GPTQ, quantize_gptq
+from slimforge.quant.qat import QATConfig, convert, prepare_qat
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
+    steps: int
+    batch: int
+    lr: float
+    seed: int
+
+    def config(self) -> GPTConfig:
+        return GPTConfig(
+            vocab_size=256,
+            block_size=self.block_size,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            n_embd=self.n_embd,
+        )
+
+    def key(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+QUICK = TrainSpec(
+    n_layer=2, n_head=2, n_embd=128, block_size=64, steps=60, batch=16, lr=3e-3, seed=0
+)
+FULL = TrainSpec(
+    n_layer=4, n_head=4, n_embd=256, block_size=128, steps=1200, batch=16, lr=2e-3, seed=0
+)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SLIMFORGE_CACHE", Path.home() / ".cache" / "slimforge")) / "gpt"
+
+
+def random_windows(data: torch.Tensor, block: int, batch: int, gen: torch.Generator):
+    """(x, y) pairs of `batch` random windows of `block` bytes, forever."""
+    while True:
+        start = torch.randint(0, data.numel() - block - 1, (batch,), generator=gen)
+        rows = torch.stack([data[s : s + block + 1] for s in start.tolist()])
+        yield rows[:, :-1], rows[:, 1:]
+
+
+def train(spec: TrainSpec, data: torch.Tensor) -> tuple[GPT, float]:
+    """Trains (AdamW, warm-up + cosine) or loads the cached weights. Returns (model, seconds)."""
+    path = cache_dir() / f"quant-gpt-{spec.key()}.safetensors"
+    torch.manual_seed(spec.seed)
+    model = GPT(spec.config())
+    if path.exists():
+        load_model(model, str(path))
+        print(f"loaded trained weights from {path}")
+        return model.eval(), 0.0
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    it = random_windows(data, spec.block_size, spec.batch, torch.Generator().manual_seed(spec.seed))
+    warmup = max(1, spec.steps // 20)
+    t0 = time.perf_counter()
+    model.train()
+    for step in range(spec.steps):
+        lr = spec.lr * min(1.0, (step + 1) / warmup)
+        lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / spec.steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y = next(it)
+        _, loss = model(x, y)
+        assert loss is not None
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == spec.steps - 1:
+            print(f"  train step {step:5d}  loss {loss.item():.4f}", flush=True)
+    secs = time.perf_counter() - t0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(path))
+    print(f"trained in {secs:.0f} s; cached at {path}")
+    return model.eval(), secs
+
+
+def eval_windows(data: torch.Tensor, block: int, n: int) -> torch.Tensor:
+    """(n, block + 1) windows spread evenly over `data` (input and next-byte target)."""
+    stride = (data.numel() - block - 1) // n
+    return torch.stack([data[i * stride : i * stride + block + 1] for i in range(n)])
+
+
+@torch.no_grad()
+def window_ce(model: nn.Module, windows: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    """Mean next-byte cross-entropy (nats) of each window, float64 (n,)."""
+    model.eval()
+    out = []
+    for i in range(0, windows.shape[0], batch):
+        w = windows[i : i + batch]
+        logits, _ = model(w[:, :-1], w[:, 1:])
+        ce = F.cross_entropy(logits.transpose(1, 2).float(), w[:, 1:], reduction="none")
+        out.append(ce.double().mean(dim=1))
+    return torch.cat(out)
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor) -> float:
+    """exp(mean next-byte cross-entropy) over every position of every window."""
+    return math.exp(float(window_ce(model, windows).mean()))
+
+
+def block_linears(mod: nn.Module, name: str) -> bool:
+    """filter_fn: the linears inside the transformer blocks (not the tied LM head)."""
+    return isinstance(mod, nn.Linear) and name.startswith("blocks.")
+
+
+def qat_finetune(
+    teacher: nn.Module,
+    data: torch.Tensor,
+    spec: TrainSpec,
+    bits: int,
+    gs: int,
+    steps: int,
+    lr: float,
+) -> nn.Module:
+    """Distil the fp model into its fake-quantized copy (KL on next-byte distributions), convert."""
+    student = copy.deepcopy(teacher)
+    prepare_qat(student, QATConfig(bits=bits, group_size=gs), filter_fn=block_linears)
+    for p in (student.tok_emb.weight, student.pos_emb.weight):
+        p.requires_grad_(False)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    it = random_windows(data, spec.block_size, spec.batch, torch.Generator().manual_seed(99))
+    teacher.eval()
+    student.train()
+    for _ in range(steps):
+        x, y = next(it)
+        with torch.no_grad():
+            t_logp = F.log_softmax(teacher(x, y)[0].float(), -1)
+        s_logp = F.log_softmax(student(x, y)[0].float(), -1)
+        loss = F.kl_div(
+            s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean"
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    student.eval()
+    return convert(student)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny model and eval, under a minute")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="training steps (changes the cache key)"
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--calib-seqs", type=int, default=None, help="calibration windows")
+    ap.add_argument("--eval-windows", type=int, default=None)
+    ap.add_argument("--qat-steps", type=int, default=None)
+    ap.add_argument("--qat-lr", type=float, default=1e-4)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = QUICK if args.quick else FULL
+    spec = TrainSpec(**{**asdict(spec), "seed": args.seed, "steps": args.steps or spec.steps})
+    calib_seqs = args.calib_seqs or (4 if args.quick else 64)
+    n_eval = args.eval_windows or (16 if args.quick else 256)
+    qat_steps = args.qat_steps if args.qat_steps is not None else (10 if args.quick else 100)
+    gs = args.group_size
+
+    train_bytes, val_bytes = lm_splits()
+    train_data = torch.frombuffer(bytearray(train_bytes), dtype=torch.uint8).long()
+    val_data = torch.frombuffer(bytearray(val_bytes), dtype=torch.uint8).long()
+    print(
+        f"corpus: {len(train_bytes):,} train bytes, {len(val_bytes):,} held-out bytes; model "
+        f"{spec.n_layer} layers x {spec.n_embd} wide, {spec.steps} steps of {spec.batch} x "
+        f"{spec.block_size}, seed {spec.seed}; torch {torch.get_num_threads()} threads"
+    )
+    model, _ = train(spec, train_data)
+    print(f"params: {model.num_params():,}")
+
+    windows = eval_windows(val_data, spec.block_size, n_eval)
+    gen = torch.Generator().manual_seed(1234)
+    calib_it = random_windows(train_data, spec.block_size, 1, gen)
+    calib = [next(calib_it)[0] for _ in range(calib_seqs)]
+    print(
+        f"eval: {n_eval} windows x {spec.block_size} held-out bytes; calibration: {calib_seqs} x "
+        f"{spec.block_size} training bytes; INT4 group size {gs}; QAT {qat_steps} steps"
+    )
+
+    rows: list[tuple[str, float, float]] = []
+    ce_of: dict[str, torch.Tensor] = {}
+
+    def record(name: str, m: nn.Module, secs: float) -> float:
+        ce = window_ce(m, windows)
+        ce_of[name] = ce
+        ppl = math.exp(float(ce.mean()))
+        rows.append((name, ppl, secs))
+        # Paired over windows: how far this row's mean CE is from fp32's, and its standard error.
+        d = ce - ce_of["fp32"]
+        se = float(d.std()) / math.sqrt(d.numel()) if d.numel() > 1 else 0.0
+        print(
+            f"  {name:<32} ppl {ppl:8.4f}   CE - fp32 {float(d.mean()):+.5f} +- {se:.5f} nats"
+            f"   ({secs:5.1f} s to quantize)",
+            flush=True,
+        )
+        return ppl
+
+    def timed(fn) -> tuple[nn.Module, float]:  # type: ignore[no-untyped-def]
+        m = copy.deepcopy(model)
+        t = time.perf_counter()
+        out = fn(m)
+        return (out if isinstance(out, nn.Module) else m), time.perf_counter() - t
+
+    base = record("fp32", model, 0.0)
+    m, s = timed(lambda m: quantize_(m, Int8WeightOnly(symmetric=True), block_linears))
+    int8 = record("INT8 RTN per-channel sym", m, s)
+    m, s = timed(lambda m: quantize_(m, Int8WeightOnly(symmetric=False), block_linears))
+    int8a = record("INT8 RTN per-channel asym", m, s)
+    m, s = timed(lambda m: quantize_(m, Int8WeightOnly(no_clip=True), block_linears))
+    int8n = record("INT8 RTN per-channel sym no-clip", m, s)
+    m, s = timed(lambda m: quantize_(m, Int4WeightOnly(group_size=gs), block_linears))
+    int4 = record(f"INT4 RTN g{gs}", m, s)
+    m, s = timed(
+        lambda m: quantize_gptq(m, GPTQ(bits=4, group_size=gs), calib, block_linears, False)
+    )
+    gptq = record(f"GPTQ INT4 g{gs} act-order", m, s)
+    m, s = timed(lambda m: quantize_awq(m, AWQ(bits=4, group_size=gs), calib, block_linears, False))
+    awq = record(f"AWQ INT4 g{gs}", m, s)
+    qat = math.nan
+    if qat_steps:
+        t = time.perf_counter()
+        m = qat_finetune(model, train_data, spec, 4, gs, qat_steps, args.qat_lr)
+        qat = record(f"QAT INT4 g{gs} ({qat_steps} steps)", m, time.perf_counter() - t)
+    del m
+
+    gap = int4 - base
+
+    def recovered(p: float) -> str:
+        return f"{(int4 - p) / gap * 100:5.1f} %" if gap > 0 else "n/a (no RTN gap)"
+
+    print("\nsummary (ratios to fp32; 'recovered' = share of the INT4 RTN gap closed):")
+    if args.quick:
+        print(
+            "  (--quick is a smoke test on a tiny, barely trained model; targets apply to a full run)"
+        )
+    print(
+        f"  INT8 sym / fp32 = {int8 / base:.4f}, asym {int8a / base:.4f}, "
+        f"sym no-clip {int8n / base:.4f}  (target <= 1.01)"
+    )
+    print(f"  INT4 RTN / fp32 = {int4 / base:.4f}")
+    print(f"  GPTQ / fp32 = {gptq / base:.4f}, recovered {recovered(gptq)}  (target >= 50 %)")
+    print(f"  AWQ  / fp32 = {awq / base:.4f}, recovered {recovered(awq)}  (target >= 50 %)")
+    if not math.isnan(qat):
+        print(f"  QAT  / fp32 = {qat / base:.4f}, recovered {recovered(qat)}  (target >= 50 %)")
+
+
+if __name__ == "__main__":
+    main()
