@@ -8,7 +8,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 ASSETS ?= $(HOME)/.cache/slimforge/assets
 export SLIMFORGE_ASSETS := $(ASSETS)
 
-.PHONY: demo test test-rust test-python lint build assets bench gpu-check gpu-check-run clean
+.PHONY: demo test test-rust test-python lint build assets bench bench-quick gpu-check gpu-check-run clean
 
 $(STAMP): requirements-dev.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -44,9 +44,20 @@ test-python: build assets
 
 test: lint test-rust test-python
 
-bench: build
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP) requirements-bench.txt
+	$(PY) -m pip install -q -r requirements-bench.txt
+	@touch $@
+
+# Side-by-side benchmarks with their peers (minutes to an hour on 2 cores; see docs/benchmarks.md).
+# `make bench-quick` runs every Python bench in its --quick mode (a few minutes).
+PY_BENCHES := dedup_bench quant_gemv quant_quality quant_quality_gpt attention_bench moe_bench
+bench: build assets $(BENCH_STAMP)
 	cargo bench
-	$(PY) benches/python/run_all.py
+	@for b in $(PY_BENCHES); do echo "== $$b"; $(PY) benches/python/$$b.py || exit 1; done
+
+bench-quick: build assets $(BENCH_STAMP)
+	@for b in $(PY_BENCHES); do echo "== $$b --quick"; $(PY) benches/python/$$b.py --quick || exit 1; done
 
 gpu-check:
 	bash scripts/gpu_check.sh

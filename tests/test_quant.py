@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -187,6 +188,13 @@ def test_no_clip_keeps_the_positive_max_that_absmax_clips() -> None:
     assert exact[0, -1].item() == pytest.approx(1.0, rel=1e-6)
     model = quantize_(nn.Sequential(lin), Int8WeightOnly(no_clip=True))
     assert torch.equal(model[0].dequantize(), exact)
+    # Symmetric Int8WeightOnly() defaults to no_clip; asymmetric to min-max (no error).
+    assert Int8WeightOnly().no_clip is True
+    assert Int8WeightOnly(symmetric=False).no_clip is False
+    model = quantize_(nn.Sequential(copy.deepcopy(lin)), Int8WeightOnly())
+    assert torch.equal(model[0].dequantize(), exact)
+    model = quantize_(nn.Sequential(copy.deepcopy(lin)), Int8WeightOnly(no_clip=False))
+    assert torch.equal(model[0].dequantize(), default)
     emb = nn.Embedding(3, 64)
     with torch.no_grad():
         emb.weight.copy_(lin.weight[:1].repeat(3, 1))

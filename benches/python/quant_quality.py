@@ -181,7 +181,7 @@ def main() -> None:
     del m8
     t = time.perf_counter()
     m8 = quantize_(copy.deepcopy(model), Int8WeightOnly(no_clip=True), in_layers(args.layers))
-    int8n = record("INT8 RTN per-channel sym no-clip", m8, time.perf_counter() - t)
+    int8n = record("INT8 RTN per-channel sym no-clip (default)", m8, time.perf_counter() - t)
     del m8
     t = time.perf_counter()
     m4 = rtn(model, 4, gs, False, args.layers)

@@ -250,12 +250,12 @@ def main() -> None:
         return (out if isinstance(out, nn.Module) else m), time.perf_counter() - t
 
     base = record("fp32", model, 0.0)
-    m, s = timed(lambda m: quantize_(m, Int8WeightOnly(symmetric=True), block_linears))
+    m, s = timed(lambda m: quantize_(m, Int8WeightOnly(no_clip=False), block_linears))
     int8 = record("INT8 RTN per-channel sym", m, s)
     m, s = timed(lambda m: quantize_(m, Int8WeightOnly(symmetric=False), block_linears))
     int8a = record("INT8 RTN per-channel asym", m, s)
     m, s = timed(lambda m: quantize_(m, Int8WeightOnly(no_clip=True), block_linears))
-    int8n = record("INT8 RTN per-channel sym no-clip", m, s)
+    int8n = record("INT8 RTN per-channel sym no-clip (default)", m, s)
     m, s = timed(lambda m: quantize_(m, Int4WeightOnly(group_size=gs), block_linears))
     int4 = record(f"INT4 RTN g{gs}", m, s)
     m, s = timed(

@@ -35,15 +35,19 @@ class Int8WeightOnly(QuantConfig):
 
     Applies to ``nn.Linear`` (-> :class:`QuantLinear`) and ``nn.Embedding``
     (-> :class:`QuantEmbedding`). ``symmetric=True``: absmax scale, zero point 128.
-    ``no_clip=True`` (symmetric only): ``scale = max(max(w) / 127, -min(w) / 128)`` per
-    channel, so the largest weight is not clipped by half a step (see ``choose_qparams``).
+    ``no_clip`` (symmetric only; the default when symmetric): ``scale = max(max(w) / 127,
+    -min(w) / 128)`` per channel, so the largest weight is not clipped by half a step (see
+    ``choose_qparams``); ``no_clip=False`` gives the plain absmax / 127.5 scale. On SmolLM2-135M
+    this is the difference between +0.75 % and +1.03 % perplexity.
     """
 
     group_size: int | None = None
     symmetric: bool = True
-    no_clip: bool = False
+    no_clip: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.no_clip is None:
+            object.__setattr__(self, "no_clip", self.symmetric)
         if self.no_clip and not self.symmetric:
             raise ValueError("no_clip applies to symmetric quantization (min-max never clips)")
 
