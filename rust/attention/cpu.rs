@@ -656,6 +656,24 @@ fn transpose_rows<S: Storage>(
     }
 }
 
+/// `dst[x * ld + r] = src[r * stride + x]` for `r < rows`, `x < d`; out of line for the same
+/// reason as [`transpose_rows`].
+#[inline(never)]
+fn transpose_acc<T: Real>(
+    src: &[T],
+    stride: usize,
+    rows: usize,
+    d: usize,
+    dst: &mut [T],
+    ld: usize,
+) {
+    for r in 0..rows {
+        for (x, &v) in src[r * stride..r * stride + d].iter().enumerate() {
+            dst[x * ld + r] = v;
+        }
+    }
+}
+
 /// Query-side tensors (Q, dO) of every (sequence, head) as contiguous, zero-padded rows of
 /// `round_up(d, 16)` accumulation-type values, `round_up(seqlen_q, BWD_BLOCK_Q)` rows each, so the
 /// backward reads query tiles as plain slices instead of packing them per (query, key) tile pair.
@@ -695,26 +713,36 @@ impl QueryRows {
         // Every element is written below (values or padding zeros): no zero-fill pass first.
         let mut out = Vec::<S::Acc>::with_capacity(len);
         let dst = SharedMut(out.as_mut_ptr());
-        let pairs: Vec<(usize, usize)> = (0..shape.batch())
-            .flat_map(|b| (0..hq).map(move |h| (b, h)))
+        // Token order, chunks of rows per task (see `PackedKv::new`: strided reads per head
+        // defeat the prefetchers).
+        const CHUNK: usize = 64;
+        let chunks: Vec<(usize, usize)> = (0..shape.batch())
+            .flat_map(|b| {
+                let padded = round_up(shape.seq_q(b).1, BWD_BLOCK_Q);
+                (0..padded.div_ceil(CHUNK)).map(move |c| (b, c * CHUNK))
+            })
             .collect();
         crate::parallel::install(|| {
-            pairs.par_iter().for_each(|&(b, h)| {
+            chunks.par_iter().for_each(|&(b, i_start)| {
                 let (q0, nq) = shape.seq_q(b);
-                let block = round_up(nq, BWD_BLOCK_Q) * dp;
-                // SAFETY: (b, h) pairs own disjoint blocks that tile `0..len` exactly.
-                let rows = unsafe {
-                    std::slice::from_raw_parts_mut(dst.ptr().add(self.row(b, h, 0)), block)
-                };
-                for (i, row) in rows.chunks_exact_mut(dp).enumerate() {
-                    if i < nq {
-                        let src = &x[((q0 + i) * hq + h) * d..][..d];
-                        for (o, &value) in row.iter_mut().zip(src) {
-                            *o = value.load();
+                let i_end = (i_start + CHUNK).min(round_up(nq, BWD_BLOCK_Q));
+                for h in 0..hq {
+                    let len = (i_end - i_start) * dp;
+                    // SAFETY: (b, row chunk) tasks own disjoint rows of every head's block; the
+                    // blocks tile `0..len` of `out`, so every element gets written exactly once.
+                    let rows = unsafe {
+                        std::slice::from_raw_parts_mut(dst.ptr().add(self.row(b, h, i_start)), len)
+                    };
+                    for (i, row) in (i_start..i_end).zip(rows.chunks_exact_mut(dp)) {
+                        if i < nq {
+                            let src = &x[((q0 + i) * hq + h) * d..][..d];
+                            for (o, &value) in row.iter_mut().zip(src) {
+                                *o = value.load();
+                            }
+                            row[d..].fill(S::Acc::ZERO);
+                        } else {
+                            row.fill(S::Acc::ZERO);
                         }
-                        row[d..].fill(S::Acc::ZERO);
-                    } else {
-                        row.fill(S::Acc::ZERO);
                     }
                 }
             })
@@ -938,6 +966,7 @@ unsafe fn backward_part<S: Storage, I: IsaChoice>(
     let mut k_tile = vec![zero; BK * dp];
     let mut k_t = vec![zero; d * BK];
     let mut v_t = vec![zero; d * BK];
+    let mut v_rows = vec![zero; BK * d];
     let mut p = vec![zero; BQ * BK];
     let mut ds = vec![zero; BQ * BK];
     let mut tanh_s = vec![zero; if capped { BQ * BK } else { 0 }];
@@ -961,8 +990,16 @@ unsafe fn backward_part<S: Storage, I: IsaChoice>(
                 *o = x.load();
             }
         }
-        transpose_rows(&ctx.k[base..], hkv * d, cols, d, one, &mut k_t, BK);
-        transpose_rows(&ctx.v[base..], hkv * d, cols, d, one, &mut v_t, BK);
+        // V rows copied with vector loads first (many strided rows in flight), then both
+        // transposes read L1-resident rows.
+        for (c, dst) in v_rows.chunks_exact_mut(d).take(cols).enumerate() {
+            let src = &ctx.v[base + c * hkv * d..][..d];
+            for (o, &x) in dst.iter_mut().zip(src) {
+                *o = x.load();
+            }
+        }
+        transpose_acc(&k_tile, dp, cols, d, &mut k_t, BK);
+        transpose_acc(&v_rows, d, cols, d, &mut v_t, BK);
         dk_acc.fill(zero);
         dv_acc.fill(zero);
         for h in hk * group..(hk + 1) * group {
