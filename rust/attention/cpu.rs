@@ -296,96 +296,111 @@ fn check_len(name: &str, got: usize, want: usize) -> Result<()> {
 /// groups of 8 rows.
 const KV_ROW_ALIGN: usize = 8;
 
-/// K and V of every (sequence, kv head) as contiguous rows of `round_up(d, 16)` accumulation-type
-/// values (zero-padded), `round_up(seqlen_k, 8)` rows each: the forward's key tiles are then plain
-/// slices (no per-tile packing, no cache-aliasing strided reads).
-struct PackedKv<T> {
-    k: Vec<T>,
-    v: Vec<T>,
-    /// First row of each sequence (all kv heads of earlier sequences come before it).
+/// A token-major tensor `(tokens, heads, d)` laid out again per (sequence, head) as contiguous rows
+/// of `round_up(d, 16)` accumulation-type values, `round_up(seqlen, align)` rows per block, zero
+/// padded: the kernels then read tiles as plain slices (no per-tile packing, no cache-aliasing
+/// strided reads). Used for K and V in the forward and for Q and dO in the backward.
+struct HeadRows {
+    /// (first token, tokens) of each sequence.
+    seqs: Vec<(usize, usize)>,
+    /// First row of each sequence (all heads of earlier sequences come before it).
     seq_base: Vec<usize>,
+    heads: usize,
+    d: usize,
     dp: usize,
+    align: usize,
 }
 
-impl<T: Real> PackedKv<T> {
-    fn new<S: Storage<Acc = T>>(shape: &Shape, k: &[S], v: &[S]) -> Self {
-        let (hkv, d) = (shape.heads_kv, shape.head_dim);
-        let dp = round_up(d, 16);
-        let mut seq_base = Vec::with_capacity(shape.batch() + 1);
+impl HeadRows {
+    fn new(seqs: Vec<(usize, usize)>, heads: usize, d: usize, align: usize) -> Self {
+        let mut seq_base = Vec::with_capacity(seqs.len() + 1);
         let mut rows = 0;
-        for b in 0..shape.batch() {
+        for &(_, n) in &seqs {
             seq_base.push(rows);
-            rows += hkv * round_up(shape.seq_k(b).1, KV_ROW_ALIGN);
+            rows += heads * round_up(n, align);
         }
         seq_base.push(rows);
-        // Every element is written below (values or padding zeros): no zero-fill pass first.
-        let mut packed = PackedKv {
-            k: Vec::<T>::with_capacity(rows * dp),
-            v: Vec::<T>::with_capacity(rows * dp),
+        HeadRows {
+            seqs,
             seq_base,
-            dp,
-        };
-        let (kp, vp) = (
-            SharedMut(packed.k.as_mut_ptr()),
-            SharedMut(packed.v.as_mut_ptr()),
-        );
-        // Work in token order (each source row holds every kv head of one token, contiguous), so
-        // reads stream through memory; a kv-head-major walk strides by heads * d and defeats the
-        // prefetchers. Chunks of rows per task; each writes hkv sequential streams.
+            heads,
+            d,
+            dp: round_up(d, 16),
+            align,
+        }
+    }
+
+    /// Element offset of row `i` of (sequence b, head h).
+    fn row(&self, b: usize, h: usize, i: usize) -> usize {
+        (self.seq_base[b] + h * round_up(self.seqs[b].1, self.align) + i) * self.dp
+    }
+
+    /// `x` (tokens, heads, d) in this layout, converted to the accumulation type.
+    fn build<S: Storage>(&self, x: &[S]) -> Vec<S::Acc> {
+        let (heads, d, dp) = (self.heads, self.d, self.dp);
+        let len = self.seq_base[self.seqs.len()] * dp;
+        // Every element is written below (values or padding zeros): no zero-fill pass first.
+        let mut out = Vec::<S::Acc>::with_capacity(len);
+        let dst = SharedMut(out.as_mut_ptr());
+        // Work in token order (each source row holds every head of one token, contiguous), so
+        // reads stream through memory; a head-major walk strides by heads * d and defeats the
+        // prefetchers. Chunks of rows per task; each writes `heads` sequential streams.
         const CHUNK: usize = 64;
-        let chunks: Vec<(usize, usize)> = (0..shape.batch())
+        let chunks: Vec<(usize, usize)> = (0..self.seqs.len())
             .flat_map(|b| {
-                let padded = round_up(shape.seq_k(b).1, KV_ROW_ALIGN);
+                let padded = round_up(self.seqs[b].1, self.align);
                 (0..padded.div_ceil(CHUNK)).map(move |c| (b, c * CHUNK))
             })
             .collect();
-        let this = &packed;
         crate::parallel::install(|| {
-            chunks.par_iter().for_each(|&(b, j_start)| {
-                let (k0, nk) = shape.seq_k(b);
-                let j_end = (j_start + CHUNK).min(round_up(nk, KV_ROW_ALIGN));
-                for hk in 0..hkv {
-                    let first = this.row(shape, b, hk, j_start);
-                    let len = (j_end - j_start) * dp;
-                    // SAFETY: (b, row chunk) tasks own disjoint rows of every kv head's block; the
-                    // blocks tile `0..rows * dp`, so every element gets written exactly once.
-                    let (kb, vb) = unsafe {
-                        (
-                            std::slice::from_raw_parts_mut(kp.ptr().add(first), len),
-                            std::slice::from_raw_parts_mut(vp.ptr().add(first), len),
+            chunks.par_iter().for_each(|&(b, i_start)| {
+                let (t0, n) = self.seqs[b];
+                let i_end = (i_start + CHUNK).min(round_up(n, self.align));
+                for h in 0..heads {
+                    // SAFETY: (b, row chunk) tasks own disjoint rows of every head's block; the
+                    // blocks tile `0..len` of `out`, so every element gets written exactly once.
+                    let rows = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            dst.ptr().add(self.row(b, h, i_start)),
+                            (i_end - i_start) * dp,
                         )
                     };
-                    let rows = kb.chunks_exact_mut(dp).zip(vb.chunks_exact_mut(dp));
-                    for (j, (krow, vrow)) in (j_start..j_end).zip(rows) {
-                        if j < nk {
-                            let src = ((k0 + j) * hkv + hk) * d;
-                            for (o, &x) in krow.iter_mut().zip(&k[src..src + d]) {
-                                *o = x.load();
+                    for (i, row) in (i_start..i_end).zip(rows.chunks_exact_mut(dp)) {
+                        if i < n {
+                            let src = &x[((t0 + i) * heads + h) * d..][..d];
+                            for (o, &value) in row.iter_mut().zip(src) {
+                                *o = value.load();
                             }
-                            for (o, &x) in vrow.iter_mut().zip(&v[src..src + d]) {
-                                *o = x.load();
-                            }
-                            krow[d..].fill(T::ZERO);
-                            vrow[d..].fill(T::ZERO);
+                            row[d..].fill(S::Acc::ZERO);
                         } else {
-                            krow.fill(T::ZERO);
-                            vrow.fill(T::ZERO);
+                            row.fill(S::Acc::ZERO);
                         }
                     }
                 }
             })
         });
-        // SAFETY: all `rows * dp` elements were initialised above.
-        unsafe {
-            packed.k.set_len(rows * dp);
-            packed.v.set_len(rows * dp);
-        }
-        packed
+        // SAFETY: all `len` elements were initialised above.
+        unsafe { out.set_len(len) };
+        out
     }
+}
 
-    /// Element offset of row `j` of (sequence b, kv head hk).
-    fn row(&self, shape: &Shape, b: usize, hk: usize, j: usize) -> usize {
-        (self.seq_base[b] + hk * round_up(shape.seq_k(b).1, KV_ROW_ALIGN) + j) * self.dp
+/// K and V of every (sequence, kv head) as [`HeadRows`], `round_up(seqlen_k, 8)` rows each.
+struct PackedKv<T> {
+    k: Vec<T>,
+    v: Vec<T>,
+    rows: HeadRows,
+}
+
+impl<T: Real> PackedKv<T> {
+    fn new<S: Storage<Acc = T>>(shape: &Shape, k: &[S], v: &[S]) -> Self {
+        let seqs = (0..shape.batch()).map(|b| shape.seq_k(b)).collect();
+        let rows = HeadRows::new(seqs, shape.heads_kv, shape.head_dim, KV_ROW_ALIGN);
+        PackedKv {
+            k: rows.build(k),
+            v: rows.build(v),
+            rows,
+        }
     }
 }
 
@@ -538,8 +553,8 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
         if class == TileClass::Skip {
             continue;
         }
-        let k_ptr = ctx.kv.k.as_ptr().add(ctx.kv.row(shape, b, hk, j0));
-        let v_ptr = ctx.kv.v.as_ptr().add(ctx.kv.row(shape, b, hk, j0));
+        let k_ptr = ctx.kv.k.as_ptr().add(ctx.kv.rows.row(b, hk, j0));
+        let v_ptr = ctx.kv.v.as_ptr().add(ctx.kv.rows.row(b, hk, j0));
         // S^T = K Q^T (keys x queries); rows past `cols` are never read.
         let m_rows = round_up(cols, 8);
         S::Acc::gemm_for::<I>(
@@ -674,95 +689,16 @@ fn transpose_acc<T: Real>(
     }
 }
 
-/// Query-side tensors (Q, dO) of every (sequence, head) as contiguous, zero-padded rows of
-/// `round_up(d, 16)` accumulation-type values, `round_up(seqlen_q, BWD_BLOCK_Q)` rows each, so the
-/// backward reads query tiles as plain slices instead of packing them per (query, key) tile pair.
-struct QueryRows {
-    /// First row of each sequence (all heads of earlier sequences come before it).
-    seq_base: Vec<usize>,
-    shape: Shape,
-    dp: usize,
-}
-
-impl QueryRows {
-    fn new(shape: &Shape) -> Self {
-        let mut seq_base = Vec::with_capacity(shape.batch() + 1);
-        let mut total = 0;
-        for b in 0..shape.batch() {
-            seq_base.push(total);
-            total += shape.heads_q * round_up(shape.seq_q(b).1, BWD_BLOCK_Q);
-        }
-        seq_base.push(total);
-        QueryRows {
-            seq_base,
-            shape: shape.clone(),
-            dp: round_up(shape.head_dim, 16),
-        }
-    }
-
-    /// Element offset of row `i` of (sequence b, head h).
-    fn row(&self, b: usize, h: usize, i: usize) -> usize {
-        (self.seq_base[b] + h * round_up(self.shape.seq_q(b).1, BWD_BLOCK_Q) + i) * self.dp
-    }
-
-    fn build<S: Storage>(&self, x: &[S]) -> Vec<S::Acc> {
-        let shape = &self.shape;
-        let (hq, d) = (shape.heads_q, shape.head_dim);
-        let dp = self.dp;
-        let len = self.seq_base[shape.batch()] * dp;
-        // Every element is written below (values or padding zeros): no zero-fill pass first.
-        let mut out = Vec::<S::Acc>::with_capacity(len);
-        let dst = SharedMut(out.as_mut_ptr());
-        // Token order, chunks of rows per task (see `PackedKv::new`: strided reads per head
-        // defeat the prefetchers).
-        const CHUNK: usize = 64;
-        let chunks: Vec<(usize, usize)> = (0..shape.batch())
-            .flat_map(|b| {
-                let padded = round_up(shape.seq_q(b).1, BWD_BLOCK_Q);
-                (0..padded.div_ceil(CHUNK)).map(move |c| (b, c * CHUNK))
-            })
-            .collect();
-        crate::parallel::install(|| {
-            chunks.par_iter().for_each(|&(b, i_start)| {
-                let (q0, nq) = shape.seq_q(b);
-                let i_end = (i_start + CHUNK).min(round_up(nq, BWD_BLOCK_Q));
-                for h in 0..hq {
-                    let len = (i_end - i_start) * dp;
-                    // SAFETY: (b, row chunk) tasks own disjoint rows of every head's block; the
-                    // blocks tile `0..len` of `out`, so every element gets written exactly once.
-                    let rows = unsafe {
-                        std::slice::from_raw_parts_mut(dst.ptr().add(self.row(b, h, i_start)), len)
-                    };
-                    for (i, row) in (i_start..i_end).zip(rows.chunks_exact_mut(dp)) {
-                        if i < nq {
-                            let src = &x[((q0 + i) * hq + h) * d..][..d];
-                            for (o, &value) in row.iter_mut().zip(src) {
-                                *o = value.load();
-                            }
-                            row[d..].fill(S::Acc::ZERO);
-                        } else {
-                            row.fill(S::Acc::ZERO);
-                        }
-                    }
-                }
-            })
-        });
-        // SAFETY: all `len` elements were initialised above.
-        unsafe { out.set_len(len) };
-        out
-    }
-}
-
 struct BwdCtx<'a, S: Storage> {
     k: &'a [S],
     v: &'a [S],
     lse: &'a [S::Acc],
     /// rowsum(dO * O), laid out like lse.
     delta: &'a [S::Acc],
-    /// Q and dO rows, see [`QueryRows`].
+    /// Q and dO rows, `round_up(seqlen_q, BWD_BLOCK_Q)` per block, see [`HeadRows`].
     q_rows: &'a [S::Acc],
     do_rows: &'a [S::Acc],
-    rows: &'a QueryRows,
+    rows: &'a HeadRows,
     shape: &'a Shape,
     opts: Options,
     parts: usize,
@@ -836,7 +772,8 @@ fn backward_in_pool<S: Storage>(
         })
     });
 
-    let rows = QueryRows::new(shape);
+    let seqs = (0..batch).map(|b| shape.seq_q(b)).collect();
+    let rows = HeadRows::new(seqs, hq, d, BWD_BLOCK_Q);
     let q_rows = rows.build(q);
     let do_rows = rows.build(dout);
 
