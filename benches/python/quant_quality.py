@@ -212,14 +212,40 @@ def main() -> None:
         qat = record(f"QAT INT4 g{gs} ({args.qat_steps} steps)", m, time.perf_counter() - t)
         del m
 
+    print_summary(
+        base,
+        int8,
+        int8a,
+        int8n,
+        int4,
+        gptq,
+        awq,
+        qat,
+        "4 blocks and 256 tokens" if args.quick else None,
+    )
+
+
+def print_summary(
+    base: float,
+    int8: float,
+    int8a: float,
+    int8n: float,
+    int4: float,
+    gptq: float,
+    awq: float,
+    qat: float,
+    quick: str | None,
+) -> None:
+    """The targets table shared with quant_quality_gpt.py: perplexity ratios to fp32 and the
+    share of the INT4 RTN gap each method closes (`qat` may be NaN: not run)."""
     gap = int4 - base
 
     def recovered(p: float) -> str:
-        return f"{(int4 - p) / gap * 100:5.1f} %" if gap > 0 else "n/a"
+        return f"{(int4 - p) / gap * 100:5.1f} %" if gap > 0 else "n/a (no RTN gap)"
 
     print("\nsummary (ratios to fp32; 'recovered' = share of the INT4 RTN gap closed):")
-    if args.quick:
-        print("  (--quick is a smoke test on 4 blocks and 256 tokens; targets apply to a full run)")
+    if quick:
+        print(f"  (--quick is a smoke test on {quick}; targets apply to a full run)")
     print(
         f"  INT8 sym / fp32 = {int8 / base:.4f}, asym {int8a / base:.4f}, "
         f"sym no-clip {int8n / base:.4f}  (target <= 1.01)"

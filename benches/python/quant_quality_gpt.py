@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from quant_quality import print_summary  # this directory is on sys.path when run as a script
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -271,25 +272,17 @@ def main() -> None:
         qat = record(f"QAT INT4 g{gs} ({qat_steps} steps)", m, time.perf_counter() - t)
     del m
 
-    gap = int4 - base
-
-    def recovered(p: float) -> str:
-        return f"{(int4 - p) / gap * 100:5.1f} %" if gap > 0 else "n/a (no RTN gap)"
-
-    print("\nsummary (ratios to fp32; 'recovered' = share of the INT4 RTN gap closed):")
-    if args.quick:
-        print(
-            "  (--quick is a smoke test on a tiny, barely trained model; targets apply to a full run)"
-        )
-    print(
-        f"  INT8 sym / fp32 = {int8 / base:.4f}, asym {int8a / base:.4f}, "
-        f"sym no-clip {int8n / base:.4f}  (target <= 1.01)"
+    print_summary(
+        base,
+        int8,
+        int8a,
+        int8n,
+        int4,
+        gptq,
+        awq,
+        qat,
+        "a tiny, barely trained model" if args.quick else None,
     )
-    print(f"  INT4 RTN / fp32 = {int4 / base:.4f}")
-    print(f"  GPTQ / fp32 = {gptq / base:.4f}, recovered {recovered(gptq)}  (target >= 50 %)")
-    print(f"  AWQ  / fp32 = {awq / base:.4f}, recovered {recovered(awq)}  (target >= 50 %)")
-    if not math.isnan(qat):
-        print(f"  QAT  / fp32 = {qat / base:.4f}, recovered {recovered(qat)}  (target >= 50 %)")
 
 
 if __name__ == "__main__":
