@@ -50,8 +50,9 @@ pub struct ShortKeys {
     pub key_4to8: u64,
 }
 
+/// xxh3's final avalanche of its 1-3 byte path (xxh64's `avalanche`).
 #[inline(always)]
-fn xxh64_avalanche(mut v: u64) -> u64 {
+pub(crate) fn xxh64_avalanche(mut v: u64) -> u64 {
     v ^= v >> 33;
     v = v.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
     v ^= v >> 29;

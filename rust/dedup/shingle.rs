@@ -17,7 +17,7 @@
 use unicode_normalization::{is_nfkc_quick, IsNormalized, UnicodeNormalization};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use super::batch::{self, Level, ShingleHash, ShortKeys};
+use super::batch::{self, xxh64_avalanche, Level, ShingleHash, ShortKeys};
 use crate::error::{Error, Result};
 
 /// How a document is split into tokens before n-grams are formed.
@@ -171,15 +171,6 @@ fn hash_9to16_lowercased(bytes: &[u8], start: usize, len: usize, keys: (u64, u64
         .wrapping_add(hi)
         .wrapping_add(product as u64 ^ (product >> 64) as u64);
     let v = (acc ^ (acc >> 37)).wrapping_mul(0x1656_6791_9E37_79F9);
-    v ^ (v >> 32)
-}
-
-#[inline(always)]
-fn xxh64_avalanche(mut v: u64) -> u64 {
-    v ^= v >> 33;
-    v = v.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
-    v ^= v >> 29;
-    v = v.wrapping_mul(0x1656_67B1_9E37_79F9);
     v ^ (v >> 32)
 }
 
