@@ -495,26 +495,29 @@ unsafe fn positions_compress(bits: u64, base: u32, dst: &mut [u32; 64]) {
     }
 }
 
-/// `ascii_word_tokens_body` with AVX-512 throughout: one mask and two byte compresses per 64
-/// bytes for the token edges, gathers for the first 8 bytes of 8 tokens at a time, and a dword
-/// compress for the indices of the long tokens.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt,bmi1,bmi2")]
-unsafe fn ascii_word_tokens_avx512(bytes: &[u8], t: &mut AsciiTokens) -> Option<(usize, usize)> {
-    use std::arch::x86_64::*;
-    let n = bytes.len();
+/// Token start and end offsets of `bytes` into `t.starts` / `t.ends`, from the alphanumeric mask
+/// of each 64-byte chunk (`mask` returns it with the mask of non-ASCII bytes); returns the token
+/// count, or `None` as soon as a byte is not ASCII.
+#[inline(always)]
+fn token_edges(
+    bytes: &[u8],
+    t: &mut AsciiTokens,
+    mask: impl Fn(&[u8; 64]) -> (u64, u64),
+    compress: bool,
+) -> Option<usize> {
+    // A token starts where the alphanumeric mask turns on and ends where it turns off.
     let (mut ns, mut ne) = (0usize, 0usize);
     let mut carry = 0u64;
     let mut chunks = bytes.chunks_exact(64);
     let mut base = 0u32;
     for chunk in &mut chunks {
-        let (m, high) = ascii_alnum_and_high_mask64_avx512(chunk.try_into().expect("64 bytes"));
+        let (m, high) = mask(chunk.try_into().expect("64 bytes"));
         if high != 0 {
             return None;
         }
         let prev = (m << 1) | carry;
-        push_positions(&mut t.starts, &mut ns, m & !prev, base, true);
-        push_positions(&mut t.ends, &mut ne, !m & prev, base, true);
+        push_positions(&mut t.starts, &mut ns, m & !prev, base, compress);
+        push_positions(&mut t.ends, &mut ne, !m & prev, base, compress);
         carry = m >> 63;
         base += 64;
     }
@@ -525,11 +528,29 @@ unsafe fn ascii_word_tokens_avx512(bytes: &[u8], t: &mut AsciiTokens) -> Option<
         }
         m |= (b.is_ascii_alphanumeric() as u64) << i;
     }
+    // After a full last chunk this word is empty and holds only the closing edge, at bit 0.
     let prev = (m << 1) | carry;
-    push_positions(&mut t.starts, &mut ns, m & !prev, base, true);
-    push_positions(&mut t.ends, &mut ne, !m & prev, base, true);
+    push_positions(&mut t.starts, &mut ns, m & !prev, base, compress);
+    push_positions(&mut t.ends, &mut ne, !m & prev, base, compress);
     debug_assert_eq!(ns, ne);
-    let count = ns.min(ne);
+    Some(ns.min(ne))
+}
+
+/// `ascii_word_tokens_body` with AVX-512 throughout: one mask and two byte compresses per 64
+/// bytes for the token edges, gathers for the first 8 bytes of 8 tokens at a time, and a dword
+/// compress for the indices of the long tokens.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt,bmi1,bmi2")]
+unsafe fn ascii_word_tokens_avx512(bytes: &[u8], t: &mut AsciiTokens) -> Option<(usize, usize)> {
+    use std::arch::x86_64::*;
+    let n = bytes.len();
+    // SAFETY (closure): this function's target features cover the mask kernel's.
+    let count = token_edges(
+        bytes,
+        t,
+        |c| unsafe { ascii_alnum_and_high_mask64_avx512(c) },
+        true,
+    )?;
     // 16 slots of slack for whole-vector stores.
     if t.words.len() < count + 16 {
         t.words.resize(count + 16, 0);
@@ -602,37 +623,7 @@ fn ascii_word_tokens_body(
         return unsafe { ascii_word_tokens_avx512(bytes, t) };
     }
     let _ = level;
-    let mask = ascii_alnum_and_high_mask64;
-    let compress = false;
-    // A token starts where the alphanumeric mask turns on and ends where it turns off.
-    let (mut ns, mut ne) = (0usize, 0usize);
-    let mut carry = 0u64;
-    let mut chunks = bytes.chunks_exact(64);
-    let mut base = 0u32;
-    for chunk in &mut chunks {
-        let (m, high) = mask(chunk.try_into().expect("64 bytes"));
-        if high != 0 {
-            return None;
-        }
-        let prev = (m << 1) | carry;
-        push_positions(&mut t.starts, &mut ns, m & !prev, base, compress);
-        push_positions(&mut t.ends, &mut ne, !m & prev, base, compress);
-        carry = m >> 63;
-        base += 64;
-    }
-    let mut m = 0u64;
-    for (i, &b) in chunks.remainder().iter().enumerate() {
-        if !b.is_ascii() {
-            return None;
-        }
-        m |= (b.is_ascii_alphanumeric() as u64) << i;
-    }
-    // After a full last chunk this word is empty and holds only the closing edge, at bit 0.
-    let prev = (m << 1) | carry;
-    push_positions(&mut t.starts, &mut ns, m & !prev, base, compress);
-    push_positions(&mut t.ends, &mut ne, !m & prev, base, compress);
-    debug_assert_eq!(ns, ne);
-    let token_count = ns.min(ne);
+    let token_count = token_edges(bytes, t, ascii_alnum_and_high_mask64, false)?;
     if t.words.len() < token_count {
         t.words.resize(token_count, 0);
     }
