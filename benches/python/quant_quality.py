@@ -81,6 +81,27 @@ def rtn(
     return m
 
 
+def mean_kl(ref: torch.Tensor, logp: torch.Tensor) -> float:
+    """Mean over positions of KL(p_ref || p) in nats, from log-probabilities (..., vocab).
+
+    Unlike the perplexity difference, it has no first-order term: a perturbation of the weights
+    cannot lower it, so it measures the error a method adds, not its luck on the held-out text."""
+    ref, logp = ref.float().flatten(0, -2), logp.float().flatten(0, -2)
+    return float((ref.exp() * (ref - logp)).sum(-1).mean())
+
+
+@torch.no_grad()
+def window_logprobs(model: nn.Module, ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Next-token log-probabilities (positions, vocab) over the windows ``perplexity`` uses."""
+    out = []
+    for s in range(0, ids.numel() - 1, seq_len):
+        chunk = ids[s : s + seq_len]
+        if chunk.numel() < 2:
+            break
+        out.append(F.log_softmax(model(chunk[None]).float()[0, :-1], -1))
+    return torch.cat(out)
+
+
 def qat_finetune(
     model: nn.Module,
     calib: list[torch.Tensor],
@@ -163,11 +184,21 @@ def main() -> None:
 
     gs = args.group_size
     rows: list[tuple[str, float, float]] = []
+    kl: dict[str, float] = {}
+    ref_logp: list[torch.Tensor] = []
 
     def record(name: str, m: nn.Module, secs: float) -> float:
         ppl = perplexity(m, eval_ids, n)
         rows.append((name, ppl, secs))
-        print(f"  {name:<28} ppl {ppl:8.3f}   ({secs:5.1f} s to quantize)", flush=True)
+        logp = window_logprobs(m, eval_ids, n)
+        if not ref_logp:
+            ref_logp.append(logp)
+        kl[name] = mean_kl(ref_logp[0], logp)
+        print(
+            f"  {name:<28} ppl {ppl:8.3f}   KL(fp32 || it) {kl[name]:.2e} nats/token"
+            f"   ({secs:5.1f} s to quantize)",
+            flush=True,
+        )
         return ppl
 
     base = record("fp32 (dequantized Q4_1)", model, 0.0)
@@ -222,6 +253,7 @@ def main() -> None:
         awq,
         qat,
         "4 blocks and 256 tokens" if args.quick else None,
+        [kl[name] for name, _, _ in rows[4:]],
     )
 
 
@@ -235,9 +267,11 @@ def print_summary(
     awq: float,
     qat: float,
     quick: str | None,
+    kl: list[float] | None = None,
 ) -> None:
     """The targets table shared with quant_quality_gpt.py: perplexity ratios to fp32 and the
-    share of the INT4 RTN gap each method closes (`qat` may be NaN: not run)."""
+    share of the INT4 RTN gap each method closes (`qat` may be NaN: not run). ``kl``: KL(fp32 ||
+    model) of INT4 RTN, GPTQ, AWQ (and QAT), in that order, printed with their reduction vs RTN."""
     gap = int4 - base
 
     def recovered(p: float) -> str:
@@ -255,6 +289,18 @@ def print_summary(
     print(f"  AWQ  / fp32 = {awq / base:.4f}, recovered {recovered(awq)}  (target >= 50 %)")
     if not math.isnan(qat):
         print(f"  QAT  / fp32 = {qat / base:.4f}, recovered {recovered(qat)}  (target >= 50 %)")
+    if kl:
+        names = ["RTN", "GPTQ", "AWQ", "QAT"][: len(kl)]
+
+        def change(v: float) -> str:
+            pct = (1 - v / kl[0]) * 100
+            return f" ({pct:.0f} % lower)" if pct >= 0 else f" ({-pct:.0f} % higher)"
+
+        cut = ", ".join(
+            f"{nm} {v:.2e}" + (change(v) if i else "")
+            for i, (nm, v) in enumerate(zip(names, kl, strict=True))
+        )
+        print(f"  KL(fp32 || INT4) nats/token, cut vs RTN: {cut}")
 
 
 if __name__ == "__main__":

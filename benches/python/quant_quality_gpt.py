@@ -26,7 +26,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from quant_quality import print_summary  # this directory is on sys.path when run as a script
+from quant_quality import (
+    mean_kl,
+    print_summary,
+)  # this directory is on sys.path when run as a script
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -125,16 +128,26 @@ def eval_windows(data: torch.Tensor, block: int, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def window_ce(model: nn.Module, windows: torch.Tensor, batch: int = 16) -> torch.Tensor:
-    """Mean next-byte cross-entropy (nats) of each window, float64 (n,)."""
+def window_stats(
+    model: nn.Module, windows: torch.Tensor, batch: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean next-byte cross-entropy (nats) of each window, float64 (n,), next-byte
+    log-probabilities (n, block, 256))."""
     model.eval()
-    out = []
+    ces, logps = [], []
     for i in range(0, windows.shape[0], batch):
         w = windows[i : i + batch]
         logits, _ = model(w[:, :-1], w[:, 1:])
-        ce = F.cross_entropy(logits.transpose(1, 2).float(), w[:, 1:], reduction="none")
-        out.append(ce.double().mean(dim=1))
-    return torch.cat(out)
+        logp = F.log_softmax(logits.float(), -1)
+        ce = F.nll_loss(logp.transpose(1, 2), w[:, 1:], reduction="none")
+        ces.append(ce.double().mean(dim=1))
+        logps.append(logp)
+    return torch.cat(ces), torch.cat(logps)
+
+
+def window_ce(model: nn.Module, windows: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    """Mean next-byte cross-entropy (nats) of each window, float64 (n,)."""
+    return window_stats(model, windows, batch)[0]
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor) -> float:
@@ -228,10 +241,15 @@ def main() -> None:
 
     rows: list[tuple[str, float, float]] = []
     ce_of: dict[str, torch.Tensor] = {}
+    kl: dict[str, float] = {}
+    ref_logp: list[torch.Tensor] = []
 
     def record(name: str, m: nn.Module, secs: float) -> float:
-        ce = window_ce(m, windows)
+        ce, logp = window_stats(m, windows)
+        if not ref_logp:
+            ref_logp.append(logp)
         ce_of[name] = ce
+        kl[name] = mean_kl(ref_logp[0], logp)
         ppl = math.exp(float(ce.mean()))
         rows.append((name, ppl, secs))
         # Paired over windows: how far this row's mean CE is from fp32's, and its standard error.
@@ -239,7 +257,7 @@ def main() -> None:
         se = float(d.std()) / math.sqrt(d.numel()) if d.numel() > 1 else 0.0
         print(
             f"  {name:<32} ppl {ppl:8.4f}   CE - fp32 {float(d.mean()):+.5f} +- {se:.5f} nats"
-            f"   ({secs:5.1f} s to quantize)",
+            f"   KL {kl[name]:.2e}   ({secs:5.1f} s to quantize)",
             flush=True,
         )
         return ppl
@@ -282,6 +300,7 @@ def main() -> None:
         awq,
         qat,
         "a tiny, barely trained model" if args.quick else None,
+        [kl[name] for name, _, _ in rows[4:]],
     )
 
 
