@@ -11,6 +11,7 @@ Three layers:
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import functools
 import hashlib
@@ -158,6 +159,8 @@ def test_every_kernel_compiles_to_ptx(arch):
     for dtype in ("float32", "bfloat16", "float16"):
         assert f"attention[{dtype}, head_dim=64]" in modules
         assert f"moe[{dtype}, int64]" in modules
+        assert f"quant[{dtype}, int4]" in modules
+        assert f"quant[{dtype}, int8]" in modules
     assert all(size > 1000 for size in modules.values()), modules
 
 
@@ -276,7 +279,12 @@ def dq_smem(d, m, n):
 
 @functools.cache
 def emulator(
-    elem: int, head_dim: int, tiles: tuple[int, int, int, int], idx_bits: int = 64, rpt: int = 2
+    elem: int,
+    head_dim: int,
+    tiles: tuple[int, int, int, int],
+    idx_bits: int = 64,
+    rpt: int = 2,
+    bits: int = 4,
 ) -> ctypes.CDLL:
     gxx = shutil.which("g++")
     if gxx is None:
@@ -291,6 +299,7 @@ def emulator(
         f"-DBWD_BLOCK_M={bm}",
         f"-DBWD_BLOCK_N={bn}",
         f"-DIDX_BITS={idx_bits}",
+        f"-DBITS={bits}",
     ]
     sources = b"".join(p.read_bytes() for p in sorted(KERNELS.iterdir())) + EMULATION.read_bytes()
     tag = hashlib.sha256(sources + " ".join(flags).encode()).hexdigest()[:16]
@@ -333,6 +342,16 @@ def emulator(
         i64,
         ctypes.c_uint,
         ctypes.c_uint,
+    ]
+    lib.emu_quant_gemv.argtypes = [
+        *[ctypes.c_void_p] * 6,
+        ctypes.c_int,
+        i64,
+        i64,
+        i64,
+        ctypes.c_uint,
+        ctypes.c_uint,
+        ctypes.c_size_t,
     ]
     return lib
 
@@ -603,6 +622,129 @@ def test_emulated_moe_combine_matches_reference(dtype):
     assert_close_to_reference("y", ours, truth, same_precision, 1e-6)
 
 
+QG_ROWS, QG_MAX_TOKENS = 8, 8  # kernels/quant.cu
+
+
+def random_quant_layer(out, k, bits, group_size, seed, bias=True):
+    """Random codes, scales and (fractional) zero points in the QuantLinear layout."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (out, k), generator=g, dtype=torch.uint8)
+    groups = k // group_size
+    scales = torch.rand(out, groups, generator=g) * 0.1 + 0.01
+    zeros = torch.rand(out, groups, generator=g) * (2**bits - 1)
+    b = torch.randn(out, generator=g) if bias else None
+    return codes, scales, zeros, b
+
+
+def pack_nibbles(codes):
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+
+
+def quant_reference(x, codes, scales, zeros, bias, group_size):
+    w = (
+        codes.double() - zeros.double().repeat_interleave(group_size, 1)
+    ) * scales.double().repeat_interleave(group_size, 1)
+    y = x.double() @ w.T
+    return y if bias is None else y + bias.double()
+
+
+def emulated_quant_gemv(x, qweight, scales, zeros, bias, bits, group_size):
+    lib = emulator(ELEM[x.dtype], 16, SMALL_TILES, bits=bits)
+    tokens, k = x.shape
+    out = qweight.shape[0]
+    y = torch.full((tokens, out), float("nan"), dtype=x.dtype)
+    rc = lib.emu_quant_gemv(
+        x.data_ptr(),
+        qweight.data_ptr(),
+        scales.data_ptr(),
+        zeros.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        y.data_ptr(),
+        tokens,
+        out,
+        k,
+        group_size,
+        cdiv(out, QG_ROWS),
+        32 * QG_ROWS,
+        32 * QG_ROWS * QG_MAX_TOKENS * 4,
+    )
+    assert rc == 0
+    return y
+
+
+def check_quant_gemv(run, tokens, out, k, bits, group_size, dtype, bias, seed):
+    codes, scales, zeros, b = random_quant_layer(out, k, bits, group_size, seed, bias)
+    qweight = pack_nibbles(codes) if bits == 4 else codes
+    x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    y = run(x, qweight, scales, zeros, b, bits, group_size)
+    assert y.dtype == dtype and y.shape == (tokens, out)
+    truth = quant_reference(x, codes, scales, zeros, b, group_size)
+    w = (codes.float() - zeros.repeat_interleave(group_size, 1)) * scales.repeat_interleave(
+        group_size, 1
+    )
+    same_precision = (x.float() @ w.T + (0 if b is None else b)).to(dtype)
+    assert_close_to_reference("y", y.cpu(), truth, same_precision, FLOOR[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_emulated_quant_gemv_matches_reference(dtype, bits):
+    # 21 rows: the last block is partial; 8 tokens: the most one call takes.
+    check_quant_gemv(emulated_quant_gemv, 8, 21, 512, bits, 128, dtype, True, seed=bits)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    tokens=st.integers(1, QG_MAX_TOKENS),
+    out=st.integers(1, 20),
+    words=st.integers(1, 70),
+    bits=st.sampled_from([4, 8]),
+    group_words=st.sampled_from([1, 2, 4, 0]),
+    bias=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_emulated_quant_gemv_property(tokens, out, words, bits, group_words, bias, seed):
+    """Any row length (in 32-bit words, so the lane loop wraps or leaves lanes idle), group size
+    (a word, a few words, or per-channel), token count and bias."""
+    per_word = 8 if bits == 4 else 4
+    k = words * per_word
+    group_size = k if group_words == 0 or words % group_words else group_words * per_word
+    check_quant_gemv(
+        emulated_quant_gemv, tokens, out, k, bits, group_size, torch.float32, bias, seed
+    )
+
+
+def test_quant_gemv_rejects_bad_inputs_before_any_cuda_call():
+    assert _cuda.quant_gemv_supported(4, 256, 128)
+    assert _cuda.quant_gemv_supported(8, 12, 4)
+    assert not _cuda.quant_gemv_supported(4, 24, 12)  # INT4 groups are whole 32-bit words
+    assert not _cuda.quant_gemv_supported(3, 256, 128)
+    assert not _cuda.quant_gemv_supported(4, 256, 96)
+    codes, scales, zeros, b = random_quant_layer(4, 64, 4, 32, 0)
+    with pytest.raises(TypeError, match="CUDA"):
+        _cuda.quant_linear_cuda(torch.zeros(1, 64), pack_nibbles(codes), scales, zeros, b, 4, 32)
+    if not _native.built_with_cuda():
+        return
+    base = dict(
+        device=0, stream=0, dtype="float32", bits=4, x=16, qweight=16, scales=16, zeros=16,
+        bias=0, y=16, tokens=1, n=4, k=64, group_size=32,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="tokens"):
+        _native.cuda_quant_gemv(**{**base, "tokens": 9})
+    with pytest.raises(ValueError, match="group_size"):
+        _native.cuda_quant_gemv(**{**base, "group_size": 12})
+    with pytest.raises(ValueError, match="bits"):
+        _native.cuda_quant_gemv(**{**base, "bits": 2})
+    with pytest.raises(ValueError, match="aligned"):
+        _native.cuda_quant_gemv(**{**base, "qweight": 18})
+    with pytest.raises(ValueError, match="null"):
+        _native.cuda_quant_gemv(**{**base, "x": 0})
+    with pytest.raises(TypeError, match="dtype"):
+        _native.cuda_quant_gemv(**{**base, "dtype": "int8"})
+    # No tokens: a no-op that needs no GPU.
+    _native.cuda_quant_gemv(**{**base, "tokens": 0})
+
+
 # ----------------------------------------------------------------------------------------------
 # Real kernels on a GPU
 
@@ -725,6 +867,49 @@ def test_gpu_moe_permute_and_combine(dtype, index_dtype, dim):
     truth = (w.double()[..., None] * xs.double()[pos.long()]).sum(1)
     same_precision = (w[..., None] * xs.float()[pos.long()]).sum(1).to(dtype)
     assert_close_to_reference("y", y, truth, same_precision, 1e-6)
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(
+    ("tokens", "out", "k", "group_size"), [(1, 4096, 4096, 128), (5, 1000, 576, 64), (8, 7, 64, 64)]
+)
+def test_gpu_quant_gemv(dtype, bits, tokens, out, k, group_size):
+    def run(x, qweight, scales, zeros, b, bits, group_size):
+        return _cuda.quant_linear_cuda(
+            x.cuda(),
+            qweight.cuda(),
+            scales.cuda(),
+            zeros.cuda(),
+            None if b is None else b.cuda(),
+            bits,
+            group_size,
+        )
+
+    check_quant_gemv(run, tokens, out, k, bits, group_size, dtype, tokens % 2 == 1, seed=out)
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gpu_quant_linear_routes_decode_calls_to_the_kernel(bits):
+    """QuantLinear on CUDA: up to 8 tokens run the fused kernel, more dequantize + cuBLAS; both
+    agree with the CPU module."""
+    from slimforge.quant import Int4WeightOnly, Int8WeightOnly, quantize_
+
+    torch.manual_seed(bits)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 300))
+    cfg = Int4WeightOnly(group_size=64) if bits == 4 else Int8WeightOnly()
+    quantize_(model, cfg)
+    cpu_model = copy.deepcopy(model)
+    model.cuda()
+    for tokens in (1, 8, 9, 40):
+        x = torch.randn(tokens, 512)
+        want = cpu_model(x)
+        got = model(x.cuda()).cpu()
+        assert torch.allclose(got, want, atol=1e-3, rtol=1e-3), tokens
 
 
 def test_reference_attention_matches_sdpa_on_cpu():

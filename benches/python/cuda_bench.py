@@ -4,7 +4,9 @@ Attention: TFLOP/s of forward and forward+backward, slimforge's NVRTC kernel vs 
 flash backend (bf16, layout (batch, seqlen, heads, head_dim)); forward FLOPs 4*B*H*N^2*D (halved
 for causal), forward+backward 3.5x that. MoE: GB/s of permute (xs = x[token_of]) vs torch
 indexing and of combine (y[t] = sum_s w[t,s] * ys[pos[t,s]]) vs torch gather-multiply-sum, counting
-bytes read and written once.
+bytes read and written once. Quantized GEMV (1-8 tokens, bf16 activations): time and weight GB/s
+of the fused INT4 g128 / INT8 kernel vs a bf16 `F.linear` (cuBLAS) with the same shape and vs
+dequantize-then-`F.linear` (what CUDA `QuantLinear` did before the kernel).
 
     python benches/python/cuda_bench.py [--quick] [--json results.json]
 """
@@ -135,6 +137,46 @@ def bench_moe(tokens, dim, top_k, dtype, warmup, iters):
     return rows
 
 
+def bench_quant_gemv(tokens, out, k, bits, warmup, iters):
+    g = torch.Generator(device="cuda").manual_seed(2)
+    gs = 128 if bits == 4 else k
+    codes = torch.randint(0, 2**bits, (out, k), device="cuda", generator=g, dtype=torch.uint8)
+    qweight = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous() if bits == 4 else codes
+    scales = torch.rand(out, k // gs, device="cuda", generator=g) * 0.01 + 1e-3
+    zeros = torch.full((out, k // gs), 2.0 ** (bits - 1), device="cuda")
+    x = torch.randn(tokens, k, device="cuda", generator=g, dtype=torch.bfloat16)
+    w = ((codes.float() - zeros.repeat_interleave(gs, 1)) * scales.repeat_interleave(gs, 1)).to(
+        torch.bfloat16
+    )
+
+    def ours():
+        return _cuda.quant_linear_cuda(x, qweight, scales, zeros, None, bits, gs)
+
+    def dequant_linear():
+        q = codes if bits == 8 else torch.stack((qweight & 15, qweight >> 4), -1).reshape(out, k)
+        wd = (q.float() - zeros.repeat_interleave(gs, 1)) * scales.repeat_interleave(gs, 1)
+        return torch.nn.functional.linear(x, wd.to(torch.bfloat16))
+
+    diff = (ours().float() - torch.nn.functional.linear(x, w).float()).abs().max().item()
+    t_ours = timed(ours, warmup, iters)
+    t_bf16 = timed(lambda: torch.nn.functional.linear(x, w), warmup, iters)
+    t_deq = timed(dequant_linear, warmup, iters)
+    weight_bytes = qweight.numel() + 8 * scales.numel()
+    return {
+        "kernel": f"quant_gemv_int{bits}",
+        "tokens": tokens,
+        "out": out,
+        "k": k,
+        "us": t_ours * 1e6,
+        "weight_gbps": weight_bytes / t_ours / 1e9,
+        "bf16_linear_us": t_bf16 * 1e6,
+        "dequant_linear_us": t_deq * 1e6,
+        "ratio_vs_bf16": t_bf16 / t_ours,
+        "ratio_vs_dequant": t_deq / t_ours,
+        "max_abs_diff_vs_bf16": diff,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -177,6 +219,20 @@ def main() -> int:
             print(
                 f"{row['kernel']:12} T={tokens} D={dim} k={top_k}: {row['gbps']:7.1f} GB/s "
                 f"(torch {row['torch_gbps']:7.1f}, x{row['ratio']:.2f})",
+                flush=True,
+            )
+    gemv_shapes = (
+        [(1, 4096, 4096)] if args.quick else [(1, 4096, 4096), (8, 4096, 4096), (1, 14336, 4096)]
+    )
+    for tokens, out, k in gemv_shapes:
+        for bits in (4, 8):
+            row = bench_quant_gemv(tokens, out, k, bits, warmup, iters)
+            results.append(row)
+            print(
+                f"{row['kernel']:15} m={tokens} {out}x{k}: {row['us']:7.1f} us "
+                f"({row['weight_gbps']:6.0f} GB/s of weights); bf16 F.linear {row['bf16_linear_us']:7.1f} us "
+                f"(x{row['ratio_vs_bf16']:.2f}), dequant + F.linear {row['dequant_linear_us']:7.1f} us "
+                f"(x{row['ratio_vs_dequant']:.2f}); max|diff| {row['max_abs_diff_vs_bf16']:.2e}",
                 flush=True,
             )
     if args.json:

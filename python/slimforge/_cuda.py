@@ -1,4 +1,4 @@
-"""CUDA kernels for PyTorch CUDA tensors: flash attention and MoE dispatch.
+"""CUDA kernels for PyTorch CUDA tensors: flash attention, MoE dispatch and quantized GEMV.
 
 The kernels are CUDA C compiled at run time by NVRTC (nothing CUDA is needed to build or import
 slimforge) and launched on PyTorch's current stream, on memory PyTorch allocates. NVRTC is looked
@@ -6,8 +6,8 @@ up in ``SLIMFORGE_NVRTC`` (a ``libnvrtc.so.*`` file or its directory), then in t
 wheels that CUDA builds of torch install (``nvidia/cu13/lib``, ``nvidia/cuda_nvrtc/lib``), then on
 the system library path.
 
-These are the low-level entry points; the attention and MoE modules route CUDA tensors here and
-add autograd. All functions raise ``RuntimeError`` when the CUDA backend is unusable (see
+These are the low-level entry points; the attention, MoE and quantization modules route CUDA
+tensors here and add autograd. All functions raise ``RuntimeError`` when the CUDA backend is unusable (see
 :func:`cuda_available`), ``TypeError`` for wrong dtypes/devices and ``ValueError`` for bad shapes.
 """
 
@@ -31,6 +31,8 @@ __all__ = [
     "moe_permute_cuda",
     "nvrtc_library_dirs",
     "preload_nvrtc",
+    "quant_gemv_supported",
+    "quant_linear_cuda",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -461,5 +463,92 @@ def moe_combine_cuda(ys: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor)
         top_k=top_k,
         rows_ys=ys.shape[0],
         dim=_row_numel(ys),
+    )
+    return y
+
+
+QUANT_GEMV_MAX_TOKENS = 8  # QG_MAX_TOKENS in rust/cuda/kernels/quant.cu
+
+
+def quant_gemv_supported(bits: int, in_features: int, group_size: int) -> bool:
+    """Whether :func:`quant_linear_cuda` takes this layout (INT4 groups a multiple of 8, INT8 of 4)."""
+    per_word = {4: 8, 8: 4}.get(bits)
+    return (
+        per_word is not None
+        and group_size > 0
+        and group_size % per_word == 0
+        and in_features % group_size == 0
+    )
+
+
+def quant_linear_cuda(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """Weight-only quantized ``x @ W.T (+ bias)`` for up to 8 tokens, fp32 accumulation.
+
+    Args:
+        x: (tokens, in_features) float32/bfloat16/float16 on a CUDA device, tokens <= 8.
+        qweight: uint8 codes, (out, in_features // 2) for INT4 (element ``2j`` in the low nibble
+            of byte ``j``) or (out, in_features) for INT8, on x's device.
+        scales, zeros: (out, in_features // group_size) float32; ``w = (q - zero) * scale``.
+        bias: (out,) float32 or None.
+
+    Returns:
+        (tokens, out) in x's dtype.
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_cuda:
+        raise TypeError("x must be a CUDA tensor")
+    _check_float("x", x, x.device, None)
+    if x.dim() != 2:
+        raise ValueError(f"x must be (tokens, in_features), got shape {tuple(x.shape)}")
+    tokens, k = x.shape
+    if tokens > QUANT_GEMV_MAX_TOKENS:
+        raise ValueError(f"at most {QUANT_GEMV_MAX_TOKENS} tokens per call, got {tokens}")
+    if not quant_gemv_supported(bits, k, group_size):
+        raise ValueError(
+            f"unsupported layout: bits {bits}, in_features {k}, group_size {group_size} (bits 4 "
+            "or 8; group_size a multiple of 8 for INT4, 4 for INT8, dividing in_features)"
+        )
+    _check_float("qweight", qweight, x.device, torch.uint8)
+    out = qweight.shape[0]
+    row_bytes = k // 2 if bits == 4 else k
+    if qweight.shape != (out, row_bytes):
+        raise ValueError(f"qweight must be {(out, row_bytes)}, got {tuple(qweight.shape)}")
+    groups = k // group_size
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        _check_float(name, t, x.device, torch.float32)
+        if t.shape != (out, groups):
+            raise ValueError(f"{name} must be {(out, groups)}, got {tuple(t.shape)}")
+    if bias is not None:
+        _check_float("bias", bias, x.device, torch.float32)
+        if bias.shape != (out,):
+            raise ValueError(f"bias must be ({out},), got {tuple(bias.shape)}")
+    _require_backend()
+    x, qweight = x.contiguous(), qweight.contiguous()
+    scales, zeros = scales.contiguous(), zeros.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    y = torch.empty((tokens, out), dtype=x.dtype, device=x.device)
+    device = _device_index(x)
+    _native.cuda_quant_gemv(
+        device=device,
+        stream=_stream(device),
+        dtype=_dtype_name(x.dtype),
+        bits=bits,
+        x=x.data_ptr(),
+        qweight=qweight.data_ptr(),
+        scales=scales.data_ptr(),
+        zeros=zeros.data_ptr(),
+        bias=0 if bias is None else bias.data_ptr(),
+        y=y.data_ptr(),
+        tokens=tokens,
+        n=out,
+        k=k,
+        group_size=group_size,
     )
     return y

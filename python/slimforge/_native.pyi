@@ -320,3 +320,20 @@ def cuda_moe_combine(
     rows_ys: int,
     dim: int,
 ) -> None: ...
+def cuda_quant_gemv(
+    *,
+    device: int,
+    stream: int,
+    dtype: str,
+    bits: int,
+    x: int,
+    qweight: int,
+    scales: int,
+    zeros: int,
+    bias: int,
+    y: int,
+    tokens: int,
+    n: int,
+    k: int,
+    group_size: int,
+) -> None: ...

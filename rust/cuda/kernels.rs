@@ -14,6 +14,12 @@ pub(crate) const MOE_SOURCE: &str = concat!(
     include_str!("kernels/moe.cu")
 );
 
+pub(crate) const QUANT_SOURCE: &str = concat!(
+    include_str!("kernels/common.cuh"),
+    "\n",
+    include_str!("kernels/quant.cu")
+);
+
 /// One compilation unit: a source plus the `-D` options that specialise it.
 #[derive(Debug, Clone)]
 pub(crate) struct KernelModule {
@@ -52,8 +58,18 @@ pub(crate) fn moe_module(elem: ElemType, index_bits: u32) -> KernelModule {
     }
 }
 
+pub(crate) fn quant_module(elem: ElemType, bits: u32) -> KernelModule {
+    KernelModule {
+        label: format!("quant[{}, int{bits}]", elem.name()),
+        name: "quant",
+        source: QUANT_SOURCE,
+        options: vec![format!("-DELEM={}", elem.code()), format!("-DBITS={bits}")],
+    }
+}
+
 /// What `compile_check` compiles: every dtype, common head sizes at the tiles a Hopper-class GPU
-/// (227 KiB of shared memory) and a small one (48 KiB) get, and both index widths.
+/// (227 KiB of shared memory) and a small one (48 KiB) get, both index widths, and the INT4 / INT8
+/// quantized GEMV.
 pub(crate) fn check_modules() -> Vec<KernelModule> {
     let mut modules = Vec::new();
     for elem in ElemType::ALL {
@@ -62,6 +78,9 @@ pub(crate) fn check_modules() -> Vec<KernelModule> {
             modules.push(attention_module(elem, head_dim, &cfg));
         }
         modules.push(moe_module(elem, 64));
+        for bits in [4, 8] {
+            modules.push(quant_module(elem, bits));
+        }
     }
     let small = AttnConfig::choose(256, 99 * 1024).expect("fits");
     modules.push(attention_module(ElemType::BF16, 256, &small));

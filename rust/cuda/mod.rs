@@ -11,11 +11,13 @@ mod device;
 mod kernels;
 mod moe;
 mod nvrtc;
+mod quant;
 
 pub use attention::{attention_backward, attention_forward, AttnCall};
 pub use device::device_arch;
 pub use moe::{moe_combine, moe_permute, CombineCall, PermuteCall};
 pub use nvrtc::{compile_check, nvrtc_version};
+pub use quant::{quant_gemv, QuantGemvCall};
 
 use crate::error::{Error, Result};
 

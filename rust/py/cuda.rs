@@ -272,6 +272,50 @@ fn cuda_moe_combine(
     Err(not_built())
 }
 
+#[pyfunction]
+#[pyo3(signature = (*, device, stream, dtype, bits, x, qweight, scales, zeros, bias, y, tokens, n, k, group_size))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_quant_gemv(
+    py: Python<'_>,
+    device: usize,
+    stream: u64,
+    dtype: &str,
+    bits: u32,
+    x: u64,
+    qweight: u64,
+    scales: u64,
+    zeros: u64,
+    bias: u64,
+    y: u64,
+    tokens: usize,
+    n: usize,
+    k: usize,
+    group_size: usize,
+) -> PyResult<()> {
+    #[cfg(feature = "cuda")]
+    {
+        let elem = elem(dtype)?;
+        let call = cuda::QuantGemvCall {
+            device,
+            stream,
+            bits,
+            tokens,
+            n,
+            k,
+            group_size,
+            x,
+            qweight,
+            scales,
+            zeros,
+            bias,
+            y,
+        };
+        Ok(py.detach(|| cuda::quant_gemv(&call, elem))?)
+    }
+    #[cfg(not(feature = "cuda"))]
+    Err(not_built())
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_nvrtc_version, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_device_arch, m)?)?;
@@ -280,5 +324,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_attention_backward, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_moe_permute, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_moe_combine, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_quant_gemv, m)?)?;
     Ok(())
 }

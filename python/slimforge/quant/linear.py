@@ -3,8 +3,10 @@
 Both hold the documented layout as buffers (``qweight`` uint8, ``scales``/``zeros`` float32,
 see :mod:`slimforge.quant.primitives`). On CPU, ``QuantLinear`` runs the fused Rust
 dequantize-and-multiply kernels for up to ``FUSED_MAX_TOKENS`` rows (``FUSED_MAX_TOKENS_FLOAT``
-on the float route); larger batches (and
-non-CPU tensors) dequantize the weight and call ``torch.nn.functional.linear``.
+on the float route). On CUDA, up to 8 rows run the fused GEMV kernel compiled by NVRTC
+(:func:`slimforge._cuda.quant_linear_cuda`) when the CUDA backend is usable. Larger batches, and
+layouts or devices the kernels do not take, dequantize the weight and call
+``torch.nn.functional.linear``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimforge import _native
+from slimforge import _cuda, _native
 from slimforge.quant.primitives import (
     check_bits,
     choose_qparams,
@@ -72,6 +74,18 @@ def dequantize_packed(
     return ((qf - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)).reshape(out, k)
 
 
+def _use_cuda_gemv(x: torch.Tensor, m: int, module: QuantLinear) -> bool:
+    """Decode-size CUDA calls run the fused kernel; larger batches dequantize once and use
+    cuBLAS (the weight read is then amortised over the tokens)."""
+    return (
+        x.is_cuda
+        and 0 < m <= _cuda.QUANT_GEMV_MAX_TOKENS
+        and module.qweight.device == x.device
+        and _cuda.quant_gemv_supported(module.bits, module.in_features, module.group_size)
+        and _cuda.cuda_available()
+    )
+
+
 def _linear_forward(x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
     k, n = module.in_features, module.out_features
     x2 = x.detach().reshape(-1, k)
@@ -86,6 +100,16 @@ def _linear_forward(x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
         y_t = torch.from_numpy(y)
         if x.dtype != torch.float32:
             y_t = y_t.to(x.dtype)
+    elif _use_cuda_gemv(x, m, module):
+        y_t = _cuda.quant_linear_cuda(
+            x2,
+            module.qweight,
+            module.scales,
+            module.zeros,
+            module.bias,
+            module.bits,
+            module.group_size,
+        )
     else:
         w = module.dequantize().to(x.dtype)
         b = None if module.bias is None else module.bias.to(x.dtype)

@@ -2,7 +2,7 @@
 // block is an OS thread, __syncthreads() is a std::barrier, dynamic shared memory is a per-block
 // buffer, and blocks run one after another. It checks indexing, masking, tiling and barrier
 // placement, not GPU-specific behaviour (warp scheduling, memory model, PTX conversions).
-// Build: g++ -std=c++20 -O1 -shared -fPIC -pthread -DELEM=.. -DHEAD_DIM=.. ... host_emulation.cpp
+// Build: g++ -std=c++20 -O1 -shared -fPIC -pthread -DELEM=.. -DHEAD_DIM=.. -DBITS=.. ... host_emulation.cpp
 
 #define SLIMFORGE_HOST_EMULATION 1
 #include <barrier>
@@ -70,6 +70,7 @@ static inline sf_u16 sf_float_to_half(float f) {
 #include "../kernels/common.cuh"
 #include "../kernels/attention.cu"
 #include "../kernels/moe.cu"
+#include "../kernels/quant.cu"
 
 // Runs `body` over the grid; returns 0, or 1 if threads of a block disagreed on barrier counts.
 static int run_grid(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body) {
@@ -135,5 +136,14 @@ extern "C" int emu_moe_combine(const void* ys, const void* pos, const float* wei
                                sf_i64 top_k, sf_i64 rows_ys, sf_i64 dim, unsigned gx, unsigned bx) {
     return run_grid(dim3{gx, 1, 1}, dim3{bx, 1, 1}, 0, [&] {
         moe_combine((const elem_t*)ys, (const idx_t*)pos, weights, (elem_t*)y, tokens, top_k, rows_ys, dim);
+    });
+}
+
+extern "C" int emu_quant_gemv(const void* x, const void* qweight, const float* scales, const float* zeros,
+                              const float* bias, void* y, int tokens, sf_i64 n, sf_i64 k, sf_i64 group_size,
+                              unsigned gx, unsigned bx, size_t smem_bytes) {
+    return run_grid(dim3{gx, 1, 1}, dim3{bx, 1, 1}, smem_bytes, [&] {
+        quant_gemv((const elem_t*)x, (const sf_u32*)qweight, scales, zeros, bias, (elem_t*)y, tokens, n, k,
+                   group_size);
     });
 }
