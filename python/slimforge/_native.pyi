@@ -151,6 +151,18 @@ def quant_linear_bf16(
     route: str = "auto",
 ) -> NDArray[np.float32]: ...
 def quant_kernel_isa() -> str: ...
+def quant_gptq_block(
+    w: npt.NDArray[np.float32],
+    hinv: npt.NDArray[np.float32],
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+) -> tuple[
+    npt.NDArray[np.uint8],
+    npt.NDArray[np.float32],
+    npt.NDArray[np.float32],
+    npt.NDArray[np.float32],
+]: ...
 def quant_default_route(bits: int) -> str: ...
 
 # --- attention ---

@@ -1,14 +1,14 @@
 //! Python bindings for `crate::quant`: argument conversion, GIL release and error mapping only.
 
 use numpy::{
-    IntoPyArray, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
+    IntoPyArray, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray2,
     PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::quant::gemv::{self, QuantWeight, Route};
-use crate::quant::{affine, pack};
+use crate::quant::{affine, gptq, pack};
 
 fn slice<'a, T: numpy::Element>(name: &str, a: &'a PyReadonlyArray2<'_, T>) -> PyResult<&'a [T]> {
     a.as_slice()
@@ -287,6 +287,43 @@ fn quant_default_route(bits: u32) -> &'static str {
     }
 }
 
+type GptqBlock<'py> = (
+    Bound<'py, PyArray2<u8>>,
+    Bound<'py, PyArray2<f32>>,
+    Bound<'py, PyArray2<f32>>,
+    Bound<'py, PyArray2<f32>>,
+);
+
+/// GPTQ's column loop over one block: `w` float32 `(rows, cols)` C-contiguous, updated in place;
+/// `hinv` `(cols, cols)` upper Cholesky block. Returns `(codes u8, err f32)` `(rows, cols)` and
+/// `(scales, zeros)` `(rows, cols / group_size)`.
+#[pyfunction]
+fn quant_gptq_block<'py>(
+    py: Python<'py>,
+    mut w: PyReadwriteArray2<'py, f32>,
+    hinv: PyReadonlyArray2<'py, f32>,
+    bits: u32,
+    group_size: usize,
+    symmetric: bool,
+) -> PyResult<GptqBlock<'py>> {
+    let (rows, cols) = {
+        let s = w.shape();
+        (s[0], s[1])
+    };
+    let hs = slice("hinv", &hinv)?;
+    let ws = w
+        .as_slice_mut()
+        .map_err(|_| PyTypeError::new_err("w must be a C-contiguous array"))?;
+    let r = py.detach(|| gptq::gptq_block(ws, rows, cols, hs, bits, group_size, symmetric))?;
+    let ng = cols / group_size;
+    Ok((
+        to_2d(py, r.codes, rows, cols)?,
+        to_2d(py, r.err, rows, cols)?,
+        to_2d(py, r.scales, rows, ng)?,
+        to_2d(py, r.zeros, rows, ng)?,
+    ))
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quant_choose_qparams, m)?)?;
     m.add_function(wrap_pyfunction!(quant_quantize, m)?)?;
@@ -298,5 +335,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quant_linear_bf16, m)?)?;
     m.add_function(wrap_pyfunction!(quant_kernel_isa, m)?)?;
     m.add_function(wrap_pyfunction!(quant_default_route, m)?)?;
+    m.add_function(wrap_pyfunction!(quant_gptq_block, m)?)?;
     Ok(())
 }

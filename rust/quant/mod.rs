@@ -8,6 +8,7 @@
 
 pub mod affine;
 pub mod gemv;
+pub mod gptq;
 pub mod pack;
 
 mod gemv_x86;

@@ -4,7 +4,9 @@ Follows IST-DASLab ``gptq.py``: H = 2 X X^T / n as a running mean over calibrati
 dead inputs (H_ii = 0) get H_ii = 1 and a zero weight column; damping ``damp * mean(diag H)``
 retried with +0.01 per Cholesky failure; Hinv = upper Cholesky factor of H^-1; columns quantized
 one by one with the error spread over the remaining columns, lazily in blocks of ``block_size``
-columns (the rank-``block_size`` GEMM dominates the cost).
+columns. Inside a block the column loop runs in Rust (``_native.quant_gptq_block``: rows in
+parallel, each row's block and the block of Hinv in cache), the update of the later columns is one
+GEMM per block; float64, static groups and odd group sizes use the same loop in torch ops.
 
 Groups and act-order: with ``act_order=True`` columns are processed by decreasing H_ii.
 
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from slimforge import _native
 from slimforge.quant.api import register_quantize_handler
 from slimforge.quant.calibrate import (
     Batch,
@@ -32,6 +35,7 @@ from slimforge.quant.calibrate import (
     InputTransformedLinear,
     LinearGroup,
     _check_bits_group,
+    all_finite,
     group_qparams,
     quantize_codes,
     run_sequential,
@@ -131,7 +135,7 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, retries: int) -> tuple[torch
         chol, info = torch.linalg.cholesky_ex(h + d * mean_diag * eye)
         if int(info) == 0:
             hinv_upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-            if int(info) == 0 and torch.isfinite(hinv_upper).all():
+            if int(info) == 0 and all_finite(hinv_upper):
                 return hinv_upper, d
     raise RuntimeError(
         f"GPTQ: the Hessian is not positive definite even with damping {damp + 0.01 * retries:.3g} "
@@ -140,18 +144,112 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, retries: int) -> tuple[torch
     )
 
 
+def _native_block(cfg: GPTQ, in_f: int, w: torch.Tensor) -> int | None:
+    """Block size for the Rust column loop, or None where it does not apply (it fits dynamic
+    groups that start at block starts, on float32 CPU tensors)."""
+    if w.dtype != torch.float32 or w.device.type != "cpu" or cfg.static_groups:
+        return None
+    gs = cfg.group_size
+    if cfg.block_size % gs == 0:
+        return cfg.block_size
+    if gs % cfg.block_size == 0 and gs <= 1024:
+        return gs  # one group per block: same result, larger triangle per block
+    return None
+
+
+def _column_loop_native(
+    w_all: torch.Tensor, hinv: torch.Tensor, cfg: GPTQ, block: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The column loop with the Rust kernel (one call per block, rows in parallel) and the
+    lazy update of later columns as one GEMM per block. w_all (out, in) is updated in place.
+    Returns codes (out, in) uint8 and scales, zeros (out, n_groups), in processing order."""
+    out_f, in_f = w_all.shape
+    gs = cfg.group_size
+    codes = torch.empty(out_f, in_f, dtype=torch.uint8)
+    scales = torch.empty(out_f, in_f // gs)
+    zeros = torch.empty_like(scales)
+    for i1 in range(0, in_f, block):
+        i2 = min(i1 + block, in_f)
+        wb = w_all[:, i1:i2].contiguous()
+        hb = hinv[i1:i2, i1:i2].contiguous()
+        c, e, sc, ze = _native.quant_gptq_block(wb.numpy(), hb.numpy(), cfg.bits, gs, cfg.symmetric)
+        codes[:, i1:i2] = torch.from_numpy(c)
+        scales[:, i1 // gs : i2 // gs] = torch.from_numpy(sc)
+        zeros[:, i1 // gs : i2 // gs] = torch.from_numpy(ze)
+        if i2 < in_f:
+            w_all[:, i2:].addmm_(torch.from_numpy(e), hinv[i1:i2, i2:], alpha=-1)
+    return codes, scales, zeros
+
+
+def _column_loop_torch(
+    w_all: torch.Tensor,
+    hinv: torch.Tensor,
+    cfg: GPTQ,
+    perm: torch.Tensor,
+    s_cols: torch.Tensor | None,
+    z_cols: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The column loop with torch vector ops (any dtype/device, static groups, any group size).
+    s_cols/z_cols: (n_groups, out) static parameters, or None. Returns as _column_loop_native."""
+    out_f, in_f = w_all.shape
+    bits, gs = cfg.bits, cfg.group_size
+    n_groups = in_f // gs
+    dtype = w_all.dtype
+    # Work on W^T (in, out) so each column is a contiguous row and updates are BLAS ger/gemm.
+    wt = w_all.T.contiguous()
+    codes_t = torch.zeros_like(wt)
+    scales = torch.zeros(n_groups, out_f, dtype=dtype, device=wt.device)
+    zeros = torch.zeros_like(scales)
+    scale = zero = torch.empty(0)
+    for i1 in range(0, in_f, cfg.block_size):
+        i2 = min(i1 + cfg.block_size, in_f)
+        w1 = wt[i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if s_cols is not None and z_cols is not None:
+                g = int(perm[col]) // gs
+                scale, zero = s_cols[g], z_cols[g]
+            elif col % gs == 0:
+                end = col + gs
+                if end <= i2:
+                    rows = w1[i : end - i1]
+                else:
+                    # Columns past this block still owe the block's pending lazy updates.
+                    pending = hinv[i1:col, i2:end].T @ err1[:i]
+                    rows = torch.cat([w1[i:], wt[i2:end] - pending], dim=0)
+                scale, zero = group_qparams(rows.T, bits, cfg.symmetric)
+                scales[col // gs] = scale
+                zeros[col // gs] = zero
+            w = w1[i]
+            q = quantize_codes(w, scale, zero, bits)
+            codes_t[col] = q
+            err = (w - (q - zero) * scale) / hinv1[i, i]
+            w1[i:].addr_(hinv1[i, i:], err, alpha=-1)
+            err1[i] = err
+        wt[i2:].addmm_(hinv[i1:i2, i2:].T, err1, alpha=-1)
+    return codes_t.T, scales.T, zeros.T
+
+
 def gptq_quantize_weight(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     config: GPTQ | None = None,
     dtype: torch.dtype = torch.float32,
+    kernel: str = "auto",
 ) -> GPTQResult:
     """Quantize one weight (out, in) with GPTQ given its Hessian (in, in).
 
-    ``dtype`` is the working precision (float64 for references). Raises ValueError on shape
-    mismatch or NaN/Inf, RuntimeError when damping cannot make H positive definite.
+    ``dtype`` is the working precision (float64 for references). ``kernel``: "native" runs the
+    column loop in Rust (float32 on the CPU, dynamic groups, group size dividing the block size or
+    a multiple of it up to 1024), "torch" with torch vector ops (anything), "auto" the native one
+    where it applies. Raises ValueError on shape mismatch or NaN/Inf, RuntimeError when damping
+    cannot make H positive definite.
     """
     cfg = config or GPTQ()
+    if kernel not in ("auto", "native", "torch"):
+        raise ValueError(f"kernel must be 'auto', 'native' or 'torch'; got {kernel!r}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out, in); got shape {tuple(weight.shape)}")
     out_f, in_f = weight.shape
@@ -161,9 +259,9 @@ def gptq_quantize_weight(
             f"got {tuple(hessian.shape)}"
         )
     _check_bits_group(cfg.bits, cfg.group_size, in_f)
-    if not torch.isfinite(weight).all():
+    if not all_finite(weight):
         raise ValueError("weight contains NaN or Inf")
-    if not torch.isfinite(hessian).all():
+    if not all_finite(hessian):
         raise ValueError("hessian contains NaN or Inf (check the calibration activations)")
     bits, gs = cfg.bits, cfg.group_size
     w_all = weight.detach().to(dtype).clone()
@@ -183,47 +281,24 @@ def gptq_quantize_weight(
     if cfg.act_order:
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
         w_all = w_all[:, perm]
-        h = h[perm][:, perm]
+        h = h[perm[:, None], perm]
     else:
         perm = torch.arange(in_f, device=w_all.device)
 
     hinv, damp_used = _inverse_cholesky(h, cfg.damp, cfg.max_damp_retries)
-    # Work on W^T (in, out) so each column is a contiguous row and updates are BLAS ger/gemm.
-    wt = w_all.T.contiguous()
-    codes_t = torch.zeros_like(wt)
-    scales = torch.zeros(n_groups, out_f, dtype=dtype, device=wt.device)
-    zeros = torch.zeros_like(scales)
-    scale = zero = torch.empty(0)
-    for i1 in range(0, in_f, cfg.block_size):
-        i2 = min(i1 + cfg.block_size, in_f)
-        w1 = wt[i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if cfg.static_groups:
-                g = int(perm[col]) // gs
-                scale, zero = s_static[:, g], z_static[:, g]
-            elif col % gs == 0:
-                end = col + gs
-                if end <= i2:
-                    rows = w1[i : end - i1]
-                else:
-                    # Columns past this block still owe the block's pending lazy updates.
-                    pending = hinv[i1:col, i2:end].T @ err1[:i]
-                    rows = torch.cat([w1[i:], wt[i2:end] - pending], dim=0)
-                scale, zero = group_qparams(rows.T, bits, cfg.symmetric)
-                scales[col // gs] = scale
-                zeros[col // gs] = zero
-            w = w1[i]
-            q = quantize_codes(w, scale, zero, bits)
-            codes_t[col] = q
-            err = (w - (q - zero) * scale) / hinv1[i, i]
-            w1[i:].addr_(hinv1[i, i:], err, alpha=-1)
-            err1[i] = err
-        wt[i2:].addmm_(hinv[i1:i2, i2:].T, err1, alpha=-1)
-    codes = codes_t.T
-    scales, zeros = scales.T, zeros.T
+    block = _native_block(cfg, in_f, w_all)
+    if kernel == "native" and block is None:
+        raise ValueError(
+            "the native GPTQ kernel needs float32 on the CPU, dynamic groups and a group size "
+            "that divides the block size (or a multiple of it up to 1024)"
+        )
+    if block is not None and kernel != "torch":
+        codes, scales, zeros = _column_loop_native(w_all, hinv, cfg, block)
+    else:
+        s_cols = z_cols = None
+        if cfg.static_groups:
+            s_cols, z_cols = s_static.T, z_static.T
+        codes, scales, zeros = _column_loop_torch(w_all, hinv, cfg, perm, s_cols, z_cols)
 
     inv = torch.argsort(perm)
     q_orig = codes[:, inv].to(torch.uint8)
