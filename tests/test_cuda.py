@@ -893,7 +893,7 @@ def test_gpu_quant_gemv(dtype, bits, tokens, out, k, group_size):
 @pytest.mark.cuda
 @needs_gpu
 @pytest.mark.parametrize("bits", [4, 8])
-def test_gpu_quant_linear_routes_decode_calls_to_the_kernel(bits):
+def test_gpu_quant_linear_routes_decode_calls_to_the_kernel(bits, monkeypatch):
     """QuantLinear on CUDA: up to 8 tokens run the fused kernel, more dequantize + cuBLAS; both
     match the dequantized weight's matmul (the CPU module's default int8-activation route would
     add its own ~5e-3 activation rounding, so it is not the reference)."""
@@ -906,10 +906,20 @@ def test_gpu_quant_linear_routes_decode_calls_to_the_kernel(bits):
     layer = model[0]
     w, b = layer.dequantize().double(), layer.bias.double()
     model.cuda()
+    calls = []
+    kernel = _cuda.quant_linear_cuda
+
+    def spy(x, *args):
+        calls.append(x.shape[0])
+        return kernel(x, *args)
+
+    monkeypatch.setattr(_cuda, "quant_linear_cuda", spy)
     for tokens in (1, 8, 9, 40):
         x = torch.randn(tokens, 512)
         want = x.double() @ w.T + b
+        calls.clear()
         got = model(x.cuda()).cpu().double()
+        assert calls == ([tokens] if tokens <= _cuda.QUANT_GEMV_MAX_TOKENS else []), tokens
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (tokens, (got - want).abs().max())
         xb = x.to(torch.bfloat16)
         got_bf16 = model(xb.cuda()).cpu().double()

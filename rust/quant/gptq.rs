@@ -102,8 +102,9 @@ fn rows_tile<const R: usize, const FMA: bool>(
             err[r * cols + i] = e[r];
         }
         // Columns i+1.. need the update; starting at the 16-column boundary below i+1 keeps the
-        // loop free of a scalar head. That also touches columns <= i, which is harmless: Hinv is
-        // upper triangular (h = 0 leaves w unchanged) and column i's value is not read again.
+        // loop free of a scalar head. That also touches columns <= i, which is harmless: they are
+        // never read again (columns < i get h = 0 from the upper-triangular Hinv, column i ends
+        // up holding its dequantized value), so only what is left in `w` differs between copies.
         let start = if FMA { (i + 1) & !15 } else { i + 1 };
         let h = &hinv[i * cols + start..(i + 1) * cols];
         for (row, &er) in w.chunks_exact_mut(cols).zip(&e) {
@@ -325,6 +326,7 @@ mod tests {
         hinv: &[f32],
         bits: u32,
         gs: usize,
+        sym: bool,
     ) -> Vec<u8> {
         let mut w = w.to_vec();
         let mut codes = vec![0u8; rows * cols];
@@ -333,7 +335,7 @@ mod tests {
             for i in 0..cols {
                 if i % gs == 0 {
                     let g = &w[r * cols + i..r * cols + i + gs];
-                    (s, z) = group_params(g, ((1u32 << bits) - 1) as f32, false, bits);
+                    (s, z) = group_params(g, ((1u32 << bits) - 1) as f32, sym, bits);
                 }
                 let x = w[r * cols + i];
                 let q = ((x / s).round_ties_even() + z).clamp(0.0, ((1u32 << bits) - 1) as f32);
@@ -367,18 +369,24 @@ mod tests {
                 hinv[i * cols + j] = 0.2 * lcg(&mut seed);
             }
         }
-        for (bits, gs) in [(4, 16), (3, 64), (8, 32), (2, 8)] {
-            let want = reference(&w, rows, cols, &hinv, bits, gs);
+        for (bits, gs, sym) in [
+            (4, 16, false),
+            (3, 64, false),
+            (8, 32, false),
+            (2, 8, false),
+            (4, 16, true),
+            (3, 32, true),
+        ] {
+            let want = reference(&w, rows, cols, &hinv, bits, gs, sym);
             // The portable copy does the same operations in the same order: identical codes.
             let mut wk = w.clone();
-            let got =
-                gptq_block_with_isa(&mut wk, rows, cols, &hinv, bits, gs, false, Isa::Portable)
-                    .unwrap();
+            let got = gptq_block_with_isa(&mut wk, rows, cols, &hinv, bits, gs, sym, Isa::Portable)
+                .unwrap();
             assert_eq!(got.codes, want);
             // The x86 copies fuse the update (one rounding instead of two): a code on a rounding
             // tie may flip and the flip moves its row's later codes by a step or so.
             let mut wk = w.clone();
-            let got = gptq_block(&mut wk, rows, cols, &hinv, bits, gs, false).unwrap();
+            let got = gptq_block(&mut wk, rows, cols, &hinv, bits, gs, sym).unwrap();
             let differ = got.codes.iter().zip(&want).filter(|(a, b)| a != b).count();
             assert!(differ <= rows * cols / 20, "{differ} codes differ");
             assert!(got.codes.iter().all(|&c| (c as u32) < (1 << bits)));

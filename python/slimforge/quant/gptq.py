@@ -144,7 +144,7 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, retries: int) -> tuple[torch
     )
 
 
-def _native_block(cfg: GPTQ, in_f: int, w: torch.Tensor) -> int | None:
+def _native_block(cfg: GPTQ, w: torch.Tensor) -> int | None:
     """Block size for the Rust column loop, or None where it does not apply (it fits dynamic
     groups that start at block starts, on float32 CPU tensors)."""
     if w.dtype != torch.float32 or w.device.type != "cpu" or cfg.static_groups:
@@ -170,7 +170,7 @@ def _column_loop_native(
     zeros = torch.empty_like(scales)
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
-        wb = w_all[:, i1:i2].contiguous()
+        wb = w_all[:, i1:i2].clone()  # the kernel updates it in place; never a view of w_all
         hb = hinv[i1:i2, i1:i2].contiguous()
         c, e, sc, ze = _native.quant_gptq_block(wb.numpy(), hb.numpy(), cfg.bits, gs, cfg.symmetric)
         codes[:, i1:i2] = torch.from_numpy(c)
@@ -286,7 +286,7 @@ def gptq_quantize_weight(
         perm = torch.arange(in_f, device=w_all.device)
 
     hinv, damp_used = _inverse_cholesky(h, cfg.damp, cfg.max_damp_retries)
-    block = _native_block(cfg, in_f, w_all)
+    block = _native_block(cfg, w_all)
     if kernel == "native" and block is None:
         raise ValueError(
             "the native GPTQ kernel needs float32 on the CPU, dynamic groups and a group size "

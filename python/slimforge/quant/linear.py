@@ -77,10 +77,14 @@ def dequantize_packed(
 def _use_cuda_gemv(x: torch.Tensor, m: int, module: QuantLinear) -> bool:
     """Decode-size CUDA calls run the fused kernel; larger batches dequantize once and use
     cuBLAS (the weight read is then amortised over the tokens)."""
+    if not (x.is_cuda and 0 < m <= _cuda.QUANT_GEMV_MAX_TOKENS):
+        return False
+    bufs = [module.qweight, module.scales, module.zeros]
+    if module.bias is not None:
+        bufs.append(module.bias)
     return (
-        x.is_cuda
-        and 0 < m <= _cuda.QUANT_GEMV_MAX_TOKENS
-        and module.qweight.device == x.device
+        all(t.device == x.device for t in bufs)
+        and module.qweight.data_ptr() % 4 == 0  # the kernel reads 32-bit words
         and _cuda.quant_gemv_supported(module.bits, module.in_features, module.group_size)
         and _cuda.cuda_available()
     )
