@@ -92,9 +92,12 @@ def _use_cuda_gemv(x: torch.Tensor, m: int, module: QuantLinear) -> bool:
 
 def _linear_forward(x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
     k, n = module.in_features, module.out_features
-    x2 = x.detach().reshape(-1, k)
+    # Decode calls are a few microseconds of kernel: skip the tensor ops they do not need.
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
+    if x2.requires_grad:
+        x2 = x2.detach()
     m = x2.shape[0]
-    if x.device.type == "cpu" and m <= module.fused_max_tokens():
+    if x.is_cpu and m <= module.fused_max_tokens():
         args = (*module._native_weight(), module.bits, module.group_size, module.route)
         xc = x2.contiguous()
         if x.dtype == torch.bfloat16:
@@ -118,7 +121,7 @@ def _linear_forward(x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
         w = module.dequantize().to(x.dtype)
         b = None if module.bias is None else module.bias.to(x.dtype)
         y_t = F.linear(x2, w, b)
-    return y_t.reshape(*x.shape[:-1], n)
+    return y_t if x.dim() == 2 else y_t.reshape(*x.shape[:-1], n)
 
 
 def _keep_float32(module: nn.Module, names: tuple[str, ...]) -> None:
