@@ -348,6 +348,7 @@ def emulator(
         i64,
         i64,
         i64,
+        ctypes.c_int,
         ctypes.c_uint,
         ctypes.c_uint,
         ctypes.c_size_t,
@@ -647,10 +648,14 @@ def quant_reference(x, codes, scales, zeros, bias, group_size):
     return y if bias is None else y + bias.double()
 
 
-def emulated_quant_gemv(x, qweight, scales, zeros, bias, bits, group_size):
+def emulated_quant_gemv(x, qweight, scales, zeros, bias, bits, group_size, vec4=None):
+    """vec4: read rows as 16-byte units (None: where the launcher would)."""
     lib = emulator(ELEM[x.dtype], 16, SMALL_TILES, bits=bits)
     tokens, k = x.shape
     out = qweight.shape[0]
+    can = (k * bits // 8) % 16 == 0 and qweight.data_ptr() % 16 == 0
+    vec4 = can if vec4 is None else vec4
+    assert can or not vec4
     y = torch.full((tokens, out), float("nan"), dtype=x.dtype)
     rc = lib.emu_quant_gemv(
         x.data_ptr(),
@@ -663,6 +668,7 @@ def emulated_quant_gemv(x, qweight, scales, zeros, bias, bits, group_size):
         out,
         k,
         group_size,
+        int(vec4),
         cdiv(out, QG_ROWS),
         32 * QG_ROWS,
         32 * QG_ROWS * QG_MAX_TOKENS * 4,
@@ -687,9 +693,12 @@ def check_quant_gemv(run, tokens, out, k, bits, group_size, dtype, bias, seed):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [4, 8])
-def test_emulated_quant_gemv_matches_reference(dtype, bits):
-    # 21 rows: the last block is partial; 8 tokens: the most one call takes.
-    check_quant_gemv(emulated_quant_gemv, 8, 21, 512, bits, 128, dtype, True, seed=bits)
+@pytest.mark.parametrize("vec4", [False, True])
+def test_emulated_quant_gemv_matches_reference(dtype, bits, vec4):
+    # 21 rows: the last block is partial; 8 tokens: the most one call takes; 16-byte or 4-byte
+    # row reads (k = 512 allows both).
+    run = functools.partial(emulated_quant_gemv, vec4=vec4)
+    check_quant_gemv(run, 8, 21, 512, bits, 128, dtype, True, seed=bits)
 
 
 @settings(max_examples=12, deadline=None)

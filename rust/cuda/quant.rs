@@ -67,6 +67,12 @@ impl QuantGemvCall {
     }
 }
 
+/// Whether rows can be read as 16-byte units: whole units per row and a 16-byte aligned base.
+fn vec4_rows(call: &QuantGemvCall) -> bool {
+    let row_bytes = call.k * call.bits as usize / 8;
+    row_bytes.is_multiple_of(16) && call.qweight.is_multiple_of(16)
+}
+
 fn as_param<T>(v: &mut T) -> *mut c_void {
     (v as *mut T).cast()
 }
@@ -120,6 +126,7 @@ pub fn quant_gemv(call: &QuantGemvCall, elem: ElemType) -> Result<()> {
         let mut n = i64_of(call.n, "out_features")?;
         let mut k = i64_of(call.k, "in_features")?;
         let mut gs = i64_of(call.group_size, "group_size")?;
+        let mut vec4 = i32::from(vec4_rows(call));
         let mut params = [
             as_param(&mut x),
             as_param(&mut q),
@@ -131,6 +138,7 @@ pub fn quant_gemv(call: &QuantGemvCall, elem: ElemType) -> Result<()> {
             as_param(&mut n),
             as_param(&mut k),
             as_param(&mut gs),
+            as_param(&mut vec4),
         ];
         // SAFETY: parameter types match quant_gemv; pointers come from live caller tensors.
         unsafe { device::launch(&f, &launch, call.stream, &mut params) }
@@ -150,6 +158,27 @@ mod tests {
             group_size: 128,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn vec4_needs_whole_aligned_units() {
+        let c = QuantGemvCall {
+            qweight: 256,
+            ..call()
+        }; // INT4, k = 256: 128-byte rows
+        assert!(vec4_rows(&c));
+        assert!(!vec4_rows(&QuantGemvCall { qweight: 260, ..c }));
+        assert!(!vec4_rows(&QuantGemvCall {
+            k: 24,
+            group_size: 8,
+            ..c
+        })); // 12-byte rows
+        assert!(vec4_rows(&QuantGemvCall {
+            bits: 8,
+            k: 16,
+            group_size: 4,
+            ..c
+        }));
     }
 
     #[test]

@@ -141,9 +141,9 @@ extern "C" int emu_moe_combine(const void* ys, const void* pos, const float* wei
 
 extern "C" int emu_quant_gemv(const void* x, const void* qweight, const float* scales, const float* zeros,
                               const float* bias, void* y, int tokens, sf_i64 n, sf_i64 k, sf_i64 group_size,
-                              unsigned gx, unsigned bx, size_t smem_bytes) {
+                              int vec4, unsigned gx, unsigned bx, size_t smem_bytes) {
     return run_grid(dim3{gx, 1, 1}, dim3{bx, 1, 1}, smem_bytes, [&] {
         quant_gemv((const elem_t*)x, (const sf_u32*)qweight, scales, zeros, bias, (elem_t*)y, tokens, n, k,
-                   group_size);
+                   group_size, vec4);
     });
 }
