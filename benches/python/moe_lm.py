@@ -17,17 +17,13 @@ import math
 import time
 
 import torch
+from lm_data import lm_tensors, random_windows  # this directory is on sys.path as a script
 
-from slimforge.data import lm_splits
 from slimforge.models import GPT, GPTConfig
 
 
 def batches(data: torch.Tensor, block: int, batch: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        start = torch.randint(0, data.numel() - block - 1, (batch,), generator=g)
-        rows = torch.stack([data[s : s + block + 1] for s in start.tolist()])
-        yield rows[:, :-1], rows[:, 1:]
+    return random_windows(data, block, batch, torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
@@ -106,11 +102,9 @@ def main() -> None:
         args.steps = args.steps or 300
         args.eval_every, args.eval_batches = 50, 16
     args.warmup = max(1, args.steps // 20)
-    train_bytes, val_bytes = lm_splits()
-    train_data = torch.frombuffer(bytearray(train_bytes), dtype=torch.uint8).long()
-    val_data = torch.frombuffer(bytearray(val_bytes), dtype=torch.uint8).long()
+    train_data, val_data = lm_tensors()
     print(
-        f"corpus: {len(train_bytes):,} train bytes, {len(val_bytes):,} validation bytes; "
+        f"corpus: {train_data.numel():,} train bytes, {val_data.numel():,} validation bytes; "
         f"{args.steps} steps of {args.batch} x {shape['block_size']} tokens; "
         f"torch {torch.get_num_threads()} threads"
     )

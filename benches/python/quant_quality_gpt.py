@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from lm_data import lm_tensors, random_windows  # this directory is on sys.path as a script
 from quant_quality import (
     mean_kl,
     print_summary,
@@ -33,7 +34,6 @@ from quant_quality import (
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from slimforge.data import lm_splits
 from slimforge.models import GPT, GPTConfig
 from slimforge.quant import Int4WeightOnly, Int8WeightOnly, quantize_
 from slimforge.quant.awq import AWQ, quantize_awq
@@ -76,14 +76,6 @@ FULL = TrainSpec(
 
 def cache_dir() -> Path:
     return Path(os.environ.get("SLIMFORGE_CACHE", Path.home() / ".cache" / "slimforge")) / "gpt"
-
-
-def random_windows(data: torch.Tensor, block: int, batch: int, gen: torch.Generator):
-    """(x, y) pairs of `batch` random windows of `block` bytes, forever."""
-    while True:
-        start = torch.randint(0, data.numel() - block - 1, (batch,), generator=gen)
-        rows = torch.stack([data[s : s + block + 1] for s in start.tolist()])
-        yield rows[:, :-1], rows[:, 1:]
 
 
 def train(spec: TrainSpec, data: torch.Tensor) -> tuple[GPT, float]:
@@ -219,11 +211,9 @@ def main() -> None:
     qat_steps = args.qat_steps if args.qat_steps is not None else (10 if args.quick else 100)
     gs = args.group_size
 
-    train_bytes, val_bytes = lm_splits()
-    train_data = torch.frombuffer(bytearray(train_bytes), dtype=torch.uint8).long()
-    val_data = torch.frombuffer(bytearray(val_bytes), dtype=torch.uint8).long()
+    train_data, val_data = lm_tensors()
     print(
-        f"corpus: {len(train_bytes):,} train bytes, {len(val_bytes):,} held-out bytes; model "
+        f"corpus: {train_data.numel():,} train bytes, {val_data.numel():,} held-out bytes; model "
         f"{spec.n_layer} layers x {spec.n_embd} wide, {spec.steps} steps of {spec.batch} x "
         f"{spec.block_size}, seed {spec.seed}; torch {torch.get_num_threads()} threads"
     )
