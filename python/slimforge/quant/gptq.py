@@ -285,13 +285,13 @@ def gptq_quantize_weight(
     else:
         perm = torch.arange(in_f, device=w_all.device)
 
-    hinv, damp_used = _inverse_cholesky(h, cfg.damp, cfg.max_damp_retries)
     block = _native_block(cfg, w_all)
     if kernel == "native" and block is None:
         raise ValueError(
             "the native GPTQ kernel needs float32 on the CPU, dynamic groups and a group size "
             "that divides the block size (or a multiple of it up to 1024)"
         )
+    hinv, damp_used = _inverse_cholesky(h, cfg.damp, cfg.max_damp_retries)
     if block is not None and kernel != "torch":
         codes, scales, zeros = _column_loop_native(w_all, hinv, cfg, block)
     else:
