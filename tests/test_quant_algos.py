@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -252,6 +252,9 @@ def test_gptq_matches_float64_reference(
     bits=st.sampled_from([2, 3, 4, 8]),
     seed=st.integers(0, 2**16),
 )
+# Draws where the symmetric grid's tie flips on w itself (objective 3.19 vs 1.99; 5.54 vs 2.83).
+@example(1, 2, 16, 1, False, False, True, 3, 1)
+@example(1, 4, 8, 16, False, False, True, 3, 21300)
 def test_gptq_property_matches_reference(
     out_f: int,
     n_groups: int,
@@ -280,14 +283,33 @@ def test_gptq_property_matches_reference(
     )
     ref_codes, ref_deq = _reference_gptq(w, h, bits, gs, 0.01, act_order, static_groups, sym)
     if sym:
-        # Symmetric grids put the row extreme exactly on a rounding tie (amax / s = 2^(b-1) - 0.5),
-        # so roundoff may flip it and the flip propagates: compare the GPTQ objective instead.
-        def objective(deq: torch.Tensor) -> float:
-            d = w - deq
+        # Symmetric grids put the group extreme exactly on a rounding tie (amax / s = 2^(b-1) -
+        # 0.5), so roundoff decides it, and a flipped tie propagates through the error feedback
+        # (about 1 draw in 1000 moves the objective by more than 1.25x). Compare the GPTQ
+        # objective instead, and where it differs, on copies of w nudged by 1e-9: a tie breaks
+        # differently on each copy, a real bug on none.
+        def objective(ww: torch.Tensor, deq: torch.Tensor) -> float:
+            d = ww - deq
             return float(torch.einsum("oi,ij,oj->", d, h, d))
 
-        ref_obj, obj = objective(ref_deq), objective(res.dequantize().double())
-        assert obj <= 1.25 * ref_obj + 1e-9 and ref_obj <= 1.25 * obj + 1e-9, (obj, ref_obj)
+        cfg = GPTQ(bits, gs, 0.01, act_order, sym, block, static_groups)
+        seen = []
+        for k in range(4):
+            if k:
+                noise = torch.randn(
+                    w.shape, generator=torch.Generator().manual_seed(k), dtype=w.dtype
+                )
+                wk = w + 1e-9 * noise
+                res = gptq_quantize_weight(wk, h, cfg, dtype=torch.float64)
+                ref_deq = _reference_gptq(wk, h, bits, gs, 0.01, act_order, static_groups, sym)[1]
+            else:
+                wk = w
+            obj, ref_obj = objective(wk, res.dequantize().double()), objective(wk, ref_deq)
+            seen.append((obj, ref_obj))
+            if obj <= 1.25 * ref_obj + 1e-9 and ref_obj <= 1.25 * obj + 1e-9:
+                break
+        else:
+            raise AssertionError(f"objective (ours, reference) on w and 3 nudged copies: {seen}")
     else:
         mismatch = int((res.q.double() != ref_codes).sum())
         assert mismatch <= max(1, out_f * in_f // 200), mismatch
