@@ -610,6 +610,49 @@ def test_awq_clip_reduces_group_error() -> None:
     assert err_clip <= err_plain
 
 
+@settings(deadline=None, max_examples=60)
+@given(
+    out_f=st.integers(1, 12),
+    n_groups=st.integers(1, 3),
+    gs=st.sampled_from([4, 8, 16, 32]),
+    n_rows=st.integers(1, 80),
+    clip_rows=st.sampled_from([8, 512]),
+    bits=st.sampled_from([2, 3, 4, 8]),
+    sym=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_awq_clip_matches_explicit_output_search(
+    out_f: int, n_groups: int, gs: int, n_rows: int, clip_rows: int, bits: int, sym: bool, seed: int
+) -> None:
+    """Reference: for every row and group, each threshold's group output error computed from the
+    calibration rows themselves in float64; the kernel's choice must reach the minimum. The
+    candidates are clipped and quantized in float32 as the kernel does (a clipped group's zero
+    point sits on a rounding tie, so a float64 quantizer would pick other candidates)."""
+    in_f = n_groups * gs
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    w[:, 0] *= 6  # an outlier in group 0 so clipping matters
+    x = _outlier_inputs(n_rows, in_f, seed)
+    cfg = AWQ(bits=bits, group_size=gs, symmetric=sym, clip_rows=clip_rows)
+    clipped = awq_clip(w, x, cfg)
+    assert torch.all(clipped.abs() <= w.abs())
+    xs = (x if n_rows <= clip_rows else x[:: n_rows // clip_rows][:clip_rows]).double()
+    for gi in range(n_groups):
+        cols = slice(gi * gs, (gi + 1) * gs)
+        wg, xg = w[:, cols], xs[:, cols]
+        ref = xg @ wg.double().T  # (n, out)
+        amax = wg.abs().amax(1, keepdim=True)
+        errs = []
+        for i in range(10):
+            m = amax * (1 - i / 20)
+            q = fake_quantize(torch.maximum(torch.minimum(wg, m), -m), bits, gs, sym)[0]
+            errs.append(((xg @ q.double().T - ref) ** 2).mean(0))
+        best = torch.stack(errs).min(0).values
+        q = fake_quantize(clipped[:, cols], bits, gs, sym)[0]
+        ours = ((xg @ q.double().T - ref) ** 2).mean(0)
+        assert torch.all(ours <= best * (1 + 1e-3) + 1e-6 * ref.pow(2).mean()), (ours, best)
+
+
 def test_quantize_awq_folds_into_norm_and_beats_rtn() -> None:
     net = _tiny_net()
     with torch.no_grad():  # salient channels in the residual stream
