@@ -179,26 +179,73 @@ def test_gptq_layout_error_paths() -> None:
 # ---------------------------------------------------------------- GGUF blocks
 
 
-_TYPES = {"Q4_0": (2, 18), "Q4_1": (3, 20), "Q8_0": (8, 34)}
+# kind -> (ggml type id, bytes per block, byte offsets of the block's fp16 fields)
+_TYPES = {
+    "Q4_0": (2, 18, (0,)),
+    "Q4_1": (3, 20, (0, 2)),
+    "Q5_0": (6, 22, (0,)),
+    "Q5_1": (7, 24, (0, 2)),
+    "Q8_0": (8, 34, (0,)),
+    "Q2_K": (10, 84, (80, 82)),
+    "Q3_K": (11, 110, (108,)),
+    "Q4_K": (12, 144, (0, 2)),
+    "Q5_K": (13, 176, (0, 2)),
+    "Q6_K": (14, 210, (208,)),
+}
+
+
+def _random_blocks(kind: str, n_blocks: int, seed: int) -> np.ndarray:
+    """Random bytes (every code, scale and bit pattern) with finite fp16 d / dmin fields, so
+    NaN != NaN does not spoil comparisons."""
+    _, nbytes, halves = _TYPES[kind]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(n_blocks, nbytes), dtype=np.uint8)
+    for at in halves:
+        raw[:, at : at + 2] = rng.normal(0, 0.1, size=(n_blocks, 1)).astype("<f2").view(np.uint8)
+    return raw
 
 
 @given(
     kind=st.sampled_from(sorted(_TYPES)), n_blocks=st.integers(1, 40), seed=st.integers(0, 2**16)
 )
 def test_gguf_block_dequant_matches_gguf_package(kind: str, n_blocks: int, seed: int) -> None:
-    ttype, nbytes = _TYPES[kind]
-    rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, size=(n_blocks, nbytes), dtype=np.uint8)
-    # Finite fp16 d (and m) so NaN != NaN does not spoil the comparison.
-    halves = 2 if kind == "Q4_1" else 1
-    raw[:, : 2 * halves] = rng.normal(0, 0.1, size=(n_blocks, halves)).astype("<f2").view(np.uint8)
+    ttype = _TYPES[kind][0]
+    raw = _random_blocks(kind, n_blocks, seed)
     ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(ttype)).reshape(-1)
     mine = dequantize_gguf_tensor(raw, ttype)
-    assert mine.dtype == np.float32
+    assert mine.dtype == np.float32 and mine.shape == ref.shape
     assert np.array_equal(mine, ref)
 
 
-@pytest.mark.parametrize("kind", sorted(_TYPES))
+def _pack_q4_k(d: float, dmin: float, sc: np.ndarray, mn: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """One Q4_K block from 8 six-bit scales / mins and 256 codes, written from the format's
+    description (independent of the decoder)."""
+    s = np.zeros(12, np.uint8)
+    for j in range(8):
+        if j < 4:
+            s[j] = sc[j] | ((sc[j + 4] >> 4) << 6)
+            s[j + 4] = mn[j] | ((mn[j + 4] >> 4) << 6)
+        else:
+            s[j + 4] = (sc[j] & 0x0F) | ((mn[j] & 0x0F) << 4)
+    qs = np.zeros(128, np.uint8)
+    for c in range(4):  # 64 weights per chunk: sub-block 2c in low nibbles, 2c + 1 in high
+        qs[32 * c : 32 * c + 32] = q[64 * c : 64 * c + 32] | (q[64 * c + 32 : 64 * c + 64] << 4)
+    head = np.array([d, dmin], "<f2").view(np.uint8)
+    return np.concatenate([head, s, qs])
+
+
+def test_gguf_q4_k_from_described_layout() -> None:
+    rng = np.random.default_rng(5)
+    sc, mn = rng.integers(0, 64, 8, dtype=np.uint8), rng.integers(0, 64, 8, dtype=np.uint8)
+    q = rng.integers(0, 16, 256, dtype=np.uint8)
+    d, dmin = np.float16(0.013), np.float16(0.021)
+    got = dequantize_gguf_tensor(_pack_q4_k(d, dmin, sc, mn, q), 12)
+    sub = np.arange(256) // 32
+    want = (np.float32(d) * sc[sub]) * q - np.float32(dmin) * mn[sub].astype(np.float32)
+    assert np.allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
 def test_gguf_dequant_of_quantized_weights(kind: str) -> None:
     qt = gguf.GGMLQuantizationType[kind]
     w = np.random.default_rng(0).normal(size=(16, 64)).astype(np.float32)
@@ -220,7 +267,7 @@ def test_gguf_dequant_floats_and_errors() -> None:
         dequantize_gguf_tensor(bf.view(np.uint8), 30), (bf.astype(np.uint32) << 16).view(np.float32)
     )
     with pytest.raises(ValueError, match="not supported"):
-        dequantize_gguf_tensor(np.zeros(144, np.uint8), 12)
+        dequantize_gguf_tensor(np.zeros(66, np.uint8), 16)  # IQ2_XXS
     with pytest.raises(ValueError, match="whole number of blocks"):
         dequantize_gguf_tensor(np.zeros(19, np.uint8), 2)
     with pytest.raises(ValueError, match="shape"):
@@ -245,6 +292,11 @@ def _write_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, str]], meta: di
             w.add_tensor(name, arr.astype(np.float32))
         elif kind == "F16":
             w.add_tensor(name, arr.astype(np.float16))
+        elif kind.endswith("_K"):  # no k-quant encoder in the gguf package: random blocks
+            qt = gguf.GGMLQuantizationType[kind]
+            rows, cols = arr.shape
+            raw = _random_blocks(kind, rows * cols // 256, rows + cols).reshape(rows, -1)
+            w.add_tensor(name, raw, raw_dtype=qt)
         else:
             qt = gguf.GGMLQuantizationType[kind]
             w.add_tensor(name, gguf.quants.quantize(arr.astype(np.float32), qt), raw_dtype=qt)
@@ -262,6 +314,9 @@ def test_read_gguf_synthetic_file(tmp_path: Path) -> None:
         "c.weight": (rng.normal(size=(2, 96)), "Q8_0"),
         "d.weight": (rng.normal(size=(5,)), "F32"),
         "e.weight": (rng.normal(size=(3, 7)), "F16"),
+        "f.weight": (np.zeros((3, 512)), "Q4_K"),
+        "g.weight": (np.zeros((2, 256)), "Q6_K"),
+        "h.weight": (rng.normal(size=(2, 64)), "Q5_1"),
     }
     meta = {
         "x.count": 7,

@@ -1,4 +1,5 @@
-"""Read GGUF files (llama.cpp) and dequantize F32 / F16 / BF16 / Q4_0 / Q4_1 / Q8_0 tensors.
+"""Read GGUF files (llama.cpp) and dequantize F32 / F16 / BF16, Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0
+and the k-quants Q2_K / Q3_K / Q4_K / Q5_K / Q6_K (what Q4_K_M / Q5_K_M / Q6_K files hold).
 
 The container (version 2 and 3): magic ``GGUF``, u32 version, u64 tensor count, u64 metadata
 count, metadata key/value pairs, tensor infos (name, dims in ggml order — fastest first —, type,
@@ -9,9 +10,26 @@ Block layouts (32 weights per block):
 - Q4_0, 18 bytes: fp16 d, 16 bytes; byte j holds element j (low nibble) and j + 16 (high);
   w = (q - 8) * d.
 - Q4_1, 20 bytes: fp16 d, fp16 m, 16 bytes as Q4_0; w = q * d + m.
+- Q5_0, 22 bytes: fp16 d, u32 qh, 16 bytes as Q4_0; bit j of qh is bit 4 of element j;
+  w = (q - 16) * d.
+- Q5_1, 24 bytes: fp16 d, fp16 m, u32 qh, 16 bytes; w = q * d + m.
 - Q8_0, 34 bytes: fp16 d, 32 int8; w = q * d.
 
-Data are memory-mapped; dequantization is vectorised NumPy in float32.
+k-quants (super-blocks of 256 weights in sub-blocks of 16 or 32, each with its own scale):
+
+- Q2_K, 84 bytes: 16 bytes of 4-bit scale / 4-bit min pairs, 64 bytes of 2-bit codes, fp16 d,
+  fp16 dmin; w = d * sc * q - dmin * m per sub-block of 16.
+- Q3_K, 110 bytes: 32-byte high-bit mask, 64 bytes of 2-bit codes, 12 bytes of 6-bit scales,
+  fp16 d; w = d * (sc - 32) * (q - 4 * (1 - hbit)).
+- Q4_K, 144 bytes: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles;
+  w = d * sc * q - dmin * m per sub-block of 32.
+- Q5_K, 176 bytes: as Q4_K plus a 32-byte fifth-bit plane before the nibbles.
+- Q6_K, 210 bytes: 128 bytes of low nibbles, 64 bytes of 2-bit highs, 16 int8 scales, fp16 d;
+  w = d * sc * (q - 32) per sub-block of 16.
+
+Within a block, codes are laid out as llama.cpp's ``dequantize_row_*`` reads them; the results
+equal the ``gguf`` package's dequantization bit for bit (tests). Data are memory-mapped;
+dequantization is vectorised NumPy in float32.
 """
 
 from __future__ import annotations
@@ -31,7 +49,14 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     1: ("F16", 1, 2),
     2: ("Q4_0", 32, 18),
     3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
     8: ("Q8_0", 32, 34),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
     30: ("BF16", 1, 2),
 }
 
@@ -178,21 +203,122 @@ def dequantize_gguf_tensor(
     elif name == "BF16":
         out = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
     else:
-        blocks = raw.reshape(-1, nbytes)
-        d = blocks[:, :2].copy().view("<f2").astype(np.float32)
-        if name == "Q8_0":
-            q = blocks[:, 2:].view(np.int8).astype(np.float32)
-            out = (d * q).reshape(-1)
-        else:
-            qs = blocks[:, -16:]
-            nib = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.int8)
-            if name == "Q4_0":
-                out = (d * (nib - np.int8(8)).astype(np.float32)).reshape(-1)
-            else:
-                m = blocks[:, 2:4].copy().view("<f2").astype(np.float32)
-                out = (d * nib.astype(np.float32) + m).reshape(-1)
+        out = _DECODERS[name](raw.reshape(-1, nbytes)).reshape(-1)
     if shape is not None:
         if int(np.prod(shape)) != out.size:
             raise ValueError(f"shape {shape} does not match {out.size} elements")
         out = out.reshape(shape)
     return out
+
+
+def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
+    """(n_blocks, 1) float32 from the fp16 at byte ``at`` of each block."""
+    return blocks[:, at : at + 2].copy().view("<f2").astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(n, 16) bytes -> (n, 32) codes: element j is the low nibble of byte j, j + 16 the high."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+
+
+def _high_bits(qh: np.ndarray) -> np.ndarray:
+    """(n, 4) bytes of a little-endian u32 -> (n, 32) bits, bit j for element j."""
+    return np.unpackbits(qh, axis=1, bitorder="little")
+
+
+def _q4_0(b: np.ndarray) -> np.ndarray:
+    return _f16(b, 0) * (_nibbles(b[:, 2:]).astype(np.int8) - np.int8(8)).astype(np.float32)
+
+
+def _q4_1(b: np.ndarray) -> np.ndarray:
+    return _f16(b, 0) * _nibbles(b[:, 4:]).astype(np.float32) + _f16(b, 2)
+
+
+def _q5_0(b: np.ndarray) -> np.ndarray:
+    q = (_nibbles(b[:, 6:]) | (_high_bits(b[:, 2:6]) << 4)).astype(np.int8) - np.int8(16)
+    return _f16(b, 0) * q.astype(np.float32)
+
+
+def _q5_1(b: np.ndarray) -> np.ndarray:
+    q = _nibbles(b[:, 8:]) | (_high_bits(b[:, 4:8]) << 4)
+    return _f16(b, 0) * q.astype(np.float32) + _f16(b, 2)
+
+
+def _q8_0(b: np.ndarray) -> np.ndarray:
+    return _f16(b, 0) * b[:, 2:].view(np.int8).astype(np.float32)
+
+
+def _scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """12 bytes per block -> 8 six-bit scales and 8 six-bit mins (Q4_K / Q5_K packing): the first
+    four of each in the low 6 bits of bytes 0-3 / 4-7, the last four in the nibbles of bytes
+    8-11 with their top two bits in the top bits of bytes 0-3 / 4-7."""
+    sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)], axis=1)
+    mn = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def _sub_blocks(d: np.ndarray, sc: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """(n, 1) d, (n, k) per-sub-block multipliers, (n, k * m) codes -> (n, k, m) d * sc * q
+    with d * sc rounded to float32 first, as llama.cpp does."""
+    return (d * sc)[:, :, None] * q.reshape(q.shape[0], sc.shape[1], -1)
+
+
+def _q2_k(b: np.ndarray) -> np.ndarray:
+    scales, qs = b[:, 0:16], b[:, 16:80].reshape(-1, 2, 1, 32)
+    shifts = np.arange(0, 8, 2, dtype=np.uint8).reshape(1, 1, 4, 1)
+    q = ((qs >> shifts) & 3).reshape(-1, 256).astype(np.float32)  # half, shift, 32 codes
+    y = _sub_blocks(_f16(b, 80), (scales & 0x0F).astype(np.float32), q)
+    return y - (_f16(b, 82) * (scales >> 4).astype(np.float32))[:, :, None]
+
+
+def _q3_k(b: np.ndarray) -> np.ndarray:
+    hmask, qs, s = b[:, 0:32], b[:, 32:96].reshape(-1, 2, 1, 32), b[:, 96:108]
+    lo = np.concatenate([s[:, 0:8] & 0x0F, s[:, 0:8] >> 4], axis=1)  # scales 0-7, 8-15
+    hi = np.concatenate([(s[:, 8:12] >> k) & 3 for k in (0, 2, 4, 6)], axis=1)
+    sc = (lo | (hi << 4)).astype(np.int8) - np.int8(32)
+    shifts = np.arange(0, 8, 2, dtype=np.uint8).reshape(1, 1, 4, 1)
+    low = (qs >> shifts) & 3  # (n, half, shift, 32)
+    bits = np.arange(8, dtype=np.uint8).reshape(1, 2, 4, 1)  # hmask bit 4 * half + shift
+    high = (hmask[:, None, None, :] >> bits) & 1
+    q = (low.astype(np.int8) - np.int8(4) * (np.int8(1) - high.astype(np.int8))).reshape(-1, 256)
+    return _sub_blocks(_f16(b, 108), sc.astype(np.float32), q.astype(np.float32))
+
+
+def _q4_k(b: np.ndarray) -> np.ndarray:
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    qs = b[:, 16:144].reshape(-1, 4, 1, 32)
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(-1, 256).astype(np.float32)
+    return _sub_blocks(_f16(b, 0), sc, q) - (_f16(b, 2) * mn)[:, :, None]
+
+
+def _q5_k(b: np.ndarray) -> np.ndarray:
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    qh, qs = b[:, 16:48], b[:, 48:176].reshape(-1, 4, 1, 32)
+    low = np.concatenate([qs & 0x0F, qs >> 4], axis=2)  # (n, 4, 2, 32): sub-block 2c + h
+    bits = np.arange(8, dtype=np.uint8).reshape(1, 4, 2, 1)
+    q = (low | (((qh[:, None, None, :] >> bits) & 1) << 4)).reshape(-1, 256).astype(np.float32)
+    return _sub_blocks(_f16(b, 0), sc, q) - (_f16(b, 2) * mn)[:, :, None]
+
+
+def _q6_k(b: np.ndarray) -> np.ndarray:
+    ql = b[:, 0:128].reshape(-1, 2, 1, 2, 32)  # half, -, first / second 32 bytes, 32
+    qh = b[:, 128:192].reshape(-1, 2, 1, 1, 32)
+    low = np.concatenate([ql & 0x0F, ql >> 4], axis=2)  # (n, half, nibble, 32-byte run, 32)
+    shifts = np.array([[0, 2], [4, 6]], dtype=np.uint8).reshape(1, 1, 2, 2, 1)
+    q = (low | (((qh >> shifts) & 3) << 4)).astype(np.int8) - np.int8(32)
+    sc = b[:, 192:208].view(np.int8).astype(np.float32)
+    return _sub_blocks(_f16(b, 208), sc, q.reshape(-1, 256).astype(np.float32))
+
+
+_DECODERS = {
+    "Q4_0": _q4_0,
+    "Q4_1": _q4_1,
+    "Q5_0": _q5_0,
+    "Q5_1": _q5_1,
+    "Q8_0": _q8_0,
+    "Q2_K": _q2_k,
+    "Q3_K": _q3_k,
+    "Q4_K": _q4_k,
+    "Q5_K": _q5_k,
+    "Q6_K": _q6_k,
+}
