@@ -764,17 +764,44 @@ def test_qat_recovers_rtn_gap_on_tiny_regression() -> None:
     assert qat_eval < 0.5 * rtn_eval, (qat_eval, rtn_eval)
 
 
-def test_awq_search_loss_matches_direct_mse() -> None:
+@pytest.mark.parametrize("scales", ["activation", "duo", "both"])
+def test_awq_search_loss_matches_direct_mse(scales: str) -> None:
     w = torch.randn(24, 32)
     for n_rows in (16, 300):  # direct path (n <= in) and Gram path (n > in)
         x = _outlier_inputs(n_rows, 32, 2)
-        cfg = AWQ(group_size=16, n_grid=5)
+        cfg = AWQ(group_size=16, n_grid=5, scales=scales)
         s, loss_rtn, loss = awq_search_scale([w], x, x.abs().mean(0), cfg)
         wq = _reference_fake_quant(w * s, 4, 16) / s
         assert loss == pytest.approx(float(((x @ (w - wq).T) ** 2).mean()), rel=1e-3)
         rtn = _reference_fake_quant(w, 4, 16)
         assert loss_rtn == pytest.approx(float(((x @ (w - rtn).T) ** 2).mean()), rel=1e-3)
         assert loss <= loss_rtn
+
+
+def test_awq_scale_families() -> None:
+    """The duo family is AutoAWQ's x_mean^r / w_mean^(1-r) (checked against a transcription);
+    searching both families never ends worse on the calibration rows than either alone."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 64, generator=g)
+    w[:, 5] *= 10  # a weight outlier column: the duo family reacts to it
+    x = _outlier_inputs(400, 64, 4)
+    xm = x.abs().mean(0)
+    losses = {}
+    for fam in ("activation", "duo", "both"):
+        s, loss_rtn, loss = awq_search_scale([w], x, xm, AWQ(group_size=16, n_grid=8, scales=fam))
+        assert loss <= loss_rtn
+        losses[fam] = (s, loss)
+    assert losses["both"][1] <= min(losses["activation"][1], losses["duo"][1]) * (1 + 1e-6)
+    # Reference duo candidates, written as AutoAWQ computes them.
+    wg = w.abs().view(-1, 16)
+    w_mean = (wg / (wg.amax(dim=1, keepdim=True) + 1e-6)).view(w.shape).mean(0)
+    refs = [torch.ones(64)]
+    for i in range(8):
+        c = (xm.pow(i / 8) / (w_mean.pow(1 - i / 8) + 1e-4)).clamp(min=1e-4)
+        refs.append(c / (c.max() * c.min()).sqrt())
+    assert any(torch.allclose(losses["duo"][0], r, rtol=1e-5) for r in refs)
+    with pytest.raises(ValueError, match="scales must be one of"):
+        AWQ(scales="weights")
 
 
 @pytest.mark.parametrize("act_order", [True, False])

@@ -3,9 +3,12 @@
 Per group of linears that read the same input (q/k/v, gate/up, ...):
 
 1. Scale search: x_mean = mean |x| per input channel; for r = i / n_grid (i < n_grid),
-   s = x_mean^r, s /= sqrt(max s * min s); loss = MSE of the group's outputs
-   ``x W^T`` against ``x (Q(W diag(s)) diag(s)^-1)^T``; keep the best s (r = 0 is plain RTN, so the
-   chosen s never does worse than RTN on the calibration rows).
+   s = x_mean^r (``scales="activation"``, llm-awq), or AutoAWQ's "duo" scales
+   s = x_mean^r / w_mean^(1-r) with w_mean the mean over rows of |w| / (its group's max |w|)
+   (``scales="duo"``), or both families (``scales="both"``); s /= sqrt(max s * min s);
+   loss = MSE of the group's outputs ``x W^T`` against ``x (Q(W diag(s)) diag(s)^-1)^T``; keep the
+   best s. s = 1 (plain RTN) is always a candidate, so the chosen s never does worse than RTN on
+   the calibration rows.
 2. Clip search (``clip=True``): per output row and group, the clip threshold
    max|w| * (1 - i/20), i < 10, minimising the group-local output MSE; skipped for query/key
    projections (their error is amplified by the softmax), recognised by name.
@@ -42,6 +45,7 @@ from slimforge.quant.linear import QuantLinear
 __all__ = ["AWQ", "AWQResult", "awq_clip", "awq_search_scale", "quantize_awq"]
 
 # Fused q/k/v projections (GPT-2 c_attn, qkv, qkv_proj, MPT Wqkv) hold query/key rows too.
+_SCALE_FAMILIES = ("activation", "duo", "both")
 _QK_NAMES = ("q_proj", "k_proj", "wq", "wk", "query", "key", "attn_q", "attn_k", "qkv", "c_attn")
 
 
@@ -50,9 +54,11 @@ class AWQ:
     """AWQ configuration.
 
     bits, group_size: as RTN (group_size must divide in_features). n_grid: scale exponents tried.
-    clip: run the clip search. symmetric: zero fixed at 2^(bits-1). max_rows: calibration rows
-    kept per group for the searches. clip_rows: rows used by the clip search. fold_norms: fold
-    scales into a preceding LayerNorm/RMSNorm when the input comes straight from one.
+    scales: candidate family, "activation" (x_mean^r, llm-awq), "duo" (x_mean^r / w_mean^(1-r),
+    AutoAWQ's default) or "both" (2 * n_grid candidates). clip: run the clip search. symmetric:
+    zero fixed at 2^(bits-1). max_rows: calibration rows kept per group for the searches.
+    clip_rows: rows used by the clip search. fold_norms: fold scales into a preceding
+    LayerNorm/RMSNorm when the input comes straight from one.
     """
 
     bits: int = 4
@@ -63,9 +69,12 @@ class AWQ:
     max_rows: int = 4096
     clip_rows: int = 512
     fold_norms: bool = True
+    scales: str = "activation"
 
     def __post_init__(self) -> None:
         _check_bits_group(self.bits, self.group_size)
+        if self.scales not in _SCALE_FAMILIES:
+            raise ValueError(f"scales must be one of {_SCALE_FAMILIES}; got {self.scales!r}")
         if self.n_grid < 1:
             raise ValueError(f"n_grid must be >= 1; got {self.n_grid}")
         if self.max_rows < 1 or self.clip_rows < 1:
@@ -123,21 +132,34 @@ def awq_search_scale(
     n_rows, in_f = x.shape
     # mean((x (W - Wq)^T)^2) = tr(D G D^T) / (n out) with G = x^T x: cheaper when n > in.
     gram = x.T @ x if n_rows > in_f else None
-    best_s = torch.ones_like(x_mean)
-    best_loss = loss_rtn = math.inf
-    for i in range(config.n_grid):
-        s = x_mean.float().pow(i / config.n_grid).clamp(min=1e-4)
-        s = s / torch.sqrt(s.max() * s.min())
+
+    def loss_of(s: torch.Tensor) -> float:
         wq = fake_quantize(w * s, config.bits, config.group_size, config.symmetric)[0] / s
         diff = w - wq
         if gram is not None:
-            loss = float(((diff @ gram) * diff).sum()) / (n_rows * w.shape[0])
-        else:
-            loss = float(((x @ diff.T) ** 2).mean())
-        if i == 0:
-            loss_rtn = loss
-        if loss < best_loss:
-            best_loss, best_s = loss, s
+            return float(((diff @ gram) * diff).sum()) / (n_rows * w.shape[0])
+        return float(((x @ diff.T) ** 2).mean())
+
+    x_mean = x_mean.float()
+    w_mean = None
+    if config.scales != "activation":
+        wg = w.abs().reshape(w.shape[0], -1, config.group_size)
+        w_mean = (wg / (wg.amax(dim=-1, keepdim=True) + 1e-6)).reshape(w.shape).mean(dim=0)
+    best_s = torch.ones_like(x_mean)
+    best_loss = loss_rtn = loss_of(best_s)
+    for i in range(config.n_grid):
+        r = i / config.n_grid
+        cands = []
+        if config.scales != "duo" and i > 0:  # i = 0 is s = 1, scored above
+            cands.append(x_mean.pow(r))
+        if w_mean is not None:
+            cands.append(x_mean.pow(r) / (w_mean.pow(1 - r) + 1e-4))
+        for s in cands:
+            s = s.clamp(min=1e-4)
+            s = s / torch.sqrt(s.max() * s.min())
+            loss = loss_of(s)
+            if loss < best_loss:
+                best_loss, best_s = loss, s
     if not math.isfinite(best_loss):
         raise ValueError(
             "AWQ scale search produced a non-finite loss (NaN/Inf in inputs or weights)"
