@@ -51,7 +51,8 @@ $(BENCH_STAMP): $(STAMP) requirements-bench.txt
 
 # Side-by-side benchmarks with their peers (minutes to an hour on 2 cores; see docs/benchmarks.md).
 # `make bench-quick` runs every Python bench in its --quick mode (a few minutes).
-PY_BENCHES := dedup_bench quant_gemv gptq_bench quant_quality quant_quality_gpt attention_bench moe_bench
+PY_BENCHES := dedup_bench quant_gemv gptq_bench quant_quality quant_calib_spread quant_quality_gpt \
+	gguf_dequant attention_bench moe_bench
 bench: build assets $(BENCH_STAMP)
 	cargo bench
 	@for b in $(PY_BENCHES); do echo "== $$b"; $(PY) benches/python/$$b.py || exit 1; done

