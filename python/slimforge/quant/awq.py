@@ -54,8 +54,8 @@ class AWQ:
     """AWQ configuration.
 
     bits, group_size: as RTN (group_size must divide in_features). n_grid: scale exponents tried.
-    scales: candidate family, "activation" (x_mean^r, llm-awq), "duo" (x_mean^r / w_mean^(1-r),
-    AutoAWQ's default) or "both" (2 * n_grid candidates). clip: run the clip search. symmetric:
+    scales: candidate family, "duo" (x_mean^r / w_mean^(1-r), AutoAWQ's default, and ours),
+    "activation" (x_mean^r, llm-awq) or "both" (2 * n_grid candidates). clip: run the clip search. symmetric:
     zero fixed at 2^(bits-1). max_rows: calibration rows kept per group for the searches.
     clip_rows: rows used by the clip search. fold_norms: fold scales into a preceding
     LayerNorm/RMSNorm when the input comes straight from one.
@@ -69,7 +69,7 @@ class AWQ:
     max_rows: int = 4096
     clip_rows: int = 512
     fold_norms: bool = True
-    scales: str = "activation"
+    scales: str = "duo"
 
     def __post_init__(self) -> None:
         _check_bits_group(self.bits, self.group_size)
