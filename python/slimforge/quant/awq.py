@@ -3,9 +3,9 @@
 Per group of linears that read the same input (q/k/v, gate/up, ...):
 
 1. Scale search: x_mean = mean |x| per input channel; for r = i / n_grid (i < n_grid),
-   s = x_mean^r (``scales="activation"``, llm-awq), or AutoAWQ's "duo" scales
-   s = x_mean^r / w_mean^(1-r) with w_mean the mean over rows of |w| / (its group's max |w|)
-   (``scales="duo"``), or both families (``scales="both"``); s /= sqrt(max s * min s);
+   AutoAWQ's "duo" scales s = x_mean^r / w_mean^(1-r) with w_mean the mean over rows of
+   |w| / (its group's max |w|) (``scales="duo"``, the default), or llm-awq's s = x_mean^r
+   (``scales="activation"``), or both families (``scales="both"``); s /= sqrt(max s * min s);
    loss = MSE of the group's outputs ``x W^T`` against ``x (Q(W diag(s)) diag(s)^-1)^T``; keep the
    best s. s = 1 (plain RTN) is always a candidate, so the chosen s never does worse than RTN on
    the calibration rows.
