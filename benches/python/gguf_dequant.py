@@ -2,7 +2,8 @@
 
 Random blocks of each type (finite fp16 scales) for a 4096 x 4096 tensor, decoded to float32 by
 `slimforge.quant.formats.dequantize_gguf_tensor` and by `gguf.quants.dequantize`; outputs are
-checked equal, then the best of --repeats runs of each is reported, with the ratio.
+checked equal, then the best of --repeats runs of each (taking turns) is reported, with the
+ratio.
 
     PYTHONPATH=python python benches/python/gguf_dequant.py [--quick]
 """
@@ -10,9 +11,9 @@ checked equal, then the best of --repeats runs of each is reported, with the rat
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
+from attention_bench import best_times  # this directory is on sys.path as a script
 
 from slimforge.quant.formats.gguf import GGML_TYPES, dequantize_gguf_tensor
 
@@ -29,15 +30,6 @@ _HALVES = {
     "Q5_K": (0, 2),
     "Q6_K": (208,),
 }
-
-
-def best_of(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def main() -> None:
@@ -65,8 +57,14 @@ def main() -> None:
         ref = gguf.quants.dequantize(raw, qt).reshape(-1)
         if not np.array_equal(mine, ref):
             raise SystemExit(f"{name}: outputs differ")
-        t_mine = best_of(lambda: dequantize_gguf_tensor(raw, ttype), args.repeats)  # noqa: B023
-        t_ref = best_of(lambda: gguf.quants.dequantize(raw, qt), args.repeats)  # noqa: B023
+        best = best_times(
+            {
+                "slimforge": lambda: dequantize_gguf_tensor(raw, ttype),  # noqa: B023
+                "gguf": lambda: gguf.quants.dequantize(raw, qt),  # noqa: B023
+            },
+            args.repeats,
+        )
+        t_mine, t_ref = best["slimforge"], best["gguf"]
         gbs = mine.nbytes / t_mine / 1e9
         print(
             f"{name:<6} {1e3 * t_mine:13.1f} {1e3 * t_ref:9.1f} {t_ref / t_mine:8.2f}x {gbs:9.2f}"
