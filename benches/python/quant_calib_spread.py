@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import statistics
 import time
 
@@ -30,6 +29,7 @@ from quant_quality import (  # this directory is on sys.path as a script
     mean_kl,
     rtn,
     window_logprobs,
+    window_perplexity,
 )
 from torch import nn
 
@@ -88,8 +88,7 @@ def main() -> None:
         logp, targets = window_logprobs(m, eval_ids, n)
         if not ref:
             ref.append(logp)
-        ppl = math.exp(-float(logp.gather(1, targets[:, None]).double().mean()))
-        return ppl, mean_kl(ref[0], logp)
+        return window_perplexity(logp, targets), mean_kl(ref[0], logp)
 
     base, _ = evaluate(model)
     rtn_ppl, rtn_kl = evaluate(rtn(model, 4, gs, False, args.layers))
@@ -105,9 +104,8 @@ def main() -> None:
             if name == "GPTQ":
                 quantize_gptq(m, GPTQ(bits=4, group_size=gs), calib, in_layers(args.layers), False)
             else:
-                cfg = AWQ(bits=4, group_size=gs)
-                if "-" in name:
-                    cfg = AWQ(bits=4, group_size=gs, scales=name.split("-")[1])
+                family = {"scales": name.split("-")[1]} if "-" in name else {}
+                cfg = AWQ(bits=4, group_size=gs, **family)
                 quantize_awq(m, cfg, calib, in_layers(args.layers), False)
             secs = time.perf_counter() - t
             ppl, kl = evaluate(m)

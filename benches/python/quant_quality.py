@@ -111,6 +111,11 @@ def window_logprobs(
     return torch.cat(out), torch.cat(targets)
 
 
+def window_perplexity(logp: torch.Tensor, targets: torch.Tensor) -> float:
+    """exp(-mean log p[target]) from ``window_logprobs``'s output."""
+    return math.exp(-float(logp.gather(1, targets[:, None]).double().mean()))
+
+
 def qat_finetune(
     model: nn.Module,
     calib: list[torch.Tensor],
@@ -198,7 +203,7 @@ def main() -> None:
 
     def record(name: str, m: nn.Module, secs: float) -> float:
         logp, targets = window_logprobs(m, eval_ids, n)
-        ppl = math.exp(-float(logp.gather(1, targets[:, None]).double().mean()))
+        ppl = window_perplexity(logp, targets)
         rows.append((name, ppl, secs))
         if not ref_logp:
             ref_logp.append(logp)

@@ -44,8 +44,8 @@ from slimforge.quant.linear import QuantLinear
 
 __all__ = ["AWQ", "AWQResult", "awq_clip", "awq_search_scale", "quantize_awq"]
 
-# Fused q/k/v projections (GPT-2 c_attn, qkv, qkv_proj, MPT Wqkv) hold query/key rows too.
 _SCALE_FAMILIES = ("activation", "duo", "both")
+# Fused q/k/v projections (GPT-2 c_attn, qkv, qkv_proj, MPT Wqkv) hold query/key rows too.
 _QK_NAMES = ("q_proj", "k_proj", "wq", "wk", "query", "key", "attn_q", "attn_k", "qkv", "c_attn")
 
 
@@ -55,10 +55,10 @@ class AWQ:
 
     bits, group_size: as RTN (group_size must divide in_features). n_grid: scale exponents tried.
     scales: candidate family, "duo" (x_mean^r / w_mean^(1-r), AutoAWQ's default, and ours),
-    "activation" (x_mean^r, llm-awq) or "both" (2 * n_grid candidates). clip: run the clip search. symmetric:
-    zero fixed at 2^(bits-1). max_rows: calibration rows kept per group for the searches.
-    clip_rows: rows used by the clip search. fold_norms: fold scales into a preceding
-    LayerNorm/RMSNorm when the input comes straight from one.
+    "activation" (x_mean^r, llm-awq) or "both" (2 * n_grid candidates). clip: run the clip
+    search. symmetric: zero fixed at 2^(bits-1). max_rows: calibration rows kept per group for
+    the searches. clip_rows: rows used by the clip search. fold_norms: fold scales into a
+    preceding LayerNorm/RMSNorm when the input comes straight from one.
     """
 
     bits: int = 4
@@ -149,11 +149,12 @@ def awq_search_scale(
     best_loss = loss_rtn = loss_of(best_s)
     for i in range(config.n_grid):
         r = i / config.n_grid
+        xr = x_mean.pow(r)
         cands = []
         if config.scales != "duo" and i > 0:  # i = 0 is s = 1, scored above
-            cands.append(x_mean.pow(r))
+            cands.append(xr)
         if w_mean is not None:
-            cands.append(x_mean.pow(r) / (w_mean.pow(1 - r) + 1e-4))
+            cands.append(xr / (w_mean.pow(1 - r) + 1e-4))
         for s in cands:
             s = s.clamp(min=1e-4)
             s = s / torch.sqrt(s.max() * s.min())
