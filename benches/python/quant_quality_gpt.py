@@ -201,6 +201,12 @@ def main() -> None:
     ap.add_argument("--qat-steps", type=int, default=None)
     ap.add_argument("--qat-lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument(
+        "--awq-scales",
+        default=AWQ.scales,
+        choices=["activation", "duo", "both"],
+        help="AWQ scale family (default: the library default)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -271,8 +277,9 @@ def main() -> None:
         lambda m: quantize_gptq(m, GPTQ(bits=4, group_size=gs), calib, block_linears, False)
     )
     gptq = record(f"GPTQ INT4 g{gs} act-order", m, s)
-    m, s = timed(lambda m: quantize_awq(m, AWQ(bits=4, group_size=gs), calib, block_linears, False))
-    awq = record(f"AWQ INT4 g{gs}", m, s)
+    awq_cfg = AWQ(bits=4, group_size=gs, scales=args.awq_scales)
+    m, s = timed(lambda m: quantize_awq(m, awq_cfg, calib, block_linears, False))
+    awq = record(f"AWQ INT4 g{gs} ({args.awq_scales} scales)", m, s)
     qat = math.nan
     if qat_steps:
         t = time.perf_counter()
