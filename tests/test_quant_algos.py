@@ -14,7 +14,13 @@ from torch import nn
 
 from slimforge.quant import awq as awq_mod  # noqa: E402
 from slimforge.quant import gptq as gptq_mod  # noqa: E402
-from slimforge.quant.awq import AWQ, awq_clip, awq_search_scale, quantize_awq  # noqa: E402
+from slimforge.quant.awq import (  # noqa: E402
+    AWQ,
+    _clip_rows,
+    awq_clip,
+    awq_search_scale,
+    quantize_awq,
+)
 from slimforge.quant.calibrate import (  # noqa: E402
     HessianObserver,
     InputTransformedLinear,
@@ -596,6 +602,25 @@ def test_awq_scales_reduce_output_mse_vs_rtn() -> None:
     err_awq = ((x_eval @ (w - awq).T) ** 2).mean()
     assert err_awq < err_rtn
     assert torch.isclose(s.max() * s.min(), torch.tensor(1.0), rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "rows"),
+    [
+        ("blocks.0.mlp.fc", (64, 16), slice(None)),
+        ("layers.3.self_attn.v_proj", (16, 16), slice(None)),
+        ("layers.3.self_attn.q_proj", (16, 16), None),
+        ("layers.3.self_attn.k_proj", (8, 16), None),
+        ("blocks.0.attn.qkv", (48, 16), slice(32, None)),  # [q; k; v]: value third only
+        ("h.0.attn.c_attn", (48, 16), slice(32, None)),
+        ("layers.0.self_attn.qkv_proj", (48, 16), slice(32, None)),
+        ("blocks.0.attn.qkv", (32, 16), None),  # grouped-query heads: the split is unknown
+        ("layers.0.attention.query_key_value", (48, 16), None),  # per-head interleave
+        ("layers.0.attention.wqkv", (48, 16), None),
+    ],
+)
+def test_awq_clip_rows_by_name(name: str, shape: tuple[int, int], rows: slice | None) -> None:
+    assert _clip_rows(name, torch.zeros(shape)) == rows
 
 
 def test_awq_clip_reduces_group_error() -> None:

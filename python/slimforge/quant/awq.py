@@ -11,7 +11,10 @@ Per group of linears that read the same input (q/k/v, gate/up, ...):
    the calibration rows.
 2. Clip search (``clip=True``): per output row and group, the clip threshold
    max|w| * (1 - i/20), i < 10, minimising the group-local output MSE; skipped for query/key
-   projections (their error is amplified by the softmax), recognised by name.
+   projections (their error is amplified by the softmax), recognised by name. A fused q/k/v
+   projection stacked as [q; k; v] (named ``qkv``, ``qkv_proj`` or ``c_attn``, with
+   out_features == 3 * in_features) has only its value rows clipped, as a separate ``v_proj``
+   would be.
 3. Fold: W <- W diag(s). When the group's input is the output of a LayerNorm/RMSNorm
    (detected by tensor identity during calibration), the norm's weight (and bias) are divided
    by s, which is free at inference. Otherwise the scale stays in the module as a ``pre_scale``
@@ -47,6 +50,8 @@ __all__ = ["AWQ", "AWQResult", "awq_clip", "awq_search_scale", "quantize_awq"]
 _SCALE_FAMILIES = ("activation", "duo", "both")
 # Fused q/k/v projections (GPT-2 c_attn, qkv, qkv_proj, MPT Wqkv) hold query/key rows too.
 _QK_NAMES = ("q_proj", "k_proj", "wq", "wk", "query", "key", "attn_q", "attn_k", "qkv", "c_attn")
+# Fused projections known to stack [q; k; v] row blocks (not GPT-NeoX's per-head interleave).
+_STACKED_QKV = ("qkv", "qkv_proj", "c_attn")
 
 
 @dataclass
@@ -57,7 +62,8 @@ class AWQ:
     scales: candidate family, "duo" (x_mean^r / w_mean^(1-r), AutoAWQ's default, and ours),
     "activation" (x_mean^r, llm-awq) or "both" (2 * n_grid candidates). clip: run the clip
     search. symmetric: zero fixed at 2^(bits-1). max_rows: calibration rows kept per group for
-    the searches. clip_rows: rows used by the clip search. fold_norms: fold scales into a
+    the searches. clip_rows: rows used by the clip search (its cost hardly depends on them: it
+    works on per-group Gram matrices). fold_norms: fold scales into a
     preceding LayerNorm/RMSNorm when the input comes straight from one.
     """
 
@@ -67,7 +73,7 @@ class AWQ:
     clip: bool = True
     symmetric: bool = False
     max_rows: int = 4096
-    clip_rows: int = 512
+    clip_rows: int = 4096
     fold_norms: bool = True
     scales: str = "duo"
 
@@ -210,6 +216,17 @@ def awq_clip(
     return clipped
 
 
+def _clip_rows(name: str, w: torch.Tensor) -> slice | None:
+    """Rows of ``w`` (out, in) the clip search may change: none for query/key projections, the
+    value third of a stacked fused q/k/v projection, else all."""
+    leaf = name.rsplit(".", 1)[-1].lower()
+    if not leaf.startswith(_QK_NAMES):
+        return slice(None)
+    if leaf in _STACKED_QKV and w.shape[0] == 3 * w.shape[1]:
+        return slice(2 * w.shape[1], None)
+    return None
+
+
 def _quantize_group(
     names: list[str],
     weights: list[torch.Tensor],
@@ -223,8 +240,9 @@ def _quantize_group(
     for name, w in zip(names, weights, strict=True):
         _check_bits_group(config.bits, config.group_size, w.shape[1])
         ws = w.detach().float() * s
-        if config.clip and not name.rsplit(".", 1)[-1].lower().startswith(_QK_NAMES):
-            ws = awq_clip(ws, x / s, config)
+        rows = _clip_rows(name, w) if config.clip else None
+        if rows is not None:
+            ws[rows] = awq_clip(ws[rows], x / s, config)
         _, q, scales, zeros = fake_quantize(ws, config.bits, config.group_size, config.symmetric)
         results.append(
             AWQResult(
