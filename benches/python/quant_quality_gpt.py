@@ -188,6 +188,49 @@ def qat_finetune(
     return convert(student)
 
 
+def calib_spread(  # type: ignore[no-untyped-def]
+    model: nn.Module,
+    windows: torch.Tensor,
+    ref_logp: torch.Tensor,
+    ce_of: dict[str, torch.Tensor],
+    kl: dict[str, float],
+    calibration,
+    draws: int,
+    gs: int,
+    awq_scales: str,
+) -> None:
+    """GPTQ and AWQ on ``draws`` calibration draws: share of the INT4 RTN gap recovered and KL
+    cut vs RTN for each, with mean, standard deviation and worst draw."""
+    base = float(ce_of["fp32"].mean())
+    rtn_name = f"INT4 RTN g{gs}"
+    gap, kl_rtn = float(ce_of[rtn_name].mean()) - base, kl[rtn_name]
+    methods = {
+        "GPTQ": lambda m, c: quantize_gptq(m, GPTQ(bits=4, group_size=gs), c, block_linears, False),
+        f"AWQ ({awq_scales})": lambda m, c: quantize_awq(
+            m, AWQ(bits=4, group_size=gs, scales=awq_scales), c, block_linears, False
+        ),
+    }
+    print(f"\ncalibration spread over {draws} draws (draw 0 is the table's):")
+    for name, fn in methods.items():
+        rec, cut = [], []
+        for d in range(draws):
+            m = copy.deepcopy(model)
+            fn(m, calibration(d))
+            ce, logp = window_stats(m, windows)
+            rec.append(100 * (1 - (float(ce.mean()) - base) / gap))
+            cut.append(100 * (1 - mean_kl(ref_logp, logp) / kl_rtn))
+            print(
+                f"  {name:<16} draw {d}: recovered {rec[-1]:6.1f} %, KL {cut[-1]:5.1f} % below RTN"
+            )
+        r, k = torch.tensor(rec), torch.tensor(cut)
+        print(
+            f"  {name:<16} recovered mean {float(r.mean()):.1f} % (sd {float(r.std()):.1f}, worst "
+            f"{float(r.min()):.1f} %, {int((r >= 50).sum())} of {draws} >= 50 %); KL cut mean "
+            f"{float(k.mean()):.1f} % (sd {float(k.std()):.1f})",
+            flush=True,
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny model and eval, under a minute")
@@ -197,7 +240,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--calib-seqs", type=int, default=None, help="calibration windows")
-    ap.add_argument("--eval-windows", type=int, default=None)
+    ap.add_argument(
+        "--eval-windows",
+        type=int,
+        default=None,
+        help="held-out windows (default: every byte of the held-out plays; 16 with --quick)",
+    )
     ap.add_argument("--qat-steps", type=int, default=None)
     ap.add_argument("--qat-lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=0)
@@ -207,17 +255,25 @@ def main() -> None:
         choices=["activation", "duo", "both"],
         help="AWQ scale family (default: the library default)",
     )
+    ap.add_argument(
+        "--calib-draws",
+        type=int,
+        default=1,
+        help="repeat GPTQ and AWQ on this many calibration draws and print the spread",
+    )
     args = ap.parse_args()
+    if args.calib_draws < 1:
+        ap.error("--calib-draws must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = QUICK if args.quick else FULL
     spec = TrainSpec(**{**asdict(spec), "seed": args.seed, "steps": args.steps or spec.steps})
     calib_seqs = args.calib_seqs or (4 if args.quick else 64)
-    n_eval = args.eval_windows or (16 if args.quick else 256)
     qat_steps = args.qat_steps if args.qat_steps is not None else (10 if args.quick else 100)
     gs = args.group_size
 
     train_data, val_data = lm_tensors()
+    n_eval = args.eval_windows or (16 if args.quick else (val_data.numel() - 1) // spec.block_size)
     print(
         f"corpus: {train_data.numel():,} train bytes, {val_data.numel():,} held-out bytes; model "
         f"{spec.n_layer} layers x {spec.n_embd} wide, {spec.steps} steps of {spec.batch} x "
@@ -227,9 +283,14 @@ def main() -> None:
     print(f"params: {model.num_params():,}")
 
     windows = eval_windows(val_data, spec.block_size, n_eval)
-    gen = torch.Generator().manual_seed(1234)
-    calib_it = random_windows(train_data, spec.block_size, 1, gen)
-    calib = [next(calib_it)[0] for _ in range(calib_seqs)]
+
+    def calibration(draw: int) -> list[torch.Tensor]:
+        """Draw 0 is the table's calibration set; later draws use other random windows."""
+        gen = torch.Generator().manual_seed(1234 + draw)
+        it = random_windows(train_data, spec.block_size, 1, gen)
+        return [next(it)[0] for _ in range(calib_seqs)]
+
+    calib = calibration(0)
     print(
         f"eval: {n_eval} windows x {spec.block_size} held-out bytes; calibration: {calib_seqs} x "
         f"{spec.block_size} training bytes; INT4 group size {gs}; QAT {qat_steps} steps"
@@ -286,6 +347,18 @@ def main() -> None:
         m = qat_finetune(model, train_data, spec, 4, gs, qat_steps, args.qat_lr)
         qat = record(f"QAT INT4 g{gs} ({qat_steps} steps)", m, time.perf_counter() - t)
     del m
+    if args.calib_draws > 1:
+        calib_spread(
+            model,
+            windows,
+            ref_logp[0],
+            ce_of,
+            kl,
+            calibration,
+            args.calib_draws,
+            gs,
+            args.awq_scales,
+        )
 
     print_summary(
         base,
