@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 
 import torch
@@ -27,6 +26,7 @@ from quant_quality import (  # this directory is on sys.path as a script
     find_gguf,
     in_layers,
     mean_kl,
+    print_draw_summary,
     rtn,
     window_logprobs,
     window_perplexity,
@@ -122,14 +122,8 @@ def main() -> None:
         f"\nShare of the INT4 RTN perplexity gap recovered over {len(offsets)} calibration draws:"
     )
     for name, rows in results.items():
-        recs = [100 * r for r, _ in rows]
-        kls = [100 * (1 - k / rtn_kl) for _, k in rows]
-        sd = statistics.stdev(recs) if len(recs) > 1 else 0.0
-        print(
-            f"  {name:<14} mean {statistics.mean(recs):5.1f} % (sd {sd:4.1f}, min {min(recs):5.1f}, "
-            f"max {max(recs):5.1f}); draws at >= 50 %: {sum(r >= 50 for r in recs)} of "
-            f"{len(recs)}; KL below RTN: mean {statistics.mean(kls):4.1f} % "
-            f"(min {min(kls):4.1f}, max {max(kls):4.1f})"
+        print_draw_summary(
+            name, [100 * r for r, _ in rows], [100 * (1 - k / rtn_kl) for _, k in rows]
         )
 
 

@@ -16,6 +16,7 @@ import argparse
 import copy
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -114,6 +115,19 @@ def window_logprobs(
 def window_perplexity(logp: torch.Tensor, targets: torch.Tensor) -> float:
     """exp(-mean log p[target]) from ``window_logprobs``'s output."""
     return math.exp(-float(logp.gather(1, targets[:, None]).double().mean()))
+
+
+def print_draw_summary(name: str, recovered: list[float], kl_cut: list[float]) -> None:
+    """One line over calibration draws: the share of the INT4 RTN gap recovered (percent) with
+    its mean, sd and range, how many draws reach 50 %, and the KL cut below RTN (percent)."""
+    sd = statistics.stdev(recovered) if len(recovered) > 1 else 0.0
+    print(
+        f"  {name:<14} mean {statistics.mean(recovered):5.1f} % (sd {sd:4.1f}, min "
+        f"{min(recovered):5.1f}, max {max(recovered):5.1f}); draws at >= 50 %: "
+        f"{sum(r >= 50 for r in recovered)} of {len(recovered)}; KL below RTN: mean "
+        f"{statistics.mean(kl_cut):4.1f} % (min {min(kl_cut):4.1f}, max {max(kl_cut):4.1f})",
+        flush=True,
+    )
 
 
 def qat_finetune(

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from lm_data import lm_tensors, random_windows  # this directory is on sys.path as a script
 from quant_quality import (
     mean_kl,
+    print_draw_summary,
     print_summary,
 )  # this directory is on sys.path when run as a script
 from safetensors.torch import load_model, save_model
@@ -188,47 +190,39 @@ def qat_finetune(
     return convert(student)
 
 
-def calib_spread(  # type: ignore[no-untyped-def]
+Quantizer = Callable[[nn.Module, list[torch.Tensor]], object]
+
+
+def calib_spread(
     model: nn.Module,
     windows: torch.Tensor,
     ref_logp: torch.Tensor,
     ce_of: dict[str, torch.Tensor],
     kl: dict[str, float],
-    calibration,
+    rtn_name: str,
+    quantizers: dict[str, Quantizer],
+    calibration: Callable[[int], list[torch.Tensor]],
     draws: int,
-    gs: int,
-    awq_scales: str,
 ) -> None:
-    """GPTQ and AWQ on ``draws`` calibration draws: share of the INT4 RTN gap recovered and KL
-    cut vs RTN for each, with mean, standard deviation and worst draw."""
+    """Each of ``quantizers`` (keyed by its row in the table, which is draw 0) on calibration
+    draws 1 .. draws - 1 too: share of the INT4 RTN gap recovered and KL cut vs RTN per draw,
+    then mean, sd and range."""
     base = float(ce_of["fp32"].mean())
-    rtn_name = f"INT4 RTN g{gs}"
     gap, kl_rtn = float(ce_of[rtn_name].mean()) - base, kl[rtn_name]
-    methods = {
-        "GPTQ": lambda m, c: quantize_gptq(m, GPTQ(bits=4, group_size=gs), c, block_linears, False),
-        f"AWQ ({awq_scales})": lambda m, c: quantize_awq(
-            m, AWQ(bits=4, group_size=gs, scales=awq_scales), c, block_linears, False
-        ),
-    }
     print(f"\ncalibration spread over {draws} draws (draw 0 is the table's):")
-    for name, fn in methods.items():
-        rec, cut = [], []
-        for d in range(draws):
+    for name, quantize in quantizers.items():
+        ces, kls = [float(ce_of[name].mean())], [kl[name]]
+        for d in range(1, draws):
             m = copy.deepcopy(model)
-            fn(m, calibration(d))
+            quantize(m, calibration(d))
             ce, logp = window_stats(m, windows)
-            rec.append(100 * (1 - (float(ce.mean()) - base) / gap))
-            cut.append(100 * (1 - mean_kl(ref_logp, logp) / kl_rtn))
-            print(
-                f"  {name:<16} draw {d}: recovered {rec[-1]:6.1f} %, KL {cut[-1]:5.1f} % below RTN"
-            )
-        r, k = torch.tensor(rec), torch.tensor(cut)
-        print(
-            f"  {name:<16} recovered mean {float(r.mean()):.1f} % (sd {float(r.std()):.1f}, worst "
-            f"{float(r.min()):.1f} %, {int((r >= 50).sum())} of {draws} >= 50 %); KL cut mean "
-            f"{float(k.mean()):.1f} % (sd {float(k.std()):.1f})",
-            flush=True,
-        )
+            ces.append(float(ce.mean()))
+            kls.append(mean_kl(ref_logp, logp))
+        rec = [100 * (1 - (c - base) / gap) for c in ces]
+        cut = [100 * (1 - k / kl_rtn) for k in kls]
+        for d, (r, k) in enumerate(zip(rec, cut, strict=True)):
+            print(f"  {name:<32} draw {d}: recovered {r:6.1f} %, KL {k:5.1f} % below RTN")
+        print_draw_summary(name, rec, cut)
 
 
 def main() -> None:
@@ -332,15 +326,24 @@ def main() -> None:
     int8a = record("INT8 RTN per-channel asym", m, s)
     m, s = timed(lambda m: quantize_(m, Int8WeightOnly(no_clip=True), block_linears))
     int8n = record("INT8 RTN per-channel sym no-clip (default)", m, s)
+    rtn_name = f"INT4 RTN g{gs}"
     m, s = timed(lambda m: quantize_(m, Int4WeightOnly(group_size=gs), block_linears))
-    int4 = record(f"INT4 RTN g{gs}", m, s)
-    m, s = timed(
-        lambda m: quantize_gptq(m, GPTQ(bits=4, group_size=gs), calib, block_linears, False)
-    )
-    gptq = record(f"GPTQ INT4 g{gs} act-order", m, s)
+    int4 = record(rtn_name, m, s)
+    gptq_cfg = GPTQ(bits=4, group_size=gs)
     awq_cfg = AWQ(bits=4, group_size=gs, scales=args.awq_scales)
-    m, s = timed(lambda m: quantize_awq(m, awq_cfg, calib, block_linears, False))
-    awq = record(f"AWQ INT4 g{gs} ({args.awq_scales} scales)", m, s)
+    quantizers: dict[str, Quantizer] = {
+        f"GPTQ INT4 g{gs} act-order": lambda m, c: quantize_gptq(
+            m, gptq_cfg, c, block_linears, False
+        ),
+        f"AWQ INT4 g{gs} ({args.awq_scales} scales)": lambda m, c: quantize_awq(
+            m, awq_cfg, c, block_linears, False
+        ),
+    }
+    gptq_name, awq_name = quantizers
+    m, s = timed(lambda m: quantizers[gptq_name](m, calib))
+    gptq = record(gptq_name, m, s)
+    m, s = timed(lambda m: quantizers[awq_name](m, calib))
+    awq = record(awq_name, m, s)
     qat = math.nan
     if qat_steps:
         t = time.perf_counter()
@@ -354,10 +357,10 @@ def main() -> None:
             ref_logp[0],
             ce_of,
             kl,
+            rtn_name,
+            quantizers,
             calibration,
             args.calib_draws,
-            gs,
-            args.awq_scales,
         )
 
     print_summary(
