@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -403,7 +404,7 @@ def main() -> None:
                     f"  INT{bits} g{group or 'ch'} {'sym' if sym else 'asym'} route={route:<5} {xl} x: "
                     f"total {total:.2e}, kernel-only (vs dequantized weight) {kernel:.2e}"
                 )
-    print(f"\ncommand: PYTHONPATH=python python {' '.join(os.sys.argv)}")
+    print(f"\ncommand: PYTHONPATH=python python {' '.join(sys.argv)}")
 
 
 if __name__ == "__main__":

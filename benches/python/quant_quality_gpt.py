@@ -1,6 +1,7 @@
 """Perplexity of slimforge's own byte-level GPT after INT8/INT4 RTN, GPTQ, AWQ and QAT.
 
-A dense nanoGPT-style model (`slimforge.models.GPT`) is trained on the CPU on the bundled
+A dense nanoGPT-style model (`slimforge.models.GPT`, GELU MLP by default, SwiGLU with
+``--activation swiglu``) is trained on the CPU on the bundled
 Shakespeare corpus (`slimforge.data.lm_splits()`: byte level, Hamlet, Macbeth and The Tempest
 held out), then quantized with the library's public APIs (`quantize_`, `quantize_gptq`,
 `quantize_awq`, `prepare_qat` + `convert`) and evaluated on the held-out plays. Every block
@@ -10,6 +11,7 @@ training split. The trained weights are cached as safetensors under
 
     PYTHONPATH=python python benches/python/quant_quality_gpt.py --quick     # < 1 minute
     PYTHONPATH=python python benches/python/quant_quality_gpt.py --threads 1 # full table
+    PYTHONPATH=python python benches/python/quant_quality_gpt.py --activation swiglu  # Llama-style MLP
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class TrainSpec:
     batch: int
     lr: float
     seed: int
+    activation: str = "gelu"
 
     def config(self) -> GPTConfig:
         return GPTConfig(
@@ -61,10 +64,14 @@ class TrainSpec:
             n_layer=self.n_layer,
             n_head=self.n_head,
             n_embd=self.n_embd,
+            activation=self.activation,
         )
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        fields = asdict(self)
+        if fields["activation"] == "gelu":  # keys of models cached before the field existed
+            del fields["activation"]
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -232,6 +239,12 @@ def main() -> None:
         "--steps", type=int, default=None, help="training steps (changes the cache key)"
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--activation",
+        default=FULL.activation,
+        choices=["gelu", "swiglu"],
+        help="MLP of the trained model (swiglu: Llama-style gate/up/down; changes the cache key)",
+    )
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--calib-seqs", type=int, default=None, help="calibration windows")
     ap.add_argument(
@@ -261,7 +274,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = QUICK if args.quick else FULL
-    spec = TrainSpec(**{**asdict(spec), "seed": args.seed, "steps": args.steps or spec.steps})
+    spec = TrainSpec(
+        **{
+            **asdict(spec),
+            "seed": args.seed,
+            "steps": args.steps or spec.steps,
+            "activation": args.activation,
+        }
+    )
     calib_seqs = args.calib_seqs or (4 if args.quick else 64)
     qat_steps = args.qat_steps if args.qat_steps is not None else (10 if args.quick else 100)
     gs = args.group_size
@@ -270,7 +290,8 @@ def main() -> None:
     n_eval = args.eval_windows or (16 if args.quick else (val_data.numel() - 1) // spec.block_size)
     print(
         f"corpus: {train_data.numel():,} train bytes, {val_data.numel():,} held-out bytes; model "
-        f"{spec.n_layer} layers x {spec.n_embd} wide, {spec.steps} steps of {spec.batch} x "
+        f"{spec.n_layer} layers x {spec.n_embd} wide ({spec.activation} MLP), {spec.steps} steps of "
+        f"{spec.batch} x "
         f"{spec.block_size}, seed {spec.seed}; torch {torch.get_num_threads()} threads"
     )
     model, _ = train(spec, train_data)
