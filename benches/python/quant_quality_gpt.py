@@ -1,11 +1,10 @@
 """Perplexity of slimforge's own byte-level GPT after INT8/INT4 RTN, GPTQ, AWQ and QAT.
 
 A dense nanoGPT-style model (`slimforge.models.GPT`, GELU MLP by default, SwiGLU with
-``--activation swiglu``) is trained on the CPU on the bundled
-Shakespeare corpus (`slimforge.data.lm_splits()`: byte level, Hamlet, Macbeth and The Tempest
-held out), then quantized with the library's public APIs (`quantize_`, `quantize_gptq`,
-`quantize_awq`, `prepare_qat` + `convert`) and evaluated on the held-out plays. Every block
-linear is quantized; the tied embedding / LM head stays fp32. Calibration windows come from the
+``--activation swiglu``) is trained on the CPU on the bundled Shakespeare corpus
+(`slimforge.data.lm_splits()`: byte level, Hamlet, Macbeth and The Tempest held out), then
+quantized with the library's public APIs (`quantize_`, `quantize_gptq`, `quantize_awq`,
+`prepare_qat` + `convert`) and evaluated on the held-out plays. Every block linear is quantized; the tied embedding / LM head stays fp32. Calibration windows come from the
 training split. The trained weights are cached as safetensors under
 ~/.cache/slimforge/gpt/ (key: shape, training settings and seed), so re-runs skip training.
 
@@ -24,7 +23,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -68,10 +67,14 @@ class TrainSpec:
         )
 
     def key(self) -> str:
-        fields = asdict(self)
-        if fields["activation"] == "gelu":  # keys of models cached before the field existed
-            del fields["activation"]
-        blob = json.dumps(fields, sort_keys=True).encode()
+        # Fields at their default are left out, so adding a field with a default keeps the keys
+        # of models cached before it existed.
+        values = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if getattr(self, f.name) != f.default
+        }
+        blob = json.dumps(values, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -274,14 +277,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = QUICK if args.quick else FULL
-    spec = TrainSpec(
-        **{
-            **asdict(spec),
-            "seed": args.seed,
-            "steps": args.steps or spec.steps,
-            "activation": args.activation,
-        }
-    )
+    spec = replace(spec, seed=args.seed, steps=args.steps or spec.steps, activation=args.activation)
     calib_seqs = args.calib_seqs or (4 if args.quick else 64)
     qat_steps = args.qat_steps if args.qat_steps is not None else (10 if args.quick else 100)
     gs = args.group_size
@@ -290,9 +286,8 @@ def main() -> None:
     n_eval = args.eval_windows or (16 if args.quick else (val_data.numel() - 1) // spec.block_size)
     print(
         f"corpus: {train_data.numel():,} train bytes, {val_data.numel():,} held-out bytes; model "
-        f"{spec.n_layer} layers x {spec.n_embd} wide ({spec.activation} MLP), {spec.steps} steps of "
-        f"{spec.batch} x "
-        f"{spec.block_size}, seed {spec.seed}; torch {torch.get_num_threads()} threads"
+        f"{spec.n_layer} layers x {spec.n_embd} wide ({spec.activation} MLP), {spec.steps} steps "
+        f"of {spec.batch} x {spec.block_size}, seed {spec.seed}; torch {torch.get_num_threads()} threads"
     )
     model, _ = train(spec, train_data)
     print(f"params: {model.num_params():,}")
