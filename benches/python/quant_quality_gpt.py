@@ -4,9 +4,10 @@ A dense nanoGPT-style model (`slimforge.models.GPT`, GELU MLP by default, SwiGLU
 ``--activation swiglu``) is trained on the CPU on the bundled Shakespeare corpus
 (`slimforge.data.lm_splits()`: byte level, Hamlet, Macbeth and The Tempest held out), then
 quantized with the library's public APIs (`quantize_`, `quantize_gptq`, `quantize_awq`,
-`prepare_qat` + `convert`) and evaluated on the held-out plays. Every block linear is quantized; the tied embedding / LM head stays fp32. Calibration windows come from the
-training split. The trained weights are cached as safetensors under
-~/.cache/slimforge/gpt/ (key: shape, training settings and seed), so re-runs skip training.
+`prepare_qat` + `convert`) and evaluated on the held-out plays. Every block linear is quantized;
+the tied embedding / LM head stays fp32. Calibration windows come from the training split. The
+trained weights are cached as safetensors under ~/.cache/slimforge/gpt/ (key: shape, training
+settings and seed), so re-runs skip training.
 
     PYTHONPATH=python python benches/python/quant_quality_gpt.py --quick     # < 1 minute
     PYTHONPATH=python python benches/python/quant_quality_gpt.py --threads 1 # full table
