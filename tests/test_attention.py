@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from slimforge import _native
@@ -76,6 +76,12 @@ shapes = st.fixed_dictionaries(
 
 
 @given(shapes)
+# One key per query: the backward must recompute P = 1 exactly (forward and backward scores
+# rounded alike); this draw once failed with dv off by 1.3e-5.
+@example(
+    {"batch": 1, "nq": 100, "nk": 129, "hkv": 1, "group": 2, "d": 128,
+     "mask": {"window": (0, 0)}, "seed": 1}
+)  # fmt: skip
 def test_float32_matches_float64_reference(p):
     hq = p["hkv"] * p["group"]
     (q, k, v), dout = _inputs(

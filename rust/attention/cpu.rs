@@ -335,8 +335,8 @@ impl HeadRows {
         (self.seq_base[b] + h * round_up(self.seqs[b].1, self.align) + i) * self.dp
     }
 
-    /// `x` (tokens, heads, d) in this layout, converted to the accumulation type.
-    fn build<S: Storage>(&self, x: &[S]) -> Vec<S::Acc> {
+    /// `x` (tokens, heads, d) in this layout, converted to the accumulation type and times `mul`.
+    fn build<S: Storage>(&self, x: &[S], mul: S::Acc) -> Vec<S::Acc> {
         let (heads, d, dp) = (self.heads, self.d, self.dp);
         let len = self.seq_base[self.seqs.len()] * dp;
         // Every element is written below (values or padding zeros): no zero-fill pass first.
@@ -369,7 +369,7 @@ impl HeadRows {
                         if i < n {
                             let src = &x[((t0 + i) * heads + h) * d..][..d];
                             for (o, &value) in row.iter_mut().zip(src) {
-                                *o = value.load();
+                                *o = value.load() * mul;
                             }
                             row[d..].fill(S::Acc::ZERO);
                         } else {
@@ -397,8 +397,8 @@ impl<T: Real> PackedKv<T> {
         let seqs = (0..shape.batch()).map(|b| shape.seq_k(b)).collect();
         let rows = HeadRows::new(seqs, shape.heads_kv, shape.head_dim, KV_ROW_ALIGN);
         PackedKv {
-            k: rows.build(k),
-            v: rows.build(v),
+            k: rows.build(k, T::ONE),
+            v: rows.build(v, T::ONE),
             rows,
         }
     }
@@ -523,12 +523,12 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
     };
 
     // Everything is kept transposed (keys or features x queries) so softmax statistics are
-    // per-column vectors and no tile is ever transposed inside the key loop. Scores are kept in
-    // base-2 units (scale * log2(e) folded into Q^T, or into the tanh of softcap) so P = exp2(s - m).
+    // per-column vectors and no tile is ever transposed inside the key loop. Scores, their running
+    // max m and the lse are in natural units, computed exactly as the backward recomputes them
+    // (`scale` folded into Q^T, the same sums, the same softcap): see `backward_part`. Only the
+    // difference s - m goes to base 2, P = exp2((s - m) * log2(e)), so its rounding is relative to
+    // s - m (P = 1 exactly at the max), not to |s|.
     let log2e = S::Acc::from_f64(std::f64::consts::LOG2_E);
-    let q_mul = if capped { S::Acc::ONE } else { scale * log2e };
-    let cap2 = cap * log2e;
-    let scale_over_cap = scale * inv_cap;
     // Q rows are heads * d apart in memory: copy them with vector loads first (many rows in
     // flight), then transpose from L1; a scalar transpose straight from the strided rows waits
     // on one cache miss after another.
@@ -537,7 +537,7 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
         q_rows.extend_from_slice(&ctx.q[((q0 + i0 + r) * hq + h) * d..][..d]);
     }
     let mut q_t = vec![zero; d * BQ];
-    transpose_rows(&q_rows, d, rows, d, q_mul, &mut q_t, BQ);
+    transpose_rows(&q_rows, d, rows, d, scale, &mut q_t, BQ);
     let mut s_t = vec![zero; BK * BQ];
     let mut acc_t = vec![zero; dp * BQ];
     let mut m = [neg_inf; BQ];
@@ -575,7 +575,7 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
             let row = &mut s_t[c * BQ..(c + 1) * BQ];
             if capped {
                 for x in row.iter_mut() {
-                    *x = cap2 * (*x * scale_over_cap).tanh();
+                    *x = cap * capped_tanh(*x, inv_cap);
                 }
             }
             if class == TileClass::Partial {
@@ -589,14 +589,15 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
             let m_new = m[r].max(tile_max[r]);
             // A column that has seen nothing keeps m = -inf; shifting by 0 gives P = 0, not NaN.
             m_use[r] = if m_new == neg_inf { zero } else { m_new };
-            alpha[r] = (m[r] - m_use[r]).exp2_with::<I::MulAdd>();
+            alpha[r] = ((m[r] - m_use[r]) * log2e).exp2_nonpos_with::<I::MulAdd>();
             m[r] = m_new;
         }
         tile_sum.fill(zero);
         for c in 0..cols {
             let row = &mut s_t[c * BQ..(c + 1) * BQ];
             for ((x, &mu), t) in row.iter_mut().zip(&m_use).zip(tile_sum.iter_mut()) {
-                let p = (*x - mu).exp2_with::<I::MulAdd>();
+                // x <= mu: masked scores are -inf, and mu is the max of the column so far.
+                let p = ((*x - mu) * log2e).exp2_nonpos_with::<I::MulAdd>();
                 *x = p;
                 *t = *t + p;
             }
@@ -631,7 +632,6 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
     }
 
     let lse_base = shape.lse_base(b, h) + i0;
-    let ln2 = S::Acc::from_f64(std::f64::consts::LN_2);
     for r in 0..rows {
         let out_row = ctx.out.ptr().add(((q0 + i0 + r) * hq + h) * d);
         if l[r] == zero {
@@ -645,8 +645,16 @@ unsafe fn forward_tile<S: Storage, I: IsaChoice>(
         for x in 0..d {
             *out_row.add(x) = S::store(acc_t[x * BQ + r] * inv);
         }
-        *ctx.lse.ptr().add(lse_base + r) = m[r] * ln2 + l[r].ln();
+        // l >= 1 (the max contributes 2^0 = 1); one key, or one clear winner, gives lse = m exactly.
+        *ctx.lse.ptr().add(lse_base + r) = m[r] + l[r].ln();
     }
+}
+
+/// `tanh(s / cap)` of a scaled score `s`: the forward's softcapped score is `cap * capped_tanh(s)`.
+/// Forward and backward must compute it with the same operations (see `backward_part`).
+#[inline(always)]
+fn capped_tanh<T: Real>(s: T, inv_cap: T) -> T {
+    (s * inv_cap).tanh()
 }
 
 /// `dst[x * ld + r] = src[r * stride + x] * mul` for `r < rows`, `x < d`.
@@ -695,7 +703,8 @@ struct BwdCtx<'a, S: Storage> {
     lse: &'a [S::Acc],
     /// rowsum(dO * O), laid out like lse.
     delta: &'a [S::Acc],
-    /// Q and dO rows, `round_up(seqlen_q, BWD_BLOCK_Q)` per block, see [`HeadRows`].
+    /// Q (times softmax_scale) and dO rows, `round_up(seqlen_q, BWD_BLOCK_Q)` per block, see
+    /// [`HeadRows`].
     q_rows: &'a [S::Acc],
     do_rows: &'a [S::Acc],
     rows: &'a HeadRows,
@@ -751,6 +760,7 @@ fn backward_in_pool<S: Storage>(
     let batch = shape.batch();
     let zero = S::Acc::ZERO;
 
+    let isa = detect_isa();
     let mut delta = vec![zero; lse.len()];
     let delta_ptr = SharedMut(delta.as_mut_ptr());
     let pairs: Vec<(usize, usize)> = (0..batch)
@@ -760,22 +770,22 @@ fn backward_in_pool<S: Storage>(
         pairs.par_iter().for_each(|&(b, h)| {
             let (q0, nq) = shape.seq_q(b);
             let base = shape.lse_base(b, h);
-            for i in 0..nq {
-                let off = ((q0 + i) * hq + h) * d;
-                let mut dot = zero;
-                for (&g, &o) in dout[off..off + d].iter().zip(&out[off..off + d]) {
-                    dot = dot + g.load() * o.load();
-                }
-                // SAFETY: (b, h) pairs own disjoint delta entries.
-                unsafe { *delta_ptr.ptr().add(base + i) = dot };
+            let (g, o) = (&dout[q0 * hq * d..], &out[q0 * hq * d..]);
+            // SAFETY: (b, h) pairs own disjoint delta entries; `isa` was detected on this CPU.
+            unsafe {
+                let dst = std::slice::from_raw_parts_mut(delta_ptr.ptr().add(base), nq);
+                delta_dispatch(g, o, h, hq, d, dst, isa)
             }
         })
     });
 
     let seqs = (0..batch).map(|b| shape.seq_q(b)).collect();
     let rows = HeadRows::new(seqs, hq, d, BWD_BLOCK_Q);
-    let q_rows = rows.build(q);
-    let do_rows = rows.build(dout);
+    // Q times softmax_scale, rounded as in the forward's Q^T: the recomputed scores are then the
+    // forward's bit for bit (same products, same summation order), and so is P.
+    let scale = S::Acc::from_f64(opts.softmax_scale);
+    let q_rows = rows.build(q, scale);
+    let do_rows = rows.build(dout, S::Acc::ONE);
 
     let max_kv_tiles = (0..batch)
         .map(|b| shape.seq_k(b).1.div_ceil(BWD_BLOCK_K))
@@ -811,7 +821,6 @@ fn backward_in_pool<S: Storage>(
             tasks.extend((0..parts).map(|p| (b, hk, p)));
         }
     }
-    let isa = detect_isa();
     crate::parallel::install(|| {
         tasks.par_iter().for_each(|&task| {
             // SAFETY: task (b, hk, p) writes dK/dV rows of its own kv tiles and its own dQ buffer p.
@@ -824,7 +833,6 @@ fn backward_in_pool<S: Storage>(
         dv.set_len(v.len());
     }
 
-    let scale = S::Acc::from_f64(opts.softmax_scale);
     let mut dq = vec![S::store(zero); q_len];
     let parts_ref = &dq_parts;
     crate::parallel::install(|| {
@@ -842,6 +850,77 @@ fn backward_in_pool<S: Storage>(
             })
     });
     (dq, dk, dv)
+}
+
+/// `delta[i] = rowsum(dO * O)` of query `i` of head `h` (rows `heads * d` apart), summed with the
+/// multiply-adds of the tile gemm of `backward_part` in the same order (fused where it fuses): where
+/// O is a V row bit for bit (a query that sees one key, so P = 1 and O = V exactly), dP - delta is
+/// then exactly 0, as it is in the reference, instead of the rounding difference of two sums.
+///
+/// # Safety
+/// The CPU must support `isa`.
+unsafe fn delta_dispatch<S: Storage>(
+    dout: &[S],
+    out: &[S],
+    h: usize,
+    heads: usize,
+    d: usize,
+    delta: &mut [S::Acc],
+    isa: Isa,
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => delta_avx512(dout, out, h, heads, d, delta),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => delta_avx2(dout, out, h, heads, d, delta),
+        Isa::Generic => delta_rows::<S, Portable>(dout, out, h, heads, d, delta),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn delta_avx512<S: Storage>(
+    dout: &[S],
+    out: &[S],
+    h: usize,
+    heads: usize,
+    d: usize,
+    delta: &mut [S::Acc],
+) {
+    delta_rows::<S, Avx512>(dout, out, h, heads, d, delta)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn delta_avx2<S: Storage>(
+    dout: &[S],
+    out: &[S],
+    h: usize,
+    heads: usize,
+    d: usize,
+    delta: &mut [S::Acc],
+) {
+    delta_rows::<S, Avx2>(dout, out, h, heads, d, delta)
+}
+
+#[inline(always)]
+fn delta_rows<S: Storage, I: IsaChoice>(
+    dout: &[S],
+    out: &[S],
+    h: usize,
+    heads: usize,
+    d: usize,
+    delta: &mut [S::Acc],
+) {
+    for (i, slot) in delta.iter_mut().enumerate() {
+        let off = (i * heads + h) * d;
+        let mut dot = S::Acc::ZERO;
+        for (&g, &o) in dout[off..off + d].iter().zip(&out[off..off + d]) {
+            // The gemm computes mul_add(a, b, acc) with a from dO and b from V.
+            dot = I::MulAdd::mul_add(g.load(), o.load(), dot);
+        }
+        *slot = dot;
+    }
 }
 
 unsafe fn backward_dispatch<S: Storage>(
@@ -886,7 +965,6 @@ unsafe fn backward_part<S: Storage, I: IsaChoice>(
     let (q0, nq) = shape.seq_q(b);
     let (k0, nk) = shape.seq_k(b);
     let mask = ctx.opts.mask(nq, nk);
-    let scale = S::Acc::from_f64(ctx.opts.softmax_scale);
     let capped = ctx.opts.softcap > 0.0;
     let cap = S::Acc::from_f64(ctx.opts.softcap);
     let inv_cap = if capped {
@@ -895,7 +973,6 @@ unsafe fn backward_part<S: Storage, I: IsaChoice>(
         zero
     };
     let log2e = S::Acc::from_f64(std::f64::consts::LOG2_E);
-    let (scale2, cap2) = (scale * log2e, cap * log2e);
     let q_len = shape.total_q() * hq * d;
     let dq_part = ctx.dq_parts.ptr().add(part * q_len);
 
@@ -950,7 +1027,7 @@ unsafe fn backward_part<S: Storage, I: IsaChoice>(
                 }
                 let q_tile = ctx.q_rows.as_ptr().add(ctx.rows.row(b, h, i0));
                 let do_tile = ctx.do_rows.as_ptr().add(ctx.rows.row(b, h, i0));
-                // S = Q K^T (queries x keys)
+                // S = (scale Q) K^T (queries x keys): the forward's scores, bit for bit.
                 S::Acc::gemm_for::<I>(
                     BQ,
                     BK,
@@ -972,20 +1049,21 @@ unsafe fn backward_part<S: Storage, I: IsaChoice>(
                         row.fill(zero);
                         continue;
                     }
+                    // P = exp(s - lse) = 2^((s - lse) * log2(e)), with s and lse exactly as the
+                    // forward computed them: a row whose max term is its only one (lse = m) gets
+                    // P = 1 exactly there, and in general the rounding is relative to s - lse,
+                    // not to |s| or |lse| (which a base-2 s * log2(e) - lse * log2(e) would be).
+                    // s - lse <= 0 up to rounding: keep the overflow clamp of exp2.
                     if capped {
                         let trow = &mut tanh_s[r * BK..(r + 1) * BK];
                         for (x, t) in row[..cols].iter_mut().zip(trow.iter_mut()) {
-                            let th = (*x * scale * inv_cap).tanh();
+                            let th = capped_tanh(*x, inv_cap);
                             *t = th;
-                            *x = I::MulAdd::mul_add(cap2, th, zero - lse * log2e)
-                                .exp2_with::<I::MulAdd>();
+                            *x = ((cap * th - lse) * log2e).exp2_with::<I::MulAdd>();
                         }
                     } else {
-                        // P = 2^(s * scale * log2(e) - lse * log2(e)): one multiply-add and exp2.
-                        let lse2 = lse * log2e;
                         for x in row[..cols].iter_mut() {
-                            *x = I::MulAdd::mul_add(*x, scale2, zero - lse2)
-                                .exp2_with::<I::MulAdd>();
+                            *x = ((*x - lse) * log2e).exp2_with::<I::MulAdd>();
                         }
                     }
                     if class == TileClass::Partial {
@@ -1035,7 +1113,7 @@ unsafe fn backward_part<S: Storage, I: IsaChoice>(
                         }
                     }
                 }
-                // dK += dS^T Q (scaled at the end), with dS^T a transposed view of dS
+                // dK += dS^T (scale Q), with dS^T a transposed view of dS
                 S::Acc::gemm_for::<I>(
                     BK,
                     dp,
@@ -1100,7 +1178,7 @@ unsafe fn backward_part<S: Storage, I: IsaChoice>(
                 .zip(&dv_acc[c * dp..c * dp + d])
                 .enumerate()
             {
-                dk.add(x).write(S::store(a * scale));
+                dk.add(x).write(S::store(a));
                 dv.add(x).write(S::store(b));
             }
         }
@@ -1270,6 +1348,48 @@ mod tests {
                     (numeric - analytic).abs() < 1e-6,
                     "{which} {idx}: {numeric} vs {analytic}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn one_key_rows_are_exact_in_f32() {
+        // window (0, 0): query i sees key i only, so P = 1, out = v and lse = s, dv = dO and
+        // dq = dk = 0, all exactly; for every ISA's kernels (the forward and backward must compute
+        // the same scores, and delta the same sum as dP).
+        let (n, h, d) = (150, 2, 40);
+        let shape = Shape::batched(1, n, n, h, h, d).unwrap();
+        let o = opts(false, 0, 0, 0, 0.0);
+        let f = |x: Vec<f64>| x.iter().map(|&v| (3.0 * v) as f32).collect::<Vec<f32>>();
+        let (q, k, v, g) = (
+            f(data(n * h * d, 1)),
+            f(data(n * h * d, 2)),
+            f(data(n * h * d, 3)),
+            f(data(n * h * d, 4)),
+        );
+        // The first element that differs (and the two values), if any.
+        let diff = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .enumerate()
+                .find(|(_, (x, y))| x != y)
+                .map(|(i, (&x, &y))| (i, x, y))
+        };
+        let (out, lse) = forward(&q, &k, &v, &shape, &o).unwrap();
+        assert_eq!(diff(&out, &v), None, "out vs v");
+        let (dq, dk, dv) = backward(&g, &q, &k, &v, &out, &lse, &shape, &o).unwrap();
+        assert_eq!(diff(&dv, &g), None, "dv vs dout");
+        let zeros = vec![0.0f32; dq.len()];
+        assert_eq!(diff(&dq, &zeros), None, "dq vs 0");
+        assert_eq!(diff(&dk, &zeros), None, "dk vs 0");
+        for i in 0..n {
+            for hh in 0..h {
+                let s: f64 = (0..d)
+                    .map(|x| q[(i * h + hh) * d + x] as f64 * k[(i * h + hh) * d + x] as f64)
+                    .sum::<f64>()
+                    * 0.3;
+                let got = lse[hh * n + i] as f64;
+                assert!((got - s).abs() < 1e-5 * s.abs().max(1.0), "{got} vs {s}");
             }
         }
     }

@@ -35,6 +35,11 @@ pub trait Real:
     fn exp2_with<F: MulAdd>(self) -> Self {
         self.exp2()
     }
+    /// [`Real::exp2_with`] for `self <= 0` only (the f32 version skips the overflow clamp).
+    #[inline(always)]
+    fn exp2_nonpos_with<F: MulAdd>(self) -> Self {
+        self.exp2()
+    }
     /// `tanh`, vectorisable.
     fn tanh(self) -> Self;
     fn max(self, other: Self) -> Self;
@@ -83,6 +88,10 @@ impl Real for f32 {
     #[inline(always)]
     fn exp2_with<F: MulAdd>(self) -> Self {
         fast_exp2_f32_with::<F>(self)
+    }
+    #[inline(always)]
+    fn exp2_nonpos_with<F: MulAdd>(self) -> Self {
+        fast_exp2_nonpos_f32_with::<F>(self)
     }
     #[inline(always)]
     fn tanh(self) -> Self {
@@ -222,9 +231,24 @@ pub fn fast_exp2_f32(x: f32) -> f32 {
 /// `n = -127`, whose exponent field is 0, so the result is exactly 0 without a select.
 #[inline(always)]
 pub fn fast_exp2_f32_with<F: MulAdd>(x: f32) -> f32 {
-    const SHIFT: f32 = 12_582_912.0 + 127.0; // 1.5 * 2^23 + exponent bias
+    // The lower clamp first: it also maps NaN to -127 (so to 0).
     let xc = if x > -127.0 { x } else { -127.0 };
     let xc = if xc < 127.0 { xc } else { 127.0 };
+    exp2_clamped::<F>(xc)
+}
+
+/// [`fast_exp2_f32_with`] for `x <= 127` (the softmax exponents `s - max <= 0`): no upper clamp,
+/// one operation fewer. NaN gives 0, as there.
+#[inline(always)]
+pub fn fast_exp2_nonpos_f32_with<F: MulAdd>(x: f32) -> f32 {
+    let xc = if x > -127.0 { x } else { -127.0 };
+    exp2_clamped::<F>(xc)
+}
+
+/// `2^x` for `x` in [-127, 127].
+#[inline(always)]
+fn exp2_clamped<F: MulAdd>(xc: f32) -> f32 {
+    const SHIFT: f32 = 12_582_912.0 + 127.0; // 1.5 * 2^23 + exponent bias
     let t = xc + SHIFT;
     let n = t - SHIFT;
     let r = xc - n;
@@ -656,6 +680,23 @@ mod tests {
         }
         check::<Unfused>();
         check::<Fused>();
+        for x in [
+            0.0f32,
+            -0.0,
+            -1e-7,
+            -0.3,
+            -1.0,
+            -5.5,
+            -126.9,
+            -127.0,
+            -1000.0,
+            f32::NAN,
+        ] {
+            let clamped = fast_exp2_f32_with::<Fused>(x);
+            assert_eq!(fast_exp2_nonpos_f32_with::<Fused>(x), clamped, "{x}");
+        }
+        assert_eq!(fast_exp2_f32_with::<Fused>(f32::NAN), 0.0);
+        assert_eq!(fast_exp2_nonpos_f32_with::<Unfused>(f32::NEG_INFINITY), 0.0);
     }
 
     #[test]
