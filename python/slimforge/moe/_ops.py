@@ -3,6 +3,14 @@
 CPU tensors run the Rust kernels of `slimforge._native`; CUDA tensors run the kernels of
 `slimforge._cuda` (imported on first use). Gather (`permute`) and scatter (`combine`) are each
 other's adjoints, so each one's backward is the other kernel.
+
+Each kernel is also a torch custom op with a fake kernel (`slimforge::moe_route`,
+`moe_dispatch_plan`, `moe_permute_rows`, `moe_combine_rows`, `moe_rowdot`, and the
+differentiable `moe_permute` / `moe_combine`). `route_topk`, `dispatch_plan`, `permute` and
+`combine` call the ops while `torch.compile` traces them, and the kernels directly (no op
+dispatch, which costs ~10 us a call) in eager mode. The dropless, unpadded plan has static
+shapes (`T * k` rows); with a capacity or padding the row count is data-dependent (an unbacked
+size under torch.compile).
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from slimforge import _native
@@ -163,13 +172,19 @@ def route_topk(
     num_experts = logits.shape[1]
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in 1..{num_experts} (the number of experts), got {top_k}")
+    if bias is not None and bias.shape != (num_experts,):
+        raise ValueError(f"bias must have shape ({num_experts},), got {tuple(bias.shape)}")
+    if torch.compiler.is_compiling():
+        return torch.ops.slimforge.moe_route(logits, top_k, router, bias, renormalize)
+    return _route_host(logits, top_k, router, bias, renormalize)
+
+
+def _route_host(
+    logits: Tensor, top_k: int, router: str, bias: Tensor | None, renormalize: bool
+) -> tuple[Tensor, Tensor]:
     dtype = acc_dtype(logits.dtype)
     scores = logits.detach().to(device="cpu", dtype=dtype).contiguous()
-    b = None
-    if bias is not None:
-        if bias.shape != (num_experts,):
-            raise ValueError(f"bias must have shape ({num_experts},), got {tuple(bias.shape)}")
-        b = bias.detach().to(device="cpu", dtype=dtype).contiguous().numpy()
+    b = None if bias is None else bias.detach().to(device="cpu", dtype=dtype).contiguous().numpy()
     idx, w = _native.moe_route(scores.numpy(), top_k, router, b, renormalize)
     return (
         torch.from_numpy(idx).to(logits.device),
@@ -191,7 +206,8 @@ class DispatchPlan:
     token_of: torch.Tensor  # (rows,) int64: token of each row, -1 for padding rows
     slot_of: torch.Tensor  # (rows,) int64: slot of each row, -1 for padding rows
     pos: torch.Tensor  # (T, k) int64: row of each slot, -1 if dropped
-    dropped: int  # number of dropped slots
+    # number of dropped slots (under torch.compile a 0-dim int64 tensor: no host sync)
+    dropped: int
     padded: bool  # every expert has offsets[1] rows (for a [E, rows, D] batched matmul)
 
     @property
@@ -200,7 +216,8 @@ class DispatchPlan:
 
     @property
     def num_rows(self) -> int:
-        return int(self.token_of.shape[0])
+        # Not int(): under torch.compile this is a symbolic (possibly unbacked) size.
+        return self.token_of.shape[0]
 
     def to(self, device: torch.device | str) -> DispatchPlan:
         """The same plan with its index tensors on `device`."""
@@ -224,6 +241,26 @@ def dispatch_plan(
         raise ValueError(f"idx must be 2-D [tokens, top_k], got shape {tuple(idx.shape)}")
     if capacity is not None and capacity < 0:
         raise ValueError(f"capacity must be >= 0 or None, got {capacity}")
+    if torch.compiler.is_compiling():
+        routed, counts, offsets, token_of, slot_of, pos = torch.ops.slimforge.moe_dispatch_plan(
+            idx, num_experts, capacity, padded
+        )
+        return DispatchPlan(
+            routed=routed,
+            counts=counts,
+            offsets=offsets,
+            token_of=token_of,
+            slot_of=slot_of,
+            pos=pos,
+            dropped=(routed - counts).sum(),  # type: ignore[arg-type]
+            padded=padded,
+        )
+    return _dispatch_plan_host(idx, num_experts, capacity, padded)
+
+
+def _dispatch_plan_host(
+    idx: Tensor, num_experts: int, capacity: int | None, padded: bool
+) -> DispatchPlan:
     host = idx.detach().to(device="cpu", dtype=torch.int64).contiguous()
     routed, counts, offsets, token_of, slot_of, pos, dropped = _native.moe_dispatch_plan(
         host.numpy(), num_experts, capacity, padded
@@ -294,6 +331,8 @@ def permute(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         raise ValueError(
             f"x must be [{plan.pos.shape[0]}, dim] to match the plan, got {tuple(x.shape)}"
         )
+    if torch.compiler.is_compiling():
+        return torch.ops.slimforge.moe_permute(x, plan.token_of, plan.pos)
     return _Permute.apply(x, plan.token_of, plan.pos)
 
 
@@ -313,4 +352,143 @@ def combine(ys: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torc
             f"weights must have shape {tuple(plan.pos.shape)}, got {tuple(weights.shape)}"
         )
     w = weights.to(acc_dtype(ys.dtype))
+    if torch.compiler.is_compiling():
+        return torch.ops.slimforge.moe_combine(ys, w, plan.token_of, plan.slot_of, plan.pos)
     return _Combine.apply(ys, w, plan.token_of, plan.slot_of, plan.pos)
+
+
+# --- torch custom ops (what torch.compile traces) ------------------------------------------
+
+
+@torch.library.custom_op("slimforge::moe_route", mutates_args=())
+def _route_op(
+    logits: Tensor, top_k: int, router: str, bias: Tensor | None, renormalize: bool
+) -> tuple[Tensor, Tensor]:
+    """`route_topk` without argument checks: idx (T, k) int64 and weights (T, k)."""
+    return _route_host(logits, top_k, router, bias, renormalize)
+
+
+@_route_op.register_fake
+def _(logits, top_k, router, bias, renormalize):
+    shape = (logits.shape[0], top_k)
+    idx = logits.new_empty(shape, dtype=torch.int64)
+    return idx, logits.new_empty(shape, dtype=acc_dtype(logits.dtype))
+
+
+@torch.library.custom_op("slimforge::moe_dispatch_plan", mutates_args=())
+def _dispatch_plan_op(
+    idx: Tensor, num_experts: int, capacity: int | None, padded: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`dispatch_plan` as tensors: routed, counts, offsets, token_of, slot_of, pos."""
+    p = _dispatch_plan_host(idx, num_experts, capacity, padded)
+    return p.routed, p.counts, p.offsets, p.token_of, p.slot_of, p.pos
+
+
+@_dispatch_plan_op.register_fake
+def _(idx, num_experts, capacity, padded):
+    if capacity is None and not padded:
+        rows = idx.shape[0] * idx.shape[1]  # dropless: every slot gets one row
+    else:
+        rows = torch.library.get_ctx().new_dynamic_size()
+    i64 = torch.int64
+    return (
+        idx.new_empty((num_experts,), dtype=i64),
+        idx.new_empty((num_experts,), dtype=i64),
+        idx.new_empty((num_experts + 1,), dtype=i64),
+        idx.new_empty((rows,), dtype=i64),
+        idx.new_empty((rows,), dtype=i64),
+        idx.new_empty(tuple(idx.shape), dtype=i64),
+    )
+
+
+@torch.library.custom_op("slimforge::moe_permute_rows", mutates_args=())
+def _permute_rows_op(x: Tensor, token_of: Tensor, row_scale: Tensor | None) -> Tensor:
+    """`permute_rows` (no autograd)."""
+    return permute_rows(x, token_of, row_scale)
+
+
+@_permute_rows_op.register_fake
+def _(x, token_of, row_scale):
+    return x.new_empty((token_of.shape[0], x.shape[1]))
+
+
+@torch.library.custom_op("slimforge::moe_combine_rows", mutates_args=())
+def _combine_rows_op(ys: Tensor, pos: Tensor, weights: Tensor | None) -> Tensor:
+    """`combine_rows` (no autograd)."""
+    return combine_rows(ys, pos, weights)
+
+
+@_combine_rows_op.register_fake
+def _(ys, pos, weights):
+    return ys.new_empty((pos.shape[0], ys.shape[1]))
+
+
+@torch.library.custom_op("slimforge::moe_rowdot", mutates_args=())
+def _rowdot_op(dy: Tensor, ys: Tensor, pos: Tensor) -> Tensor:
+    """`rowdot_rows` (no autograd)."""
+    return rowdot_rows(dy, ys, pos)
+
+
+@_rowdot_op.register_fake
+def _(dy, ys, pos):
+    return dy.new_empty(tuple(pos.shape), dtype=acc_dtype(dy.dtype))
+
+
+@torch.library.custom_op("slimforge::moe_permute", mutates_args=())
+def _permute_op(x: Tensor, token_of: Tensor, pos: Tensor) -> Tensor:
+    """`permute`: rows `x[token_of]`, differentiable in x (pos is the inverse map, for backward)."""
+    return permute_rows(x, token_of)
+
+
+@_permute_op.register_fake
+def _(x, token_of, pos):
+    return x.new_empty((token_of.shape[0], x.shape[1]))
+
+
+def _permute_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    ctx.save_for_backward(inputs[2])
+
+
+def _permute_backward(ctx: Any, dxs: Tensor) -> tuple[Tensor | None, None, None]:
+    (pos,) = ctx.saved_tensors
+    return torch.ops.slimforge.moe_combine_rows(dxs.contiguous(), pos, None), None, None
+
+
+torch.library.register_autograd(
+    "slimforge::moe_permute", _permute_backward, setup_context=_permute_setup
+)
+
+
+@torch.library.custom_op("slimforge::moe_combine", mutates_args=())
+def _combine_op(
+    ys: Tensor, weights: Tensor, token_of: Tensor, slot_of: Tensor, pos: Tensor
+) -> Tensor:
+    """`combine`: weights in the accumulation dtype; differentiable in ys and weights."""
+    return combine_rows(ys, pos, weights)
+
+
+@_combine_op.register_fake
+def _(ys, weights, token_of, slot_of, pos):
+    return ys.new_empty((pos.shape[0], ys.shape[1]))
+
+
+def _combine_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _combine_backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+    ys, weights, token_of, slot_of, pos = ctx.saved_tensors
+    dy = dy.contiguous()
+    dys = dweights = None
+    if ctx.needs_input_grad[0]:
+        # Padding rows (token_of = -1) come out zero whatever their scale.
+        scale = weights.reshape(-1)[slot_of.clamp(min=0)]
+        dys = torch.ops.slimforge.moe_permute_rows(dy, token_of, scale)
+    if ctx.needs_input_grad[1]:
+        dweights = torch.ops.slimforge.moe_rowdot(dy, ys, pos)
+    return dys, dweights, None, None, None
+
+
+torch.library.register_autograd(
+    "slimforge::moe_combine", _combine_backward, setup_context=_combine_setup
+)

@@ -71,7 +71,7 @@ def run_experts(
     xs: torch.Tensor,
     w_in: torch.Tensor,
     w_out: torch.Tensor,
-    offsets: list[int],
+    offsets: list[int] | torch.Tensor,
     padded: bool,
     impl: str,
     activation: str,
@@ -79,19 +79,27 @@ def run_experts(
     """Expert MLPs on rows in expert order: `act(xs_e @ w_in[e]) @ w_out[e]` per expert block.
 
     xs: (rows, D); w_in: (E, D, H_in); w_out: (E, H, D); offsets: E + 1 row boundaries (host
-    ints). `padded` layouts (every block the same size) are required by "bmm".
+    ints, or an int64 tensor). `padded` layouts (every block the same size) are required by
+    "bmm". "grouped_mm" keeps tensor offsets on the device (no host sync; what torch.compile
+    needs); "bmm" and "segments" read them on the host (`.tolist()`, a graph break under
+    torch.compile, so `fullgraph=True` fails with them).
     """
     num_experts = w_in.shape[0]
+    if impl == "grouped_mm":
+        if isinstance(offsets, torch.Tensor):
+            ends = offsets[1:].to(device=xs.device, dtype=torch.int32)
+        else:
+            ends = torch.tensor(offsets[1:], dtype=torch.int32, device=xs.device)
+        h = torch._grouped_mm(xs, w_in, offs=ends)
+        return torch._grouped_mm(expert_activation(h, activation).contiguous(), w_out, offs=ends)
+    if isinstance(offsets, torch.Tensor):
+        offsets = offsets.tolist()
     if impl == "bmm":
         if not padded:
             raise ValueError("expert_impl='bmm' needs a padded dispatch plan")
         rows = offsets[1] - offsets[0]
         h = torch.bmm(xs.view(num_experts, rows, -1), w_in)
         return torch.bmm(expert_activation(h, activation), w_out).view(num_experts * rows, -1)
-    if impl == "grouped_mm":
-        ends = torch.tensor(offsets[1:], dtype=torch.int32, device=xs.device)
-        h = torch._grouped_mm(xs, w_in, offs=ends)
-        return torch._grouped_mm(expert_activation(h, activation).contiguous(), w_out, offs=ends)
     if impl == "segments":
         # split/unbind (not slicing) so that backward assembles each gradient with one cat/stack
         # instead of one full-size zero tensor per expert.
@@ -131,9 +139,17 @@ class MoE(nn.Module):
         expert_impl: "auto", "segments" (one GEMM per expert block), "grouped_mm"
             (`torch._grouped_mm`, float32/bfloat16) or "bmm" (padded batched GEMM).
 
+    torch.compile: routing, dispatch, permute and combine are custom ops with fake kernels, and
+    "grouped_mm" (what "auto" picks on CPU for float32/bfloat16 with 16-byte aligned widths)
+    takes the expert offsets as a tensor, so `torch.compile(moe, fullgraph=True)` traces one
+    graph, forward and backward, dropless (static shapes: T * k rows) or with a capacity (the
+    row count is then an unbacked size). "segments" and "bmm" split the rows at host offsets
+    (`.tolist()`): they compile only with graph breaks (not with `fullgraph=True`).
+
     Input (..., D), output the same shape and dtype. After each forward, `aux_loss` holds the
     weighted sum of both auxiliary losses (a differentiable scalar to add to the training loss),
-    `last_losses` the unweighted parts, and `last_load` a `MoELoad`.
+    `last_losses` the unweighted parts, and `last_load` a `MoELoad` (both kept as tensors and
+    converted when read, so forward makes no host sync).
     """
 
     def __init__(
@@ -258,14 +274,49 @@ class MoE(nn.Module):
         return impl == "bmm"
 
     def _experts(self, xs: torch.Tensor, plan: DispatchPlan, impl: str) -> torch.Tensor:
-        offsets = plan.offsets.tolist()
-        return run_experts(xs, self.w_in, self.w_out, offsets, plan.padded, impl, self.activation)
+        return run_experts(
+            xs, self.w_in, self.w_out, plan.offsets, plan.padded, impl, self.activation
+        )
+
+    # `last_losses` / `last_load` hold tensors and become floats / ints when read, so that
+    # forward makes no host sync (and no graph break under torch.compile).
+    _loss_stats: dict[str, float | torch.Tensor]
+    _load_stats: tuple[torch.Tensor, torch.Tensor, int | torch.Tensor] | None
+
+    @property
+    def last_losses(self) -> dict[str, float]:
+        """The unweighted auxiliary losses of the last forward pass."""
+        return {name: float(v) for name, v in self._loss_stats.items()}
+
+    @last_losses.setter
+    def last_losses(self, value: dict[str, float]) -> None:
+        self._loss_stats = dict(value)
+
+    @property
+    def last_load(self) -> MoELoad | None:
+        """The per-expert load of the last forward pass (None before the first one)."""
+        if self._load_stats is None:
+            return None
+        routed, counts, dropped = self._load_stats
+        return MoELoad(
+            tokens_per_expert=routed.detach().cpu(),
+            kept_per_expert=counts.detach().cpu(),
+            dropped=int(dropped),
+        )
+
+    @last_load.setter
+    def last_load(self, value: MoELoad | None) -> None:
+        self._load_stats = (
+            None
+            if value is None
+            else (value.tokens_per_expert, value.kept_per_expert, value.dropped)
+        )
 
     def _record(self, logits: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> None:
         """Auxiliary losses and load statistics of this forward pass."""
         if num_tokens == 0:
             self.aux_loss = logits.sum() * 0
-            self.last_losses = {"load_balance": 0.0, "z_loss": 0.0}
+            self._loss_stats = {"load_balance": 0.0, "z_loss": 0.0}
         else:
             if self.router_kind == "softmax":
                 probs = logits.softmax(-1)
@@ -276,15 +327,8 @@ class MoE(nn.Module):
             balance = self.num_experts * (frac * probs.mean(0)).sum()
             z_loss = torch.logsumexp(logits, -1).square().mean()
             self.aux_loss = self.aux_loss_coef * balance + self.z_loss_coef * z_loss
-            self.last_losses = {
-                "load_balance": float(balance.detach()),
-                "z_loss": float(z_loss.detach()),
-            }
-        self.last_load = MoELoad(
-            tokens_per_expert=plan.routed.detach().cpu(),
-            kept_per_expert=plan.counts.detach().cpu(),
-            dropped=plan.dropped,
-        )
+            self._loss_stats = {"load_balance": balance.detach(), "z_loss": z_loss.detach()}
+        self._load_stats = (plan.routed.detach(), plan.counts.detach(), plan.dropped)
 
     def _global_tokens_per_expert(self) -> torch.Tensor:
         if self.last_load is None:

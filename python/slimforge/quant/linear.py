@@ -6,7 +6,8 @@ dequantize-and-multiply kernels for up to ``FUSED_MAX_TOKENS`` rows (``FUSED_MAX
 on the float route). On CUDA, up to 8 rows run the fused GEMV kernel compiled by NVRTC
 (:func:`slimforge._cuda.quant_linear_cuda`) when the CUDA backend is usable. Larger batches, and
 layouts or devices the kernels do not take, dequantize the weight and call
-``torch.nn.functional.linear``.
+``torch.nn.functional.linear``. Under ``torch.compile`` the forward is the custom op
+``slimforge::quant_linear`` (same kernels, with a fake kernel and input-only autograd).
 """
 
 from __future__ import annotations
@@ -74,54 +75,173 @@ def dequantize_packed(
     return ((qf - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)).reshape(out, k)
 
 
-def _use_cuda_gemv(x: torch.Tensor, m: int, module: QuantLinear) -> bool:
+def _use_cuda_gemv(
+    x: torch.Tensor,
+    m: int,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+) -> bool:
     """Decode-size CUDA calls run the fused kernel; larger batches dequantize once and use
     cuBLAS (the weight read is then amortised over the tokens)."""
     if not (x.is_cuda and 0 < m <= _cuda.QUANT_GEMV_MAX_TOKENS):
         return False
-    bufs = [module.qweight, module.scales, module.zeros]
-    if module.bias is not None:
-        bufs.append(module.bias)
+    bufs = [qweight, scales, zeros]
+    if bias is not None:
+        bufs.append(bias)
     return (
         all(t.device == x.device for t in bufs)
-        and module.qweight.data_ptr() % 4 == 0  # the kernel reads 32-bit words
-        and _cuda.quant_gemv_supported(module.bits, module.in_features, module.group_size)
+        and qweight.data_ptr() % 4 == 0  # the kernel reads 32-bit words
+        and _cuda.quant_gemv_supported(bits, x.shape[-1], group_size)
         and _cuda.cuda_available()
     )
 
 
+def _fused_max_tokens(bits: int, route: str) -> int:
+    # As QuantLinear.fused_max_tokens, from the layout instead of the module.
+    route = _native.quant_default_route(bits) if route == "auto" else route
+    return FUSED_MAX_TOKENS if route == "int8" else FUSED_MAX_TOKENS_FLOAT
+
+
+def _fused_cpu(
+    x: torch.Tensor,
+    x2: torch.Tensor,
+    native: tuple[Any, Any, Any, Any],
+    bits: int,
+    group_size: int,
+    route: str,
+) -> torch.Tensor:
+    """The fused Rust kernel on the 2-D rows ``x2`` of ``x``; ``native``: NumPy views of
+    ``(qweight, scales, zeros, bias)``."""
+    args = (*native, bits, group_size, route)
+    xc = x2.contiguous()
+    if x.dtype == torch.bfloat16:
+        y = _native.quant_linear_bf16(xc.view(torch.int16).numpy(), *args)
+    else:
+        y = _native.quant_linear(xc.numpy(), *args)
+    y_t = torch.from_numpy(y)
+    return y_t if x.dtype == torch.float32 else y_t.to(x.dtype)
+
+
+def _unfused(
+    x: torch.Tensor,
+    x2: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """The CUDA GEMV kernel, or dequantize + ``F.linear``, on the 2-D rows ``x2`` of ``x``."""
+    if _use_cuda_gemv(x, x2.shape[0], qweight, scales, zeros, bias, bits, group_size):
+        return _cuda.quant_linear_cuda(x2, qweight, scales, zeros, bias, bits, group_size)
+    w = dequantize_packed(qweight, scales, zeros, bits, group_size).to(x.dtype)
+    b = None if bias is None else bias.to(x.dtype)
+    return F.linear(x2, w, b)
+
+
 def _linear_forward(x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
-    k, n = module.in_features, module.out_features
+    """Eager forward (no autograd) with the module's cached NumPy views; no op dispatch."""
     # Decode calls are a few microseconds of kernel: skip the tensor ops they do not need.
-    x2 = x if x.dim() == 2 else x.reshape(-1, k)
+    x2 = x if x.dim() == 2 else x.reshape(-1, module.in_features)
     if x2.requires_grad:
         x2 = x2.detach()
-    m = x2.shape[0]
-    if x.is_cpu and m <= module.fused_max_tokens():
-        args = (*module._native_weight(), module.bits, module.group_size, module.route)
-        xc = x2.contiguous()
-        if x.dtype == torch.bfloat16:
-            y = _native.quant_linear_bf16(xc.view(torch.int16).numpy(), *args)
-        else:
-            y = _native.quant_linear(xc.numpy(), *args)
-        y_t = torch.from_numpy(y)
-        if x.dtype != torch.float32:
-            y_t = y_t.to(x.dtype)
-    elif _use_cuda_gemv(x, m, module):
-        y_t = _cuda.quant_linear_cuda(
-            x2,
-            module.qweight,
-            module.scales,
-            module.zeros,
-            module.bias,
-            module.bits,
-            module.group_size,
-        )
+    if x.is_cpu and x2.shape[0] <= module.fused_max_tokens():
+        native = module._native_weight()
+        y_t = _fused_cpu(x, x2, native, module.bits, module.group_size, module.route)
     else:
-        w = module.dequantize().to(x.dtype)
-        b = None if module.bias is None else module.bias.to(x.dtype)
-        y_t = F.linear(x2, w, b)
-    return y_t if x.dim() == 2 else y_t.reshape(*x.shape[:-1], n)
+        bufs = (module.qweight, module.scales, module.zeros, module.bias)
+        y_t = _unfused(x, x2, *bufs, module.bits, module.group_size)
+    return y_t if x.dim() == 2 else y_t.reshape(*x.shape[:-1], module.out_features)
+
+
+def _numpy_view(t: torch.Tensor | None) -> Any:
+    # ~1 us for a contiguous buffer (what the layer holds); no detach() unless needed.
+    if t is None:
+        return None
+    return (t.detach() if t.requires_grad else t).contiguous().numpy()
+
+
+def _linear_impl(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    route: str,
+) -> torch.Tensor:
+    """`_linear_forward` on the buffers themselves (the body of ``slimforge::quant_linear``)."""
+    x2 = x.reshape(-1, x.shape[-1]).detach()
+    if x.is_cpu and x2.shape[0] <= _fused_max_tokens(bits, route):
+        native = tuple(_numpy_view(t) for t in (qweight, scales, zeros, bias))
+        y_t = _fused_cpu(x, x2, native, bits, group_size, route)  # type: ignore[arg-type]
+    else:
+        y_t = _unfused(x, x2, qweight, scales, zeros, bias, bits, group_size)
+    return y_t.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+# --- torch custom ops (what torch.compile traces) -------------------------------------------
+
+
+@torch.library.custom_op("slimforge::quant_dequantize", mutates_args=())
+def quant_dequantize_op(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int
+) -> torch.Tensor:
+    """Float32 weight ``(out, in)`` from the packed layout (:func:`dequantize_packed`)."""
+    return dequantize_packed(qweight.detach(), scales.detach(), zeros.detach(), bits, group_size)
+
+
+@quant_dequantize_op.register_fake
+def _(qweight, scales, zeros, bits, group_size):
+    cols = qweight.shape[1] * 2 if bits == 4 else qweight.shape[1]
+    return qweight.new_empty((qweight.shape[0], cols), dtype=torch.float32)
+
+
+@torch.library.custom_op("slimforge::quant_linear", mutates_args=())
+def quant_linear_op(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    route: str,
+) -> torch.Tensor:
+    """``x (..., in)`` times the dequantized weight, plus bias: ``(..., out)`` in x's dtype."""
+    return _linear_impl(x, qweight, scales, zeros, bias, bits, group_size, route)
+
+
+@quant_linear_op.register_fake
+def _(x, qweight, scales, zeros, bias, bits, group_size, route):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def _quant_linear_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    _, qweight, scales, zeros, _, bits, group_size, _ = inputs
+    ctx.save_for_backward(qweight, scales, zeros)
+    ctx.layout = (bits, group_size)
+
+
+def _quant_linear_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    # Frozen quantized weight: gradients flow to the input only.
+    dx = None
+    if ctx.needs_input_grad[0]:
+        qweight, scales, zeros = ctx.saved_tensors
+        w = torch.ops.slimforge.quant_dequantize(qweight, scales, zeros, *ctx.layout)
+        dx = torch.matmul(grad, w.to(grad.dtype))
+    return dx, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "slimforge::quant_linear", _quant_linear_backward, setup_context=_quant_linear_setup
+)
 
 
 def _keep_float32(module: nn.Module, names: tuple[str, ...]) -> None:
@@ -133,7 +253,8 @@ def _keep_float32(module: nn.Module, names: tuple[str, ...]) -> None:
 
 
 class _QuantLinearFunction(torch.autograd.Function):
-    """Frozen quantized weight: gradients flow to the input only."""
+    """Frozen quantized weight: gradients flow to the input only (eager; torch.compile traces
+    ``slimforge::quant_linear`` and its registered autograd instead)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -296,6 +417,19 @@ class QuantLinear(nn.Module):
             raise TypeError(f"QuantLinear takes float32 or bfloat16 input, got {x.dtype}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input must be (..., {self.in_features}), got shape {tuple(x.shape)}")
+        if torch.compiler.is_compiling():
+            # One opaque op with a fake kernel and autograd, for torch.compile. Eager calls skip
+            # the op dispatch (~8 us on decode-size calls) and use the cached NumPy views.
+            return torch.ops.slimforge.quant_linear(
+                x,
+                self.qweight,
+                self.scales,
+                self.zeros,
+                self.bias,
+                self.bits,
+                self.group_size,
+                self.route,
+            )
         if x.requires_grad and torch.is_grad_enabled():
             return _QuantLinearFunction.apply(x, self)
         return _linear_forward(x, self)
@@ -399,6 +533,17 @@ class QuantEmbedding(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """Float32 table ``(num_embeddings, embedding_dim)``."""
         return dequantize_packed(self.qweight, self.scales, self.zeros, self.bits, self.group_size)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (..., embedding_dim) @ table^T``: logits of a head tied to this table, through the
+        quantized matmul (the table's rows are the output channels); float32 or bfloat16 x."""
+        if x.dtype not in _ACT_DTYPES:
+            raise TypeError(f"QuantEmbedding.linear takes float32 or bfloat16, got {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != self.embedding_dim:
+            raise ValueError(f"input must be (..., {self.embedding_dim}), got {tuple(x.shape)}")
+        return torch.ops.slimforge.quant_linear(
+            x, self.qweight, self.scales, self.zeros, None, self.bits, self.group_size, "auto"
+        )
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         if indices.dtype not in (torch.int32, torch.int64):
