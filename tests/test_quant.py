@@ -483,10 +483,15 @@ def test_from_quantized_matches_codes(bits):
 
 def test_custom_config_registration():
     from dataclasses import dataclass
+    from typing import ClassVar
 
     @dataclass(frozen=True)
     class Tag(QuantConfig):
         bits: int = 8
+
+    @dataclass(frozen=True)
+    class TagWithTables(Tag):
+        module_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Embedding)
 
     seen = []
 
@@ -499,8 +504,14 @@ def test_custom_config_registration():
 
     model = small_model()
     quantize_(model, Tag())
-    assert seen.count("Linear") == 3 and "Embedding" in seen
+    # The config's module_types decide what is selected: linears only by default.
+    assert seen == ["Linear"] * 3
     assert isinstance(model[1], QuantLinear)
+    seen.clear()
+    quantize_(small_model(), TagWithTables())  # found through the MRO, tables included
+    assert seen.count("Linear") == 3 and seen.count("Embedding") == 1
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        Tag(bits=3)
 
 
 # save / load.
@@ -597,5 +608,5 @@ def test_error_paths():
         ql(torch.randn(2, 63))
     with pytest.raises(TypeError, match="handler"):
         quantize_(nn.Linear(64, 4), QuantConfig())
-    with pytest.raises(ValueError, match="cannot quantize '0'"):
+    with pytest.raises(ValueError, match="^0: in_features"):
         quantize_(nn.Sequential(nn.Linear(96, 4)), Int4WeightOnly(group_size=64))

@@ -8,31 +8,22 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import example, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from slimforge.quant import awq as awq_mod  # noqa: E402
-from slimforge.quant import gptq as gptq_mod  # noqa: E402
-from slimforge.quant.awq import (  # noqa: E402
-    AWQ,
-    _clip_rows,
-    awq_clip,
-    awq_search_scale,
-    quantize_awq,
-)
-from slimforge.quant.calibrate import (  # noqa: E402
-    HessianObserver,
-    InputTransformedLinear,
-    all_finite,
-    attach_calibration,
-    fake_quantize,
+from slimforge.calibration import HessianObserver, all_finite, prepare_calibration
+from slimforge.models.spec import BlockSpec, ModelSpec
+from slimforge.quant import InputTransformedLinear, QuantLinear, quantize_
+from slimforge.quant.awq import AWQ, awq_clip, awq_search_scale, quantize_awq
+from slimforge.quant.formats.gptq_layout import export_gptq, import_gptq
+from slimforge.quant.gptq import GPTQ, gptq_quantize_weight, quantize_gptq
+from slimforge.quant.primitives import (
+    choose_qparams,
+    fake_quantize_affine,
     group_qparams,
-    prepare_calibration,
 )
-from slimforge.quant.formats.gptq_layout import export_gptq, import_gptq  # noqa: E402
-from slimforge.quant.gptq import GPTQ, gptq_quantize_weight, quantize_gptq  # noqa: E402
-from slimforge.quant.qat import (  # noqa: E402
+from slimforge.quant.qat import (
     FakeQuantLinear,
     QATConfig,
     convert,
@@ -40,24 +31,37 @@ from slimforge.quant.qat import (  # noqa: E402
     prepare_qat,
 )
 
+fake_quantize = fake_quantize_affine
+
 # ---------------------------------------------------------------- references and fixtures
 
 
+_EPS32 = torch.finfo(torch.float32).eps
+
+
+def _reference_params(
+    cols: torch.Tensor, bits: int, sym: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The affine rule written out: asymmetric maps [min(w, 0), max(w, 0)] onto [0, 2^b - 1];
+    symmetric scale = absmax / (qmax / 2) with the mid-range zero; range arithmetic in float64,
+    the scale rounded to ``cols``' dtype (float32 for float32 input), at least float32 eps."""
+    maxq = 2**bits - 1
+    lo = torch.clamp(cols.min(1).values, max=0).double()
+    hi = torch.clamp(cols.max(1).values, min=0).double()
+    if sym:
+        s = (torch.maximum(-lo, hi) / (maxq / 2)).to(cols.dtype).clamp_min(_EPS32)
+        return s, torch.full_like(s, (maxq + 1) / 2)
+    s = ((hi - lo) / maxq).to(cols.dtype).clamp_min(_EPS32)
+    return s, torch.round(-lo / s.double()).clamp(0, maxq).to(cols.dtype)
+
+
 def _reference_fake_quant(w: torch.Tensor, bits: int, gs: int, sym: bool = False) -> torch.Tensor:
-    """Plain min-max group RTN (range widened to contain 0), in ``w``'s dtype."""
+    """Plain group RTN with :func:`_reference_params`, in ``w``'s dtype."""
     out = torch.empty_like(w)
     maxq = 2**bits - 1
     for g in range(0, w.shape[1], gs):
         blk = w[:, g : g + gs]
-        lo = torch.clamp(blk.min(1).values, max=0)
-        hi = torch.clamp(blk.max(1).values, min=0)
-        if sym:
-            hi = torch.maximum(lo.abs(), hi)
-            lo = torch.where(lo < 0, -hi, lo)
-        flat = (lo == 0) & (hi == 0)
-        lo[flat], hi[flat] = -1, 1
-        s = (hi - lo) / maxq
-        z = torch.full_like(s, 2 ** (bits - 1)) if sym else torch.round(-lo / s)
+        s, z = _reference_params(blk, bits, sym)
         q = torch.clamp(torch.round(blk / s[:, None]) + z[:, None], 0, maxq)
         out[:, g : g + gs] = (q - z[:, None]) * s[:, None]
     return out
@@ -85,16 +89,7 @@ def _reference_gptq(
     w[:, dead] = 0
 
     def params(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lo = torch.clamp(cols.min(1).values, max=0)
-        hi = torch.clamp(cols.max(1).values, min=0)
-        if sym:
-            hi = torch.maximum(lo.abs(), hi)
-            lo = torch.where(lo < 0, -hi, lo)
-        flat = (lo == 0) & (hi == 0)
-        lo[flat], hi[flat] = -1, 1
-        s = (hi - lo) / maxq
-        z = torch.full_like(s, 2 ** (bits - 1)) if sym else torch.round(-lo / s)
-        return s, z
+        return _reference_params(cols, bits, sym)
 
     static = [params(w[:, g : g + gs]) for g in range(0, n, gs)] if static_groups else []
     perm = (
@@ -181,21 +176,65 @@ def _rtn_model(model: nn.Module, bits: int, gs: int) -> nn.Module:
     return m
 
 
+#: The tiny net's structure: an MLP block whose a/b read the LayerNorm's output.
+_TINY_SPEC = ModelSpec(
+    blocks="layers", block=BlockSpec(mlp_norm="norm", mlp_in=("a", "b"), mlp_out="c")
+)
+
+
 # ---------------------------------------------------------------- quantizer primitives
 
 
 def test_fake_quantize_matches_reference() -> None:
     torch.manual_seed(1)
-    w = torch.randn(16, 64)
+    w = torch.randn(16, 128)
     w[3] = 0.0
     w[4] = w[4].abs()
-    for bits, sym in [(4, False), (4, True), (8, False), (3, False), (2, True)]:
-        deq, q, s, z = fake_quantize(w, bits, 16, sym)
-        assert torch.allclose(deq, _reference_fake_quant(w, bits, 16, sym), atol=1e-6)
-        assert q.min() >= 0 and q.max() <= 2**bits - 1
+    for bits, sym in [(4, False), (4, True), (8, False), (8, True)]:
+        deq, q, s, z = fake_quantize(w, bits, 32, sym)
+        assert torch.equal(deq, _reference_fake_quant(w, bits, 32, sym))
+        assert q.dtype == torch.uint8 and int(q.max()) <= 2**bits - 1
         assert torch.equal(z, z.round())
-        g = torch.arange(64) // 16
-        assert torch.allclose((q - z[:, g]) * s[:, g], deq)
+        g = torch.arange(128) // 32
+        assert torch.equal((q.float() - z[:, g]) * s[:, g], deq)
+    assert torch.all(fake_quantize(w, 4, 32)[0][3] == 0)  # all-zero rows stay exact
+
+
+@settings(max_examples=60)
+@given(
+    rows=st.integers(1, 9),
+    n_groups=st.integers(1, 3),
+    gs=st.sampled_from([32, 64, 128]),
+    bits=st.sampled_from([4, 8]),
+    sym=st.booleans(),
+    scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e30]),
+    zero_rows=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_one_affine_rule_rust_and_torch_agree(
+    rows: int,
+    n_groups: int,
+    gs: int,
+    bits: int,
+    sym: bool,
+    scale: float,
+    zero_rows: bool,
+    seed: int,
+) -> None:
+    """The Rust kernels (float32 CPU) and the torch path (other dtypes, devices) are one rule:
+    bit-identical scales and zeros on float32, and both equal the written-out reference."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, n_groups * gs, generator=g) * scale
+    if zero_rows:
+        w[0] = 0.0
+    s_rust, z_rust = choose_qparams(w, bits, gs, sym)
+    s_torch, z_torch = group_qparams(w.reshape(-1, gs), bits, sym)
+    assert torch.equal(s_rust.reshape(-1), s_torch) and torch.equal(z_rust.reshape(-1), z_torch)
+    s_ref, z_ref = _reference_params(w.reshape(-1, gs), bits, sym)
+    assert torch.equal(s_torch, s_ref) and torch.equal(z_torch, z_ref)
+    # The same rule through the float64 path (no Rust kernel) quantizes to the same codes.
+    q64 = fake_quantize(w.double(), bits, gs, sym)[1]
+    assert torch.equal(q64, fake_quantize(w, bits, gs, sym)[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
@@ -223,12 +262,12 @@ def test_group_qparams_zero_is_representable() -> None:
 @pytest.mark.parametrize(
     "act_order,static_groups,sym,gs,block",
     [
-        (False, False, False, 16, 8),
-        (True, False, False, 16, 8),
-        (True, True, False, 16, 32),
+        (False, False, False, 32, 8),
+        (True, False, False, 32, 8),
+        (True, True, False, 32, 64),
         (True, False, True, 32, 8),
         (False, False, False, 64, 64),
-        (True, False, False, 16, 5),
+        (True, False, False, 32, 5),
     ],
 )
 def test_gptq_matches_float64_reference(
@@ -238,7 +277,15 @@ def test_gptq_matches_float64_reference(
     x = _correlated(512, 64)
     w = torch.randn(24, 64, dtype=torch.float64)
     h = _hessian(x)
-    cfg = GPTQ(4, gs, 0.01, act_order, sym, block, static_groups)
+    cfg = GPTQ(
+        bits=4,
+        group_size=gs,
+        damp=0.01,
+        act_order=act_order,
+        symmetric=sym,
+        block_size=block,
+        static_groups=static_groups,
+    )
     res = gptq_quantize_weight(w, h, cfg, dtype=torch.float64)
     ref_codes, ref_deq = _reference_gptq(w, h, 4, gs, 0.01, act_order, static_groups, sym)
     mismatch = (res.q.double() != ref_codes).double().mean().item()
@@ -249,18 +296,15 @@ def test_gptq_matches_float64_reference(
 
 @given(
     out_f=st.integers(1, 12),
-    n_groups=st.integers(1, 4),
-    gs=st.sampled_from([4, 8, 16]),
-    block=st.integers(1, 40),
+    n_groups=st.integers(1, 3),
+    gs=st.sampled_from([32, 64]),
+    block=st.integers(1, 80),
     act_order=st.booleans(),
     static_groups=st.booleans(),
     sym=st.booleans(),
-    bits=st.sampled_from([2, 3, 4, 8]),
+    bits=st.sampled_from([4, 8]),
     seed=st.integers(0, 2**16),
 )
-# Draws where the symmetric grid's tie flips on w itself (objective 3.19 vs 1.99; 5.54 vs 2.83).
-@example(1, 2, 16, 1, False, False, True, 3, 1)
-@example(1, 4, 8, 16, False, False, True, 3, 21300)
 def test_gptq_property_matches_reference(
     out_f: int,
     n_groups: int,
@@ -277,9 +321,15 @@ def test_gptq_property_matches_reference(
     g = torch.Generator().manual_seed(seed + 1)
     w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
     h = _hessian(x)
-    res = gptq_quantize_weight(
-        w, h, GPTQ(bits, gs, 0.01, act_order, sym, block, static_groups), dtype=torch.float64
+    cfg = GPTQ(
+        bits=bits,
+        group_size=gs,
+        act_order=act_order,
+        symmetric=sym,
+        block_size=block,
+        static_groups=static_groups,
     )
+    res = gptq_quantize_weight(w, h, cfg, dtype=torch.float64)
     assert res.q.dtype == torch.uint8 and res.q.shape == (out_f, in_f)
     assert int(res.q.max()) <= 2**bits - 1
     assert res.g_idx.shape == (in_f,) and int(res.g_idx.max()) < n_groups
@@ -298,7 +348,6 @@ def test_gptq_property_matches_reference(
             d = ww - deq
             return float(torch.einsum("oi,ij,oj->", d, h, d))
 
-        cfg = GPTQ(bits, gs, 0.01, act_order, sym, block, static_groups)
         seen = []
         for k in range(4):
             if k:
@@ -324,12 +373,12 @@ def test_gptq_property_matches_reference(
 @settings(deadline=None)
 @given(
     out_f=st.integers(1, 40),
-    n_groups=st.integers(1, 4),
-    gs=st.sampled_from([4, 8, 16, 32]),
+    n_groups=st.integers(1, 3),
+    gs=st.sampled_from([32, 64]),
     blocks_per_group=st.sampled_from([0.25, 0.5, 1, 2, 3]),
     act_order=st.booleans(),
     sym=st.booleans(),
-    bits=st.sampled_from([2, 3, 4, 8]),
+    bits=st.sampled_from([4, 8]),
     seed=st.integers(0, 2**16),
 )
 def test_gptq_native_kernel_matches_reference(
@@ -350,7 +399,7 @@ def test_gptq_native_kernel_matches_reference(
     g = torch.Generator().manual_seed(seed + 1)
     w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
     h = _hessian(x)
-    cfg = GPTQ(bits, gs, 0.01, act_order, sym, block)
+    cfg = GPTQ(bits=bits, group_size=gs, act_order=act_order, symmetric=sym, block_size=block)
     res = gptq_quantize_weight(w.float(), h.float(), cfg, kernel="native")
     assert res.q.dtype == torch.uint8 and int(res.q.max()) <= 2**bits - 1
     # Same group assignment as the torch loop (g_idx depends only on the processing order).
@@ -405,16 +454,16 @@ def test_gptq_kernel_choice_errors() -> None:
     x = _correlated(256, 32)
     h, w = _hessian(x), torch.randn(4, 32, dtype=torch.float64)
     with pytest.raises(ValueError, match="kernel"):
-        gptq_quantize_weight(w, h, GPTQ(group_size=16), kernel="cuda")
+        gptq_quantize_weight(w, h, GPTQ(group_size=32), kernel="cuda")
     with pytest.raises(ValueError, match="native GPTQ kernel needs float32"):
-        gptq_quantize_weight(w, h, GPTQ(group_size=16), dtype=torch.float64, kernel="native")
+        gptq_quantize_weight(w, h, GPTQ(group_size=32), dtype=torch.float64, kernel="native")
     with pytest.raises(ValueError, match="native GPTQ kernel"):
         gptq_quantize_weight(
-            w.float(), h.float(), GPTQ(group_size=16, static_groups=True), kernel="native"
+            w.float(), h.float(), GPTQ(group_size=32, static_groups=True), kernel="native"
         )
     with pytest.raises(ValueError, match="native GPTQ kernel"):  # neither divides the other
         gptq_quantize_weight(
-            w.float(), h.float(), GPTQ(group_size=16, block_size=12), kernel="native"
+            w.float(), h.float(), GPTQ(group_size=32, block_size=12), kernel="native"
         )
 
 
@@ -456,7 +505,7 @@ def test_gptq_module_forward_equals_dequantized_weight() -> None:
 def test_gptq_act_order_export_roundtrip_keeps_weights() -> None:
     x = _correlated(256, 64)
     w = torch.randn(16, 64)
-    res = gptq_quantize_weight(w, 2 * x.T @ x / 256, GPTQ(group_size=16, act_order=True))
+    res = gptq_quantize_weight(w, 2 * x.T @ x / 256, GPTQ(group_size=32, act_order=True))
     res.scales = res.scales.half().float()  # the checkpoint stores fp16 scales
     tensors = export_gptq(res.state(), version=2)
     q, s, z, g_idx = import_gptq(tensors, bits=4, version=2)
@@ -470,7 +519,7 @@ def test_gptq_dead_inputs_are_zeroed() -> None:
     x[:, 5] = 0
     w = torch.randn(8, 32)
     h = 2 * x.T @ x / 256
-    res = gptq_quantize_weight(w, h, GPTQ(group_size=8))
+    res = gptq_quantize_weight(w, h, GPTQ(group_size=32))
     assert torch.all(res.dequantize()[:, 5] == 0)
 
 
@@ -478,7 +527,7 @@ def test_gptq_damping_retries_then_succeeds() -> None:
     x = torch.randn(8, 16, dtype=torch.float64)  # rank 8 < 16: singular Hessian
     h = 2 * x.T @ x / 8
     h -= 0.015 * torch.diagonal(h).mean() * torch.eye(16, dtype=torch.float64)
-    res = gptq_quantize_weight(torch.randn(4, 16), h, GPTQ(group_size=16, damp=0.01))
+    res = gptq_quantize_weight(torch.randn(4, 16), h, GPTQ(group_size=None, damp=0.01))
     assert res.damp == pytest.approx(0.02) or res.damp == pytest.approx(0.03)
 
 
@@ -486,7 +535,7 @@ def test_gptq_cholesky_failure_raises_after_retries() -> None:
     h = torch.tensor([[1.0, 10.0], [10.0, 1.0]]).repeat_interleave(4, 0).repeat_interleave(4, 1)
     h += torch.eye(8)
     with pytest.raises(RuntimeError, match="not positive definite"):
-        gptq_quantize_weight(torch.randn(4, 8), h, GPTQ(group_size=8, max_damp_retries=3))
+        gptq_quantize_weight(torch.randn(4, 8), h, GPTQ(group_size=None, max_damp_retries=3))
 
 
 def test_gptq_error_paths() -> None:
@@ -494,8 +543,8 @@ def test_gptq_error_paths() -> None:
     h = torch.eye(32)
     with pytest.raises(ValueError, match="hessian must be"):
         gptq_quantize_weight(w, torch.eye(16))
-    with pytest.raises(ValueError, match="divide"):
-        gptq_quantize_weight(w, h, GPTQ(group_size=24))
+    with pytest.raises(ValueError, match="divisible by group_size"):
+        gptq_quantize_weight(w, h, GPTQ(group_size=64))
     bad = w.clone()
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
@@ -504,8 +553,14 @@ def test_gptq_error_paths() -> None:
     hb[1, 1] = float("inf")
     with pytest.raises(ValueError, match="NaN or Inf"):
         gptq_quantize_weight(w, hb, GPTQ(group_size=32))
-    with pytest.raises(ValueError, match="bits"):
-        GPTQ(bits=5)
+    # Configs are checked at construction against what QuantLinear runs.
+    for bad_bits in (2, 3, 5):
+        with pytest.raises(ValueError, match="bits must be 4 or 8"):
+            GPTQ(bits=bad_bits)
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        GPTQ(group_size=24)
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        AWQ(group_size=16)
     with pytest.raises(ValueError, match="damp"):
         GPTQ(damp=-1)
     with pytest.raises(ValueError, match="2-D"):
@@ -515,13 +570,13 @@ def test_gptq_error_paths() -> None:
 def test_calibration_error_paths() -> None:
     model = nn.Sequential(nn.Linear(16, 8))
     with pytest.raises(ValueError, match="empty"):
-        quantize_gptq(model, GPTQ(group_size=16), [], progress=False)
+        quantize_gptq(model, GPTQ(group_size=None), [], progress=False)
     with pytest.raises(ValueError, match="agree in rank and last dimension"):
         prepare_calibration([torch.randn(4, 16), torch.randn(4, 12)])
     with pytest.raises(ValueError, match="NaN or Inf"):
         prepare_calibration([torch.full((2, 16), float("nan"))])
     with pytest.raises(ValueError, match="could not be run"):
-        quantize_gptq(nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 4)), GPTQ(group_size=8),
+        quantize_gptq(nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 4)), GPTQ(group_size=None),
                       [torch.randn(4, 12)], progress=False)  # fmt: skip
     with pytest.raises(TypeError, match="expected a Tensor"):
         prepare_calibration([3])
@@ -556,7 +611,7 @@ def test_quantize_gptq_blockwise_beats_rtn() -> None:
     assert err < rtn_err, (err.item(), rtn_err.item())
 
 
-def test_quantize_gptq_filter_fn_and_handler() -> None:
+def test_quantize_gptq_filter_fn_and_quantize_verb() -> None:
     net = _tiny_net()
     model = copy.deepcopy(net)
     calib = [_correlated(64, 64, s)[None] for s in range(2)]
@@ -565,16 +620,18 @@ def test_quantize_gptq_filter_fn_and_handler() -> None:
     )
     assert isinstance(model.layers[0].a, nn.Linear)
     assert not isinstance(model.layers[0].c, nn.Linear)
-    with pytest.raises(ValueError, match="needs calibration"):
-        gptq_mod._quantize_linear_gptq(nn.Linear(64, 8), GPTQ(group_size=32))
-    lin = nn.Linear(64, 16)
-    n = attach_calibration(nn.Sequential(lin), calib)
-    assert n == 1
-    out = gptq_mod._quantize_linear_gptq(lin, GPTQ(group_size=32))
-    x = calib[0]
-    assert ((out(x) - lin(x)) ** 2).mean() < (
-        (x @ (lin.weight - fake_quantize(lin.weight, 4, 32)[0]).T) ** 2
-    ).mean()
+    # The torchao-style verb runs the same algorithm (same codes) and asks for calibration data.
+    with pytest.raises(ValueError, match="needs calibration data"):
+        quantize_(copy.deepcopy(net), GPTQ(group_size=32))
+    by_verb = copy.deepcopy(net)
+    quantize_(by_verb, GPTQ(group_size=32), calibration=calib, spec=_TINY_SPEC, progress=False)
+    by_function = copy.deepcopy(net)
+    quantize_gptq(by_function, GPTQ(group_size=32), calib, spec=_TINY_SPEC, progress=False)
+    x = _correlated(32, 64, 7)[None]
+    torch.testing.assert_close(by_verb(x), by_function(x), rtol=0, atol=0)
+    inner = by_verb.layers[1].a
+    inner = inner.inner if isinstance(inner, InputTransformedLinear) else inner
+    assert isinstance(inner, QuantLinear)
 
 
 # ---------------------------------------------------------------- AWQ
@@ -604,23 +661,23 @@ def test_awq_scales_reduce_output_mse_vs_rtn() -> None:
     assert torch.isclose(s.max() * s.min(), torch.tensor(1.0), rtol=1e-4)
 
 
-@pytest.mark.parametrize(
-    ("name", "shape", "rows"),
-    [
-        ("blocks.0.mlp.fc", (64, 16), slice(None)),
-        ("layers.3.self_attn.v_proj", (16, 16), slice(None)),
-        ("layers.3.self_attn.q_proj", (16, 16), None),
-        ("layers.3.self_attn.k_proj", (8, 16), None),
-        ("blocks.0.attn.qkv", (48, 16), slice(32, None)),  # [q; k; v]: value third only
-        ("h.0.attn.c_attn", (48, 16), slice(32, None)),
-        ("layers.0.self_attn.qkv_proj", (48, 16), slice(32, None)),
-        ("blocks.0.attn.qkv", (32, 16), None),  # grouped-query heads: the split is unknown
-        ("layers.0.attention.query_key_value", (48, 16), None),  # per-head interleave
-        ("layers.0.attention.wqkv", (48, 16), None),
-    ],
-)
-def test_awq_clip_rows_by_name(name: str, shape: tuple[int, int], rows: slice | None) -> None:
-    assert _clip_rows(name, torch.zeros(shape)) == rows
+def test_awq_clip_rows_come_from_the_model_spec() -> None:
+    """Which rows the clip search may change is read from the spec, not guessed from names."""
+    from slimforge.models import GPT, GPTConfig, LlamaConfig, LlamaForCausalLM
+
+    gqa = GPT(GPTConfig(num_layers=1, hidden_size=64, num_heads=4, num_kv_heads=2)).spec().block
+    # Fused [q; k; v] with 4 query and 2 kv heads of 16: the value rows are the last 32.
+    assert gqa.clip_rows("attn.qkv", 128) == slice(96, None)
+    assert gqa.clip_rows("mlp.fc", 256) == slice(None)
+    with pytest.raises(ValueError, match="output rows"):
+        gqa.clip_rows("attn.qkv", 192)
+    cfg = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=1,
+                      num_heads=4, num_kv_heads=2)  # fmt: skip
+    llama = LlamaForCausalLM(cfg).spec().block
+    assert llama.clip_rows("self_attn.q_proj", 32) is None
+    assert llama.clip_rows("self_attn.k_proj", 16) is None
+    assert llama.clip_rows("self_attn.v_proj", 16) == slice(None)
+    assert llama.norm_feeding("mlp.up_proj") == "post_attention_layernorm"
 
 
 def test_awq_clip_reduces_group_error() -> None:
@@ -639,10 +696,10 @@ def test_awq_clip_reduces_group_error() -> None:
 @given(
     out_f=st.integers(1, 12),
     n_groups=st.integers(1, 3),
-    gs=st.sampled_from([4, 8, 16, 32]),
+    gs=st.sampled_from([32, 64]),
     n_rows=st.integers(1, 80),
     clip_rows=st.sampled_from([8, 512]),
-    bits=st.sampled_from([2, 3, 4, 8]),
+    bits=st.sampled_from([4, 8]),
     sym=st.booleans(),
     seed=st.integers(0, 2**16),
 )
@@ -690,7 +747,7 @@ def test_quantize_awq_folds_into_norm_and_beats_rtn() -> None:
     rtn_err = ((_rtn_model(net, 4, 32)(x_eval) - ref) ** 2).mean()
     model = copy.deepcopy(net)
     norm_before = model.layers[0].norm.weight.detach().clone()
-    results = quantize_awq(model, AWQ(group_size=32), calib, progress=False)
+    results = quantize_awq(model, AWQ(group_size=32), calib, spec=_TINY_SPEC, progress=False)
     assert len(results) == 6
     blk = model.layers[0]
     # a/b read the LayerNorm output: scale folded there; c reads a product: pre_scale kept.
@@ -702,20 +759,21 @@ def test_quantize_awq_folds_into_norm_and_beats_rtn() -> None:
     assert err < rtn_err, (err.item(), rtn_err.item())
 
 
-def test_awq_handler_and_errors() -> None:
+def test_awq_quantize_verb_and_errors() -> None:
     with pytest.raises(ValueError, match="needs calibration"):
-        awq_mod._quantize_linear_awq(nn.Linear(64, 8), AWQ(group_size=32))
+        quantize_(nn.Sequential(nn.Linear(64, 8)), AWQ(group_size=32))
     lin = nn.Linear(64, 16)
+    ref = copy.deepcopy(lin)
     x = _outlier_inputs(256, 64)
-    attach_calibration(nn.Sequential(lin), [x])
-    out = awq_mod._quantize_linear_awq(lin, AWQ(group_size=32))
-    assert isinstance(out, InputTransformedLinear)
-    assert ((out(x) - lin(x)) ** 2).mean() < (
-        (x @ (lin.weight - fake_quantize(lin.weight, 4, 32)[0]).T) ** 2
+    model = quantize_(nn.Sequential(lin), AWQ(group_size=32), calibration=[x], progress=False)
+    out = model[0]
+    assert isinstance(out, InputTransformedLinear)  # no spec, no norm: the scale stays inside
+    assert ((out(x) - ref(x)) ** 2).mean() < (
+        (x @ (ref.weight - fake_quantize(ref.weight, 4, 32)[0]).T) ** 2
     ).mean()
     with pytest.raises(ValueError, match="features"):
         awq_search_scale(
-            [torch.randn(4, 32)], torch.randn(8, 16), torch.ones(16), AWQ(group_size=16)
+            [torch.randn(4, 32)], torch.randn(8, 16), torch.ones(16), AWQ(group_size=32)
         )
     xn = x.clone()
     xn[0, 0] = float("nan")
@@ -763,8 +821,8 @@ def test_qat_prepare_keeps_parameters_and_converts_exactly() -> None:
     assert torch.allclose(model(x), fq_out, atol=1e-5)
     with pytest.raises(ValueError, match="prepare_qat"):
         convert(model)
-    with pytest.raises(ValueError, match="divide"):
-        prepare_qat(nn.Sequential(nn.Linear(24, 4)), QATConfig(group_size=16))
+    with pytest.raises(ValueError, match="divisible by group_size"):
+        prepare_qat(nn.Sequential(nn.Linear(48, 4)), QATConfig(group_size=32))
 
 
 def test_qat_recovers_rtn_gap_on_tiny_regression() -> None:
@@ -791,14 +849,14 @@ def test_qat_recovers_rtn_gap_on_tiny_regression() -> None:
 
 @pytest.mark.parametrize("scales", ["activation", "duo", "both"])
 def test_awq_search_loss_matches_direct_mse(scales: str) -> None:
-    w = torch.randn(24, 32)
+    w = torch.randn(24, 64)
     for n_rows in (16, 300):  # direct path (n <= in) and Gram path (n > in)
-        x = _outlier_inputs(n_rows, 32, 2)
-        cfg = AWQ(group_size=16, n_grid=5, scales=scales)
+        x = _outlier_inputs(n_rows, 64, 2)
+        cfg = AWQ(group_size=32, n_grid=5, scales=scales)
         s, loss_rtn, loss = awq_search_scale([w], x, x.abs().mean(0), cfg)
-        wq = _reference_fake_quant(w * s, 4, 16) / s
+        wq = _reference_fake_quant(w * s, 4, 32) / s
         assert loss == pytest.approx(float(((x @ (w - wq).T) ** 2).mean()), rel=1e-3)
-        rtn = _reference_fake_quant(w, 4, 16)
+        rtn = _reference_fake_quant(w, 4, 32)
         assert loss_rtn == pytest.approx(float(((x @ (w - rtn).T) ** 2).mean()), rel=1e-3)
         assert loss <= loss_rtn
 
@@ -813,12 +871,12 @@ def test_awq_scale_families() -> None:
     xm = x.abs().mean(0)
     losses = {}
     for fam in ("activation", "duo", "both"):
-        s, loss_rtn, loss = awq_search_scale([w], x, xm, AWQ(group_size=16, n_grid=8, scales=fam))
+        s, loss_rtn, loss = awq_search_scale([w], x, xm, AWQ(group_size=32, n_grid=8, scales=fam))
         assert loss <= loss_rtn
         losses[fam] = (s, loss)
     assert losses["both"][1] <= min(losses["activation"][1], losses["duo"][1]) * (1 + 1e-6)
     # Reference duo candidates, written as AutoAWQ computes them.
-    wg = w.abs().view(-1, 16)
+    wg = w.abs().view(-1, 32)
     w_mean = (wg / (wg.amax(dim=1, keepdim=True) + 1e-6)).view(w.shape).mean(0)
     refs = [torch.ones(64)]
     for i in range(8):

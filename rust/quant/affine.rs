@@ -20,6 +20,33 @@ fn check_finite(w: &[f32], cols: usize) -> Result<()> {
     Ok(())
 }
 
+/// `(scale, zero)` of one group: the one affine rule every quantizer in the crate uses (and
+/// `slimforge.quant.primitives` mirrors in torch ops).
+///
+/// Asymmetric: the range `[min(g, 0), max(g, 0)]` maps onto `[0, qmax]`, `scale = (hi - lo) /
+/// qmax`, `zero = round(-lo / scale)`. Symmetric: `scale = absmax / (qmax / 2)`, `zero = (qmax +
+/// 1) / 2`. Range arithmetic in `f64` (no overflow near `f32::MAX`); scales at least
+/// [`SCALE_EPS`], so an all-zero group gets a usable scale and dequantizes to exact zeros.
+#[inline]
+pub fn group_qparams(g: &[f32], qmax: f64, symmetric: bool) -> (f32, f32) {
+    // min/max are exact in f32; only the division below needs the wider type.
+    let (lo, hi) = g
+        .iter()
+        .fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = (lo as f64, hi as f64);
+    if symmetric {
+        let amax = hi.max(-lo);
+        (
+            ((amax / (qmax / 2.0)) as f32).max(SCALE_EPS),
+            ((qmax + 1.0) / 2.0) as f32,
+        )
+    } else {
+        let scale = (((hi - lo) / qmax) as f32).max(SCALE_EPS);
+        let zero = (-lo / scale as f64).round_ties_even().clamp(0.0, qmax) as f32;
+        (scale, zero)
+    }
+}
+
 /// Min-max (asymmetric) or absmax (symmetric) parameters for a `(rows, cols)` row-major weight.
 ///
 /// Asymmetric: the range `[min(w, 0), max(w, 0)]` maps onto `[0, qmax]`, `zero = round(-lo /
@@ -47,19 +74,7 @@ pub fn choose_qparams(
             .zip(scales.par_iter_mut().zip(zeros.par_iter_mut()))
             .for_each(|(g, (s, z))| {
                 // f64 so that max - min cannot overflow for weights near f32::MAX.
-                let (lo, hi) = g.iter().fold((0f64, 0f64), |(lo, hi), &v| {
-                    (lo.min(v as f64), hi.max(v as f64))
-                });
-                if symmetric {
-                    let amax = hi.max(-lo);
-                    *s = ((amax / (qmax / 2.0)) as f32).max(SCALE_EPS);
-                    *z = ((qmax + 1.0) / 2.0) as f32;
-                } else {
-                    let scale = ((hi - lo) / qmax) as f32;
-                    let scale = scale.max(SCALE_EPS);
-                    *s = scale;
-                    *z = (-lo / scale as f64).round_ties_even().clamp(0.0, qmax) as f32;
-                }
+                (*s, *z) = group_qparams(g, qmax, symmetric);
             })
     });
     Ok((scales, zeros))

@@ -8,13 +8,12 @@
 //! independent in that loop, so each row runs start to finish on one thread with its 4-byte
 //! columns and the block of `Hinv` in cache, instead of one pass over all rows per column.
 //!
-//! Group parameters follow `slimforge.quant.calibrate.group_qparams`, in `f32` as torch computes
-//! them: the range `[min(w, 0), max(w, 0)]` of the group's already error-corrected columns (an
-//! all-zero group gets `[-1, 1]`), symmetric ranges widened to `+-max|w|` with zero `2^(bits-1)`,
-//! else `zero = round(-min / scale)`; codes `clamp(round(w / scale) + zero, 0, 2^bits - 1)`.
+//! Group parameters are [`super::affine::group_qparams`] (the crate's one affine rule) of the
+//! group's already error-corrected columns; codes `clamp(round(w / scale) + zero, 0, 2^bits - 1)`.
 
 use rayon::prelude::*;
 
+use super::affine::group_qparams;
 use super::gemv::{detect_isa, Isa};
 use crate::error::{Error, Result};
 
@@ -36,27 +35,8 @@ pub struct BlockResult {
     pub zeros: Vec<f32>,
 }
 
-fn group_params(g: &[f32], maxq: f32, symmetric: bool, bits: u32) -> (f32, f32) {
-    let (mut lo, mut hi) = g
-        .iter()
-        .fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-    if symmetric {
-        hi = hi.max(-lo);
-        if lo < 0.0 {
-            lo = -hi;
-        }
-    }
-    if lo == 0.0 && hi == 0.0 {
-        lo = -1.0;
-        hi = 1.0;
-    }
-    let scale = (hi - lo) / maxq;
-    let zero = if symmetric {
-        (1u32 << (bits - 1)) as f32
-    } else {
-        (-lo / scale).round_ties_even()
-    };
-    (scale, zero)
+fn group_params(g: &[f32], maxq: f32, symmetric: bool) -> (f32, f32) {
+    group_qparams(g, maxq as f64, symmetric)
 }
 
 /// Rows quantized together: their scalar steps (group parameters, rounding, the division by
@@ -91,7 +71,7 @@ fn rows_tile<const R: usize, const FMA: bool>(
         for r in 0..R {
             if i % group_size == 0 {
                 let g = &w[r * cols + i..r * cols + i + group_size];
-                (scale[r], zero[r]) = group_params(g, maxq, symmetric, bits);
+                (scale[r], zero[r]) = group_params(g, maxq, symmetric);
                 scales[r * ng + i / group_size] = scale[r];
                 zeros[r * ng + i / group_size] = zero[r];
             }
@@ -335,7 +315,7 @@ mod tests {
             for i in 0..cols {
                 if i % gs == 0 {
                     let g = &w[r * cols + i..r * cols + i + gs];
-                    (s, z) = group_params(g, ((1u32 << bits) - 1) as f32, sym, bits);
+                    (s, z) = group_params(g, ((1u32 << bits) - 1) as f32, sym);
                 }
                 let x = w[r * cols + i];
                 let q = ((x / s).round_ties_even() + z).clamp(0.0, ((1u32 << bits) - 1) as f32);

@@ -6,8 +6,22 @@ sliding-window masks, global tokens, GQA/MQA, softcapping, and works under `torc
 `reference_attention` is the plain PyTorch reference with the same masks.
 """
 
-from slimforge.attention.module import Attention, apply_rotary
+from slimforge.attention.module import (
+    ATTN_IMPLS,
+    Attention,
+    apply_rotary,
+    attend,
+    rotary_cos_sin,
+)
 from slimforge.attention.ops import flash_attention
 from slimforge.attention.reference import reference_attention
 
-__all__ = ["Attention", "apply_rotary", "flash_attention", "reference_attention"]
+__all__ = [
+    "ATTN_IMPLS",
+    "Attention",
+    "apply_rotary",
+    "attend",
+    "flash_attention",
+    "reference_attention",
+    "rotary_cos_sin",
+]

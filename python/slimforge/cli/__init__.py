@@ -7,6 +7,7 @@ slimforge demo [--out DIR]
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -125,10 +126,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="slimforge", description="Cheap training and compression of neural networks."
     )
     parser.add_argument("--version", action="version", version=f"slimforge {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log progress details (-vv: debug)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_dedup(sub)
     _add_demo(sub)
     args = parser.parse_args(argv)
+    # The library logs through `logging`; the command line shows warnings, or more with -v.
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
     except (ValueError, FileNotFoundError, OSError) as e:

@@ -1,97 +1,119 @@
 """A small decoder-only transformer in the style of nanoGPT, whose MLP can be a `MoE`.
 
-One readable file: token + learned position embeddings, pre-norm blocks (RMSNorm or LayerNorm),
-causal self-attention through `GPTConfig.attention_fn` (PyTorch's scaled_dot_product_attention by
-default), a dense MLP or a sparse `slimforge.moe.MoE`, and a tied LM head.
+One readable file: token embeddings with learned or rotary positions, pre-norm blocks (RMSNorm
+or LayerNorm), causal self-attention through `slimforge.attention` (the tiled kernel by default,
+PyTorch SDPA with ``attn_impl="sdpa"``; GQA with ``num_kv_heads``), a dense MLP or a sparse
+`slimforge.moe.MoE`, and a tied LM head. Follows the causal-LM protocol
+(`slimforge.models.protocol`): ``model(input_ids, labels=None)`` returns every position's logits
+and the loss.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from slimforge.attention import ATTN_IMPLS, Attention, rotary_cos_sin
+from slimforge.config import Config
+from slimforge.models.protocol import (
+    CausalLMOutput,
+    causal_lm_loss,
+    check_input_ids,
+    tied_logits,
+)
+from slimforge.models.spec import BlockSpec, ModelSpec
 from slimforge.moe import MoE
 from slimforge.moe.reference import expert_activation
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+__all__ = ["GPT", "GPTConfig"]
 
 
-def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention, q/k/v: (batch, heads, seqlen, head_dim) -> same shape."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+@dataclass(frozen=True)
+class GPTConfig(Config):
+    """Model shape. With ``mlp="moe"`` each block's MLP is a `MoE` of ``num_experts`` experts of
+    width ``moe_intermediate_size`` (default ``intermediate_size // top_k``, so a token uses as
+    many MLP parameters as the dense model); aux losses of the MoE layers are added to the loss.
 
-
-@dataclass
-class GPTConfig:
-    """Model shape. With mlp="moe" each block's MLP is a `MoE` of `num_experts` experts of width
-    `moe_hidden` (default mlp_hidden // top_k, so a token uses as many MLP parameters as the
-    dense model); aux losses of the MoE layers are added to the training loss."""
+    The size names are the library's one vocabulary (also `LlamaConfig`'s): ``vocab_size``,
+    ``hidden_size``, ``intermediate_size`` (default 4 x hidden), ``num_layers``, ``num_heads``,
+    ``num_kv_heads`` (default num_heads), ``max_seq_len``.
+    """
 
     vocab_size: int = 256
-    block_size: int = 256
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
+    max_seq_len: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    hidden_size: int = 128
+    intermediate_size: int | None = None
     mlp: str = "dense"
     num_experts: int = 8
     top_k: int = 2
-    moe_hidden: int | None = None
+    moe_intermediate_size: int | None = None
     dropout: float = 0.0
-    mlp_hidden: int | None = None  # dense MLP width, default 4 * n_embd
     activation: str = "gelu"  # MLP / expert nonlinearity: gelu, relu, silu or swiglu
     norm: str = "rms"  # "rms" or "layer"
+    position: str = "learned"  # "learned" (absolute embeddings) or "rope"
+    rope_theta: float = 10000.0
+    attn_impl: str = "flash"  # "flash" (slimforge.attention) or "sdpa"
     capacity_factor: float | None = None
     router: str = "softmax"
     aux_loss_coef: float = 1e-2
     z_loss_coef: float = 1e-3
-    # (q, k, v) -> out, each (batch, heads, seqlen, head_dim); must apply the causal mask.
-    attention_fn: AttentionFn | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.mlp not in ("dense", "moe"):
             raise ValueError(f"mlp must be 'dense' or 'moe', got {self.mlp!r}")
         if self.norm not in ("rms", "layer"):
             raise ValueError(f"norm must be 'rms' or 'layer', got {self.norm!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.position not in ("learned", "rope"):
+            raise ValueError(f"position must be 'learned' or 'rope', got {self.position!r}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+        for name in ("vocab_size", "max_seq_len", "num_layers", "num_heads", "hidden_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads "
+                f"({self.num_heads})"
+            )
+        if self.num_heads % self.kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
 
     @property
     def dense_hidden(self) -> int:
-        return self.mlp_hidden if self.mlp_hidden is not None else 4 * self.n_embd
+        return (
+            self.intermediate_size if self.intermediate_size is not None else 4 * self.hidden_size
+        )
 
     @property
     def expert_hidden(self) -> int:
-        if self.moe_hidden is not None:
-            return self.moe_hidden
+        if self.moe_intermediate_size is not None:
+            return self.moe_intermediate_size
         return max(1, self.dense_hidden // self.top_k)
 
 
 def make_norm(config: GPTConfig) -> nn.Module:
     if config.norm == "rms":
-        return nn.RMSNorm(config.n_embd)
-    return nn.LayerNorm(config.n_embd)
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.n_head = config.n_head
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.dropout = nn.Dropout(config.dropout)
-        self.attention_fn = config.attention_fn or sdpa_causal
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(x).split(c, dim=2)
-        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
-        y = self.attention_fn(q, k, v).transpose(1, 2).reshape(b, t, c)
-        return self.dropout(self.proj(y))
+        return nn.RMSNorm(config.hidden_size)
+    return nn.LayerNorm(config.hidden_size)
 
 
 class MLP(nn.Module):
@@ -100,8 +122,8 @@ class MLP(nn.Module):
         hidden = config.dense_hidden
         self.activation = config.activation
         width = 2 * hidden if config.activation == "swiglu" else hidden
-        self.fc = nn.Linear(config.n_embd, width, bias=False)
-        self.proj = nn.Linear(hidden, config.n_embd, bias=False)
+        self.fc = nn.Linear(config.hidden_size, width, bias=False)
+        self.proj = nn.Linear(hidden, config.hidden_size, bias=False)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,12 +134,19 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.norm1 = make_norm(config)
-        self.attn = CausalSelfAttention(config)
+        self.attn = Attention(
+            config.hidden_size,
+            config.num_heads,
+            config.kv_heads,
+            rotary=config.position == "rope",
+            rotary_base=config.rope_theta,
+            impl=config.attn_impl,
+        )
         self.norm2 = make_norm(config)
         self.mlp: nn.Module
         if config.mlp == "moe":
             self.mlp = MoE(
-                config.n_embd,
+                config.hidden_size,
                 config.expert_hidden,
                 config.num_experts,
                 config.top_k,
@@ -131,31 +160,37 @@ class Block(nn.Module):
             self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(
+        self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.norm1(x), cos_sin=cos_sin))
         return x + self.dropout(self.mlp(self.norm2(x)))
 
 
 class GPT(nn.Module):
-    """Decoder-only LM. `forward(idx (B, T) int64, targets (B, T) | None) -> (logits, loss)`:
-    logits (B, T, vocab) with targets, else (B, 1, vocab) for the last position; loss is the
-    cross-entropy plus the MoE auxiliary losses (None without targets). `last_lm_loss` keeps
-    the cross-entropy alone."""
+    """Decoder-only LM following the causal-LM protocol.
+
+    ``forward(input_ids (B, T) int64, labels (B, T) | None) -> CausalLMOutput``: logits
+    ``(B, T, vocab)``; with labels (the input ids, shifted inside; -100 ignored) the loss is the
+    next-token cross-entropy plus the MoE auxiliary losses (``aux_loss``). The output head is
+    tied to the token embedding.
+    """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
-        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self.tok_emb = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.pos_emb = (
+            nn.Embedding(config.max_seq_len, config.hidden_size)
+            if config.position == "learned"
+            else None
+        )
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.tok_emb.weight
-        self.last_lm_loss: float | None = None
         self.apply(self._init_weights)
         # Scaled init of the residual projections (GPT-2).
-        residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+        residual_std = 0.02 / math.sqrt(2 * config.num_layers)
         for name, p in self.named_parameters():
             if name.endswith(("attn.proj.weight", "mlp.proj.weight", "mlp.w_out")):
                 nn.init.normal_(p, std=residual_std)
@@ -167,9 +202,40 @@ class GPT(nn.Module):
         elif isinstance(module, MoE):
             nn.init.normal_(module.w_in, std=0.02)
 
+    def spec(self) -> ModelSpec:
+        """Where the blocks, projections and norms are (see `slimforge.models.spec`)."""
+        c = self.config
+        moe = c.mlp == "moe"
+        return ModelSpec(
+            blocks="blocks",
+            block=BlockSpec(
+                attn_norm="norm1",
+                attn_in=("attn.qkv",),
+                attn_out="attn.proj",
+                mlp_norm="norm2",
+                mlp_in=() if moe else ("mlp.fc",),
+                mlp_out=None if moe else "mlp.proj",
+                query_key=(),
+                fused_qkv="attn.qkv",
+                qkv_rows=(
+                    c.num_heads * c.head_dim,
+                    c.kv_heads * c.head_dim,
+                    c.kv_heads * c.head_dim,
+                ),
+                moe="mlp" if moe else None,
+                keep_float=("mlp.router",) if moe else (),
+            ),
+            embed="tok_emb",
+            final_norm="norm",
+            lm_head=None,
+            family="gpt",
+        )
+
     def num_params(self, active: bool = False) -> int:
         """Parameter count without position embeddings; `active`: those one token uses."""
-        total = sum(p.numel() for p in self.parameters()) - self.pos_emb.weight.numel()
+        total = sum(p.numel() for p in self.parameters())
+        if self.pos_emb is not None:
+            total -= self.pos_emb.weight.numel()
         if active:
             for m in self.moe_layers():
                 per_expert = (m.w_in.numel() + m.w_out.numel()) // m.w_in.shape[0]
@@ -180,45 +246,51 @@ class GPT(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        _, t = idx.shape
-        if t > self.config.block_size:
-            raise ValueError(f"sequence length {t} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(t, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> CausalLMOutput:
+        check_input_ids(input_ids, self.config.max_seq_len)
+        t = input_ids.shape[1]
+        pos = torch.arange(t, device=input_ids.device)
+        x = self.tok_emb(input_ids)
+        cos_sin = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(pos)
+        else:
+            cos_sin = rotary_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+        x = self.drop(x)
         for block in self.blocks:
-            x = block(x)
-        x = self.norm(x)
-        if targets is None:
-            return self.lm_head(x[:, [-1], :]), None
-        logits = self.lm_head(x)
-        lm_loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-        self.last_lm_loss = float(lm_loss.detach())
-        loss = lm_loss
+            x = block(x, cos_sin)
+        logits = tied_logits(self.norm(x), self.tok_emb)
+        if labels is None:
+            return CausalLMOutput(logits)
+        loss = causal_lm_loss(logits, labels)
+        aux = None
         for moe in self.moe_layers():
             if moe.aux_loss is not None:
-                loss = loss + moe.aux_loss
-        return logits, loss
+                aux = moe.aux_loss if aux is None else aux + moe.aux_loss
+        if aux is not None:
+            loss = loss + aux
+        return CausalLMOutput(logits, loss, aux)
 
     @torch.no_grad()
     def generate(
         self,
-        idx: torch.Tensor,
+        input_ids: torch.Tensor,
         max_new_tokens: int,
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Sample `max_new_tokens` tokens after idx (B, T); returns (B, T + max_new_tokens)."""
+        """Sample ``max_new_tokens`` tokens after ``input_ids (B, T)``; returns
+        ``(B, T + max_new_tokens)``. Re-runs the window each step (no KV cache)."""
+        idx = input_ids
         for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size :]
-            logits, _ = self(context)
-            logits = logits[:, -1, :] / max(temperature, 1e-8)
+            context = idx[:, -self.config.max_seq_len :]
+            logits = self(context).logits[:, -1, :] / max(temperature, 1e-8)
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = F.softmax(logits, dim=-1)
+            probs = torch.softmax(logits, dim=-1)
             nxt = torch.multinomial(probs, 1, generator=generator)
             idx = torch.cat([idx, nxt], dim=1)
         return idx

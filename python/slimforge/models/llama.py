@@ -1,44 +1,70 @@
-"""A minimal Llama-architecture causal LM (SmolLM2 and kin) and a byte-level BPE tokenizer.
+"""A minimal Llama-architecture causal LM (SmolLM2 and kin).
 
-RMSNorm, rotary embeddings (Hugging Face ``rotate_half`` convention), grouped-query attention,
-SwiGLU MLP, optionally tied embeddings. ``LlamaForCausalLM.from_gguf`` loads a llama.cpp GGUF
-file (F32/F16/BF16/Q4_0/Q4_1/Q8_0 tensors dequantized to float32) and un-permutes the q/k rows
-that llama.cpp's converter permuted for its adjacent-pair RoPE. The tied output head is
-``F.linear(h, embed_tokens.weight)``, so it is not an ``nn.Linear`` and quantizers leave it alone.
+RMSNorm, rotary embeddings (Hugging Face ``rotate_half`` convention, `slimforge.attention`'s
+``apply_rotary``), grouped-query attention through `slimforge.attention.attend` (the tiled
+kernel, or SDPA), SwiGLU MLP, optionally tied embeddings. ``LlamaForCausalLM.from_gguf`` loads a
+llama.cpp GGUF file (F32/F16/BF16/Q4_0/Q4_1/Q8_0 and k-quant tensors dequantized to float32)
+and un-permutes the q/k rows that llama.cpp's converter permuted for its adjacent-pair RoPE.
+The tied output head multiplies by the embedding table (a quantized table runs its own
+quantized matmul), so it is not an ``nn.Linear``.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimforge.attention import ATTN_IMPLS, apply_rotary, attend, rotary_cos_sin
+from slimforge.config import Config
+from slimforge.models.protocol import (
+    CausalLMOutput,
+    causal_lm_loss,
+    check_input_ids,
+    tied_logits,
+)
+from slimforge.models.spec import LLAMA_BLOCK, ModelSpec
+from slimforge.models.tokenizer import ByteLevelBPETokenizer
+
 __all__ = [
     "ByteLevelBPETokenizer",
     "LlamaConfig",
     "LlamaForCausalLM",
     "greedy_generate",
-    "perplexity",
 ]
 
 
-@dataclass
-class LlamaConfig:
+@dataclass(frozen=True)
+class LlamaConfig(Config):
+    """Llama-family shape in the library's size vocabulary (as `GPTConfig`); defaults are
+    SmolLM2-135M's. ``attn_impl``: "flash" (slimforge.attention) or "sdpa"."""
+
     vocab_size: int = 49152
     hidden_size: int = 576
     intermediate_size: int = 1536
     num_layers: int = 30
     num_heads: int = 9
     num_kv_heads: int = 3
+    max_seq_len: int = 8192
     rope_theta: float = 100000.0
-    rms_norm_eps: float = 1e-5
+    norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    attn_impl: str = "flash"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads "
+                f"({self.num_heads}), itself a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
 
     @property
     def head_dim(self) -> int:
@@ -46,6 +72,8 @@ class LlamaConfig:
 
 
 class LlamaRMSNorm(nn.Module):
+    """RMSNorm computed in float32 and cast back (Hugging Face's ``LlamaRMSNorm``)."""
+
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -55,23 +83,6 @@ class LlamaRMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.to(x.dtype) * self.weight
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def rope_tables(
-    seq_len: int, head_dim: int, theta: float, device: torch.device | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin: (seq_len, head_dim) float32."""
-    inv = 1.0 / theta ** (
-        torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
-    )
-    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
 
 
 class LlamaAttention(nn.Module):
@@ -84,20 +95,14 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * hd, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         b, t, _ = x.shape
         hd, nh, nkv = self.cfg.head_dim, self.cfg.num_heads, self.cfg.num_kv_heads
-        q = self.q_proj(x).view(b, t, nh, hd).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, nkv, hd).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, nkv, hd).transpose(1, 2)
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        rep = nh // nkv
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, nh * hd))
+        q = apply_rotary(self.q_proj(x).view(b, t, nh, hd), cos_sin=cos_sin)
+        k = apply_rotary(self.k_proj(x).view(b, t, nkv, hd), cos_sin=cos_sin)
+        v = self.v_proj(x).view(b, t, nkv, hd)
+        y = attend(q, k, v, causal=True, impl=self.cfg.attn_impl)
+        return self.o_proj(y.reshape(b, t, nh * hd))
 
 
 class LlamaMLP(nn.Module):
@@ -114,45 +119,65 @@ class LlamaMLP(nn.Module):
 class LlamaBlock(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.input_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.self_attn = LlamaAttention(cfg)
-        self.post_attention_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaForCausalLM(nn.Module):
-    """input_ids (batch, seq) int64 -> logits (batch, seq, vocab) float."""
+    """Llama-architecture causal LM following the causal-LM protocol:
+    ``forward(input_ids (B, T), labels=None) -> CausalLMOutput`` with logits ``(B, T, vocab)``.
+
+    Module names follow Hugging Face's ``LlamaModel`` blocks (``layers.N.self_attn.q_proj``).
+    With tied embeddings the output head is the embedding table itself (no ``lm_head``).
+    """
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.num_layers))
-        self.norm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = LlamaRMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = (
             None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(
-                f"input_ids must be (batch, seq) int64; got {tuple(input_ids.shape)} {input_ids.dtype}"
-            )
+    def spec(self) -> ModelSpec:
+        """Where the blocks, projections and norms are (see `slimforge.models.spec`)."""
+        return ModelSpec(
+            blocks="layers",
+            block=LLAMA_BLOCK,
+            embed="embed_tokens",
+            final_norm="norm",
+            lm_head=None if self.lm_head is None else "lm_head",
+            family="llama",
+        )
+
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> CausalLMOutput:
+        check_input_ids(input_ids, self.cfg.max_seq_len)
         x = self.embed_tokens(input_ids)
-        cos, sin = rope_tables(input_ids.shape[1], self.cfg.head_dim, self.cfg.rope_theta, x.device)
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        cos_sin = rotary_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos_sin)
         x = self.norm(x)
-        if self.lm_head is None:
-            return F.linear(x, self.embed_tokens.weight)
-        return self.lm_head(x)
+        logits = tied_logits(x, self.embed_tokens) if self.lm_head is None else self.lm_head(x)
+        if labels is None:
+            return CausalLMOutput(logits)
+        return CausalLMOutput(logits, causal_lm_loss(logits, labels))
 
     @classmethod
-    def from_gguf(cls, path: str | Path, num_layers: int | None = None) -> LlamaForCausalLM:
+    def from_gguf(
+        cls, path: str | Path, num_layers: int | None = None, attn_impl: str = "flash"
+    ) -> LlamaForCausalLM:
         """Load a llama-architecture GGUF file; ``num_layers`` keeps only the first layers."""
         from slimforge.quant.formats.gguf import read_gguf
 
@@ -170,9 +195,11 @@ class LlamaForCausalLM(nn.Module):
             num_kv_heads=int(
                 md.get("llama.attention.head_count_kv", md["llama.attention.head_count"])
             ),
+            max_seq_len=int(md.get("llama.context_length", 8192)),
             rope_theta=float(md.get("llama.rope.freq_base", 10000.0)),
-            rms_norm_eps=float(md.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            norm_eps=float(md.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
             tie_embeddings="output.weight" not in f.tensors,
+            attn_impl=attn_impl,
         )
         model = cls(cfg)
 
@@ -209,130 +236,11 @@ class LlamaForCausalLM(nn.Module):
         return model.eval()
 
 
-@lru_cache(maxsize=1)
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable unicode character map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
-# GPT-2 / ByteLevel pre-tokenizer; Python `re` spelling of \p{L} = [^\W\d_], \p{N} ~ \d.
-_GPT2_SPLIT = re.compile(
-    r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"""
-)
-
-
-class ByteLevelBPETokenizer:
-    """Byte-level BPE (GPT-2 style) from a vocabulary list and ranked merges.
-
-    ``split_digits=True`` splits every digit into its own pre-token first, as SmolLM's
-    tokenizer (llama.cpp pre-tokenizer ``smollm``) does.
-    """
-
-    def __init__(self, tokens: list[str], merges: list[str], split_digits: bool = True) -> None:
-        self.tokens = list(tokens)
-        self.vocab = {t: i for i, t in enumerate(self.tokens)}
-        self.ranks = {tuple(m.split(" ", 1)): r for r, m in enumerate(merges)}
-        self.split_digits = split_digits
-        self.byte_enc = _bytes_to_unicode()
-        self.byte_dec = {c: b for b, c in self.byte_enc.items()}
-        self._cache: dict[str, list[int]] = {}
-
-    @classmethod
-    def from_gguf(cls, path: str | Path) -> ByteLevelBPETokenizer:
-        from slimforge.quant.formats.gguf import read_gguf
-
-        md = read_gguf(path).metadata
-        if md.get("tokenizer.ggml.model") != "gpt2":
-            raise ValueError(
-                f"{path}: tokenizer model {md.get('tokenizer.ggml.model')!r} is not BPE"
-            )
-        return cls(md["tokenizer.ggml.tokens"], md["tokenizer.ggml.merges"],
-                   split_digits=md.get("tokenizer.ggml.pre") == "smollm")  # fmt: skip
-
-    def _pretokenize(self, text: str) -> list[str]:
-        if not self.split_digits:
-            return _GPT2_SPLIT.findall(text)
-        pieces: list[str] = []
-        for part in re.split(r"(\d)", text):
-            if not part:
-                continue
-            if len(part) == 1 and part.isdigit():
-                pieces.append(part)
-            else:
-                pieces.extend(_GPT2_SPLIT.findall(part))
-        return pieces
-
-    def _bpe(self, piece: str) -> list[int]:
-        cached = self._cache.get(piece)
-        if cached is not None:
-            return cached
-        word = [self.byte_enc[b] for b in piece.encode("utf-8")]
-        while len(word) > 1:
-            pairs = [
-                (self.ranks.get((a, b), math.inf), i)
-                for i, (a, b) in enumerate(zip(word, word[1:], strict=False))
-            ]
-            rank, _ = min(pairs)
-            if rank == math.inf:
-                break
-            i0 = next(i for r, i in pairs if r == rank)
-            first, second = word[i0], word[i0 + 1]
-            merged: list[str] = []
-            i = 0
-            while i < len(word):
-                if i < len(word) - 1 and word[i] == first and word[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            word = merged
-        ids = []
-        for sym in word:
-            if sym not in self.vocab:
-                raise ValueError(f"symbol {sym!r} is not in the vocabulary")
-            ids.append(self.vocab[sym])
-        self._cache[piece] = ids
-        return ids
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (no special tokens added)."""
-        return [i for piece in self._pretokenize(text) for i in self._bpe(piece)]
-
-    def decode(self, ids: list[int]) -> str:
-        data = bytes(self.byte_dec[c] for i in ids for c in self.tokens[i] if c in self.byte_dec)
-        return data.decode("utf-8", errors="replace")
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int = 256) -> float:
-    """Perplexity of 1-D token ids over consecutive non-overlapping windows of ``seq_len``."""
-    ids = ids.reshape(-1)
-    nll, count = 0.0, 0
-    for s in range(0, ids.numel() - 1, seq_len):
-        chunk = ids[s : s + seq_len]
-        if chunk.numel() < 2:
-            break
-        logits = model(chunk[None]).float()
-        loss = F.cross_entropy(logits[0, :-1], chunk[1:], reduction="sum")
-        nll += float(loss)
-        count += chunk.numel() - 1
-    return math.exp(nll / count)
-
-
 @torch.no_grad()
 def greedy_generate(model: nn.Module, ids: list[int], max_new_tokens: int) -> list[int]:
     """Greedy continuation (no KV cache: recomputes the prefix each step)."""
     out = list(ids)
     for _ in range(max_new_tokens):
-        logits = model(torch.tensor([out]))
+        logits = model(torch.tensor([out])).logits
         out.append(int(logits[0, -1].argmax()))
     return out[len(ids) :]

@@ -1,5 +1,8 @@
-"""Weight-only INT8/INT4 quantization: primitives, ``QuantLinear``, ``quantize_``, GPTQ, AWQ,
-QAT and save/load.
+"""Weight-only INT8/INT4 quantization: primitives, ``QuantLinear``, one verb ``quantize_``
+(round-to-nearest, GPTQ, AWQ, the QAT prepare step), ``convert`` and save/load.
+
+    quantize_(model, Int8WeightOnly())
+    quantize_(model, GPTQ(bits=4, group_size=128), calibration=batches)
 
 Layout: codes ``q`` (uint8, ``[0, 2**bits - 1]``), float32 ``scales`` and integer-valued
 ``zeros`` per group, ``w ~= (q - zero) * scale``; INT4 packs element ``2j`` in the low nibble.
@@ -19,6 +22,7 @@ from slimforge.quant.linear import QuantEmbedding, QuantLinear
 from slimforge.quant.primitives import (
     choose_qparams,
     dequantize_affine,
+    fake_quantize_affine,
     pack_int4,
     quantize_affine,
     unpack_int4,
@@ -29,11 +33,13 @@ from slimforge.quant.serialization import (
     register_quantized_module,
     save_quantized,
 )
+from slimforge.quant.transformed import InputTransformedLinear
 
 __all__ = [
     "AWQ",
     "GPTQ",
     "FakeQuantLinear",
+    "InputTransformedLinear",
     "Int4WeightOnly",
     "Int8WeightOnly",
     "QATConfig",
@@ -43,6 +49,7 @@ __all__ = [
     "choose_qparams",
     "convert",
     "dequantize_affine",
+    "fake_quantize_affine",
     "load_quantized",
     "pack_int4",
     "prepare_qat",

@@ -10,55 +10,45 @@ Per group of linears that read the same input (q/k/v, gate/up, ...):
    best s. s = 1 (plain RTN) is always a candidate, so the chosen s never does worse than RTN on
    the calibration rows.
 2. Clip search (``clip=True``): per output row and group, the clip threshold
-   max|w| * (1 - i/20), i < 10, minimising the group-local output MSE; skipped for query/key
-   projections (their error is amplified by the softmax), recognised by name. A fused q/k/v
-   projection stacked as [q; k; v] (named ``qkv``, ``qkv_proj`` or ``c_attn``, with
-   out_features == 3 * in_features) has only its value rows clipped, as a separate ``v_proj``
-   would be.
-3. Fold: W <- W diag(s). When the group's input is the output of a LayerNorm/RMSNorm
-   (detected by tensor identity during calibration), the norm's weight (and bias) are divided
+   max|w| * (1 - i/20), i < 10, minimising the group-local output MSE; skipped for the query/key
+   projections the model's spec names (their error is amplified by the softmax); a fused q/k/v
+   projection has only its value rows clipped, as a separate ``v_proj`` would be.
+3. Fold: W <- W diag(s). When the group's input is the output of the norm the spec names for it
+   (confirmed by tensor identity during calibration), the norm's weight (and bias) are divided
    by s, which is free at inference. Otherwise the scale stays in the module as a ``pre_scale``
    buffer of ``InputTransformedLinear`` that divides the input by s (one elementwise op per call).
 
-The quantizer is the same min-max group quantizer as RTN and GPTQ (range containing 0).
+The quantizer is the library's one affine quantizer (``slimforge.quant.primitives``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from slimforge.quant.api import register_quantize_handler
-from slimforge.quant.calibrate import (
-    Batch,
-    InputSampler,
-    InputTransformedLinear,
-    LinearGroup,
-    _check_bits_group,
-    fake_quantize,
-    run_sequential,
-    set_submodule,
-)
+from slimforge.calibration import Batch, InputStats, LinearGroup, run_sequential
+from slimforge.models.spec import BlockSpec
+from slimforge.nn.surgery import ModuleFilter, set_submodule
+from slimforge.quant.api import QuantConfig, register_quantize_handler
 from slimforge.quant.linear import QuantLinear
+from slimforge.quant.primitives import fake_quantize_affine, resolve_group_size
+from slimforge.quant.transformed import InputTransformedLinear
 
 __all__ = ["AWQ", "AWQResult", "awq_clip", "awq_search_scale", "quantize_awq"]
 
 _SCALE_FAMILIES = ("activation", "duo", "both")
-# Fused q/k/v projections (GPT-2 c_attn, qkv, qkv_proj, MPT Wqkv) hold query/key rows too.
-_QK_NAMES = ("q_proj", "k_proj", "wq", "wk", "query", "key", "attn_q", "attn_k", "qkv", "c_attn")
-# Fused projections known to stack [q; k; v] row blocks (not GPT-NeoX's per-head interleave).
-_STACKED_QKV = ("qkv", "qkv_proj", "c_attn")
 
 
-@dataclass
-class AWQ:
-    """AWQ configuration.
+@dataclass(frozen=True)
+class AWQ(QuantConfig):
+    """AWQ configuration (``quantize_(model, AWQ(), calibration=batches)``).
 
-    bits, group_size: as RTN (group_size must divide in_features). n_grid: scale exponents tried.
+    bits, group_size: as RTN (4 or 8; 32, 64, 128 or None). n_grid: scale exponents tried.
     scales: candidate family, "duo" (x_mean^r / w_mean^(1-r), AutoAWQ's default, and ours),
     "activation" (x_mean^r, llm-awq) or "both" (2 * n_grid candidates). clip: run the clip
     search. symmetric: zero fixed at 2^(bits-1). max_rows: calibration rows kept per group for
@@ -68,17 +58,19 @@ class AWQ:
     """
 
     bits: int = 4
-    group_size: int = 128
+    group_size: int | None = 128
+    symmetric: bool = False
     n_grid: int = 20
     clip: bool = True
-    symmetric: bool = False
     max_rows: int = 4096
     clip_rows: int = 4096
     fold_norms: bool = True
     scales: str = "duo"
 
+    needs_calibration: ClassVar[bool] = True
+
     def __post_init__(self) -> None:
-        _check_bits_group(self.bits, self.group_size)
+        super().__post_init__()
         if self.scales not in _SCALE_FAMILIES:
             raise ValueError(f"scales must be one of {_SCALE_FAMILIES}; got {self.scales!r}")
         if self.n_grid < 1:
@@ -136,11 +128,12 @@ def awq_search_scale(
         )
     x = x.float()
     n_rows, in_f = x.shape
+    gs = resolve_group_size(config.group_size, in_f)
     # mean((x (W - Wq)^T)^2) = tr(D G D^T) / (n out) with G = x^T x: cheaper when n > in.
     gram = x.T @ x if n_rows > in_f else None
 
     def loss_of(s: torch.Tensor) -> float:
-        wq = fake_quantize(w * s, config.bits, config.group_size, config.symmetric)[0] / s
+        wq = fake_quantize_affine(w * s, config.bits, gs, config.symmetric)[0] / s
         diff = w - wq
         if gram is not None:
             return float(((diff @ gram) * diff).sum()) / (n_rows * w.shape[0])
@@ -149,7 +142,7 @@ def awq_search_scale(
     x_mean = x_mean.float()
     w_mean = None
     if config.scales != "activation":
-        wg = w.abs().reshape(w.shape[0], -1, config.group_size)
+        wg = w.abs().reshape(w.shape[0], -1, gs)
         w_mean = (wg / (wg.amax(dim=-1, keepdim=True) + 1e-6)).reshape(w.shape).mean(dim=0)
     best_s = torch.ones_like(x_mean)
     best_loss = loss_rtn = loss_of(best_s)
@@ -185,7 +178,7 @@ def awq_clip(
     (group, group) product per row and group instead of one pass over the calibration rows.
     """
     out_f, in_f = w.shape
-    gs = config.group_size
+    gs = resolve_group_size(config.group_size, in_f)
     ng = in_f // gs
     x = x.float()
     if x.shape[0] > config.clip_rows:
@@ -204,7 +197,8 @@ def awq_clip(
         for i in range(int(max_shrink * n_grid)):
             mx = amax * (1 - i / n_grid)
             cur = torch.maximum(torch.minimum(wc, mx), -mx).reshape(-1, in_f)
-            deq = fake_quantize(cur, config.bits, gs, config.symmetric)[0].reshape(-1, ng, gs)
+            deq = fake_quantize_affine(cur, config.bits, gs, config.symmetric)[0]
+            deq = deq.reshape(-1, ng, gs)
             d = (deq - wc).transpose(0, 1)  # (ng, rows, gs)
             err = ((d @ gram) * d).sum(dim=-1).T  # (rows, ng)
             better = err < best_err
@@ -216,43 +210,33 @@ def awq_clip(
     return clipped
 
 
-def _clip_rows(name: str, w: torch.Tensor) -> slice | None:
-    """Rows of ``w`` (out, in) the clip search may change: none for query/key projections, the
-    value third of a stacked fused q/k/v projection, else all."""
-    leaf = name.rsplit(".", 1)[-1].lower()
-    if not leaf.startswith(_QK_NAMES):
-        return slice(None)
-    if leaf in _STACKED_QKV and w.shape[0] == 3 * w.shape[1]:
-        return slice(2 * w.shape[1], None)
-    return None
-
-
 def _quantize_group(
-    names: list[str],
     weights: list[torch.Tensor],
+    clip_rows: list[slice | None],
     x: torch.Tensor,
     x_mean: torch.Tensor,
     config: AWQ,
     folded: bool,
 ) -> list[AWQResult]:
+    """AWQ of linears sharing input ``x``: one searched scale, then per linear the clip search
+    on ``clip_rows`` (None: no clipping) and the quantization."""
     s, loss_rtn, loss = awq_search_scale(weights, x, x_mean, config)
     results = []
-    for name, w in zip(names, weights, strict=True):
-        _check_bits_group(config.bits, config.group_size, w.shape[1])
+    for w, rows in zip(weights, clip_rows, strict=True):
+        gs = resolve_group_size(config.group_size, w.shape[1])
         ws = w.detach().float() * s
-        rows = _clip_rows(name, w) if config.clip else None
-        if rows is not None:
+        if config.clip and rows is not None:
             ws[rows] = awq_clip(ws[rows], x / s, config)
-        _, q, scales, zeros = fake_quantize(ws, config.bits, config.group_size, config.symmetric)
+        _, q, scales, zeros = fake_quantize_affine(ws, config.bits, gs, config.symmetric)
         results.append(
             AWQResult(
-                q.to(torch.uint8),
+                q,
                 scales.float(),
                 zeros.float(),
                 None if folded else s.clone(),
                 s.clone(),
                 config.bits,
-                config.group_size,
+                gs,
                 loss_rtn,
                 loss,
             )
@@ -260,34 +244,54 @@ def _quantize_group(
     return results
 
 
+def _clip_rows(block: BlockSpec | None, local_name: str, lin: nn.Linear) -> slice | None:
+    """Rows the clip search may change, as the block's spec says (all rows without a spec)."""
+    if block is None:
+        return slice(None)
+    return block.clip_rows(local_name, lin.out_features)
+
+
 def quantize_awq(
     model: nn.Module,
     config: AWQ,
     calibration: Iterable[Batch],
-    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    filter_fn: ModuleFilter | None = None,
+    *,
+    spec: Any = "auto",
     progress: bool = True,
 ) -> dict[str, AWQResult]:
     """Quantize the model's linears with AWQ, block by block, in place.
 
-    Calibration and block handling as ``slimforge.quant.gptq.quantize_gptq``. Selected linears
-    become ``QuantLinear`` (wrapped in ``InputTransformedLinear`` when the scale could not be
-    folded into a norm). Returns ``{module name: AWQResult}``.
+    Calibration and block handling as :func:`slimforge.quant.gptq.quantize_gptq`. The model's
+    spec says which norm feeds each group (the scale is folded into it) and which projections
+    compute queries and keys (not clipped); without a spec every scale stays in its module and
+    every row may be clipped. Selected linears become ``QuantLinear`` (wrapped in
+    ``InputTransformedLinear`` when the scale could not be folded into a norm). Returns
+    ``{module name: AWQResult}``. ``quantize_(model, AWQ(), calibration=batches)`` is the same.
     """
+    if not isinstance(config, AWQ):
+        raise TypeError(f"config must be an AWQ, got {type(config).__name__}")
     results: dict[str, AWQResult] = {}
 
-    def make_observer(lin: nn.Linear) -> InputSampler:
-        return InputSampler(lin.in_features, config.max_rows)
+    def make_observer(lin: nn.Linear) -> InputStats:
+        return InputStats(lin.in_features, config.max_rows)
 
     def process(group: LinearGroup) -> None:
-        sampler = group.observers[0]
+        stats = group.observers[0]
         norm = group.producer if config.fold_norms else None
+        if norm is not None and getattr(norm, "weight", None) is None:
+            norm = None
         if norm is not None and norm.weight.shape != (group.modules[0].in_features,):
             norm = None
+        rows = [
+            _clip_rows(group.block, n, m)
+            for n, m in zip(group.local_names, group.modules, strict=True)
+        ]
         res = _quantize_group(
-            group.names,
             [m.weight for m in group.modules],
-            sampler.samples(),
-            sampler.mean_abs,
+            rows,
+            stats.samples(),
+            stats.mean_abs,
             config,
             folded=norm is not None,
         )
@@ -309,9 +313,10 @@ def quantize_awq(
         make_observer,
         process,
         filter_fn,
-        progress,
+        spec=spec,
+        progress=progress,
         desc="AWQ",
-        track_producers=config.fold_norms,
+        find_producers=config.fold_norms,
     )
     for name, r in results.items():
         lin = model.get_submodule(name)
@@ -319,18 +324,14 @@ def quantize_awq(
     return results
 
 
-@register_quantize_handler(AWQ)
-def _quantize_linear_awq(module: nn.Linear, config: AWQ) -> nn.Module:
-    """``quantize_(model, AWQ())`` handler: uses inputs sampled by ``attach_calibration``; the
-    scale stays in the module (no norm folding at this level)."""
-    stats = getattr(module, "slimforge_calibration", None)
-    if stats is None:
-        raise ValueError(
-            "AWQ needs calibration data: call "
-            "slimforge.quant.calibrate.attach_calibration(model, batches) before "
-            "quantize_(model, AWQ()), or use slimforge.quant.awq.quantize_awq(model, AWQ(), batches)"
-        )
-    (res,) = _quantize_group(
-        ["linear"], [module.weight], stats.samples, stats.mean_abs, config, folded=False
-    )
-    return res.to_module(module.bias)
+@register_quantize_handler(AWQ, model_level=True)
+def _awq_model(
+    model: nn.Module,
+    config: AWQ,
+    calibration: Iterable[Batch],
+    filter_fn: ModuleFilter,
+    spec: Any,
+    progress: bool,
+) -> nn.Module:
+    quantize_awq(model, config, calibration, filter_fn, spec=spec, progress=progress)
+    return model

@@ -21,53 +21,54 @@ Groups and act-order: with ``act_order=True`` columns are processed by decreasin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from slimforge import _native
-from slimforge.quant.api import register_quantize_handler
-from slimforge.quant.calibrate import (
+from slimforge.calibration import (
     Batch,
     HessianObserver,
-    InputTransformedLinear,
     LinearGroup,
-    _check_bits_group,
     all_finite,
-    group_qparams,
-    quantize_codes,
     run_sequential,
-    set_submodule,
 )
+from slimforge.nn.surgery import ModuleFilter, set_submodule
+from slimforge.quant.api import QuantConfig, register_quantize_handler
 from slimforge.quant.linear import QuantLinear
+from slimforge.quant.primitives import group_qparams, quantize_codes, resolve_group_size
+from slimforge.quant.transformed import InputTransformedLinear
 
 __all__ = ["GPTQ", "GPTQResult", "gptq_quantize_weight", "quantize_gptq"]
 
 
-@dataclass
-class GPTQ:
-    """GPTQ configuration.
+@dataclass(frozen=True)
+class GPTQ(QuantConfig):
+    """GPTQ configuration (``quantize_(model, GPTQ(), calibration=batches)``).
 
-    bits: 2, 3, 4 or 8. group_size: columns sharing a scale/zero (must divide in_features; use
-    in_features for per-channel). damp: initial fraction of mean(diag H) added to the diagonal.
-    act_order: process columns by decreasing H_ii. symmetric: zero fixed at 2^(bits-1).
-    block_size: columns per lazy update. static_groups: fit groups on the original weight (see
-    module docstring). max_damp_retries: Cholesky retries, each adding 0.01 to ``damp``.
+    bits: 4 or 8. group_size: 32, 64, 128 or None/-1 (per-channel). damp: initial fraction of
+    mean(diag H) added to the diagonal. act_order: process columns by decreasing H_ii.
+    symmetric: absmax scale, mid-range zero. block_size: columns per lazy update.
+    static_groups: fit groups on the original weight (see module docstring). max_damp_retries:
+    Cholesky retries, each adding 0.01 to ``damp``.
     """
 
     bits: int = 4
-    group_size: int = 128
+    group_size: int | None = 128
+    symmetric: bool = False
     damp: float = 0.01
     act_order: bool = True
-    symmetric: bool = False
     block_size: int = 128
     static_groups: bool = False
     max_damp_retries: int = 10
 
+    needs_calibration: ClassVar[bool] = True
+
     def __post_init__(self) -> None:
-        _check_bits_group(self.bits, self.group_size)
+        super().__post_init__()
         if not 0 <= self.damp < 1:
             raise ValueError(f"damp must be in [0, 1); got {self.damp}")
         if self.block_size <= 0:
@@ -144,12 +145,11 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, retries: int) -> tuple[torch
     )
 
 
-def _native_block(cfg: GPTQ, w: torch.Tensor) -> int | None:
+def _native_block(cfg: GPTQ, gs: int, w: torch.Tensor) -> int | None:
     """Block size for the Rust column loop, or None where it does not apply (it fits dynamic
     groups that start at block starts, on float32 CPU tensors)."""
     if w.dtype != torch.float32 or w.device.type != "cpu" or cfg.static_groups:
         return None
-    gs = cfg.group_size
     if cfg.block_size % gs == 0:
         return cfg.block_size
     if gs % cfg.block_size == 0 and gs <= 1024:
@@ -158,13 +158,12 @@ def _native_block(cfg: GPTQ, w: torch.Tensor) -> int | None:
 
 
 def _column_loop_native(
-    w_all: torch.Tensor, hinv: torch.Tensor, cfg: GPTQ, block: int
+    w_all: torch.Tensor, hinv: torch.Tensor, cfg: GPTQ, gs: int, block: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The column loop with the Rust kernel (one call per block, rows in parallel) and the
     lazy update of later columns as one GEMM per block. w_all (out, in) is updated in place.
     Returns codes (out, in) uint8 and scales, zeros (out, n_groups), in processing order."""
     out_f, in_f = w_all.shape
-    gs = cfg.group_size
     codes = torch.empty(out_f, in_f, dtype=torch.uint8)
     scales = torch.empty(out_f, in_f // gs)
     zeros = torch.empty_like(scales)
@@ -185,6 +184,7 @@ def _column_loop_torch(
     w_all: torch.Tensor,
     hinv: torch.Tensor,
     cfg: GPTQ,
+    gs: int,
     perm: torch.Tensor,
     s_cols: torch.Tensor | None,
     z_cols: torch.Tensor | None,
@@ -192,7 +192,7 @@ def _column_loop_torch(
     """The column loop with torch vector ops (any dtype/device, static groups, any group size).
     s_cols/z_cols: (n_groups, out) static parameters, or None. Returns as _column_loop_native."""
     out_f, in_f = w_all.shape
-    bits, gs = cfg.bits, cfg.group_size
+    bits = cfg.bits
     n_groups = in_f // gs
     dtype = w_all.dtype
     # Work on W^T (in, out) so each column is a contiguous row and updates are BLAS ger/gemm.
@@ -258,12 +258,12 @@ def gptq_quantize_weight(
             f"hessian must be ({in_f}, {in_f}) for a weight with {in_f} input features; "
             f"got {tuple(hessian.shape)}"
         )
-    _check_bits_group(cfg.bits, cfg.group_size, in_f)
+    gs = resolve_group_size(cfg.group_size, in_f)
     if not all_finite(weight):
         raise ValueError("weight contains NaN or Inf")
     if not all_finite(hessian):
         raise ValueError("hessian contains NaN or Inf (check the calibration activations)")
-    bits, gs = cfg.bits, cfg.group_size
+    bits = cfg.bits
     w_all = weight.detach().to(dtype).clone()
     h = hessian.detach().to(dtype=dtype, device=w_all.device).clone()
 
@@ -285,7 +285,7 @@ def gptq_quantize_weight(
     else:
         perm = torch.arange(in_f, device=w_all.device)
 
-    block = _native_block(cfg, w_all)
+    block = _native_block(cfg, gs, w_all)
     if kernel == "native" and block is None:
         raise ValueError(
             "the native GPTQ kernel needs float32 on the CPU, dynamic groups and a group size "
@@ -293,12 +293,12 @@ def gptq_quantize_weight(
         )
     hinv, damp_used = _inverse_cholesky(h, cfg.damp, cfg.max_damp_retries)
     if block is not None and kernel != "torch":
-        codes, scales, zeros = _column_loop_native(w_all, hinv, cfg, block)
+        codes, scales, zeros = _column_loop_native(w_all, hinv, cfg, gs, block)
     else:
         s_cols = z_cols = None
         if cfg.static_groups:
             s_cols, z_cols = s_static.T, z_static.T
-        codes, scales, zeros = _column_loop_torch(w_all, hinv, cfg, perm, s_cols, z_cols)
+        codes, scales, zeros = _column_loop_torch(w_all, hinv, cfg, gs, perm, s_cols, z_cols)
 
     inv = torch.argsort(perm)
     q_orig = codes[:, inv].to(torch.uint8)
@@ -324,19 +324,25 @@ def quantize_gptq(
     model: nn.Module,
     config: GPTQ,
     calibration: Iterable[Batch],
-    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    filter_fn: ModuleFilter | None = None,
+    *,
+    spec: Any = "auto",
     progress: bool = True,
 ) -> dict[str, GPTQResult]:
     """Quantize the model's linears with GPTQ, block by block, in place.
 
     calibration: an iterable of batches, each a Tensor (``model(batch)``), a dict of model inputs
-    (``model(**batch)``) or a tuple (``model(*batch)``). Blocks are the largest ``nn.ModuleList``
-    of repeated layers (else the whole model is one block); linears outside it are left as they
-    are. Inside a block, linears reading the same input (q/k/v) are quantized together and later
-    ones see the quantized outputs of earlier ones. Selected ``nn.Linear`` modules are replaced
-    by ``QuantLinear`` (wrapped in ``InputTransformedLinear`` for act-order with dynamic groups).
-    Returns ``{module name: GPTQResult}``.
+    (``model(**batch)``) or a tuple (``model(*batch)``). Blocks are those of the model's
+    :class:`~slimforge.models.spec.ModelSpec` (``spec="auto"`` finds it; a model without one is
+    a single block); selected linears outside the blocks are left as they are. Inside a block,
+    linears reading the same input (q/k/v) are quantized together and later ones see the
+    quantized outputs of earlier ones. Selected ``nn.Linear`` modules are replaced by
+    ``QuantLinear`` (wrapped in ``InputTransformedLinear`` for act-order with dynamic groups).
+    Returns ``{module name: GPTQResult}``. ``quantize_(model, GPTQ(), calibration=batches)``
+    is the same call.
     """
+    if not isinstance(config, GPTQ):
+        raise TypeError(f"config must be a GPTQ, got {type(config).__name__}")
     results: dict[str, GPTQResult] = {}
 
     def make_observer(lin: nn.Linear) -> HessianObserver:
@@ -364,22 +370,30 @@ def quantize_gptq(
             lin.weight.data.copy_(part.dequantize().to(lin.weight.dtype))
             results[name] = part
 
-    run_sequential(model, calibration, make_observer, process, filter_fn, progress, desc="GPTQ")
+    run_sequential(
+        model,
+        calibration,
+        make_observer,
+        process,
+        filter_fn,
+        spec=spec,
+        progress=progress,
+        desc="GPTQ",
+    )
     for name, res in results.items():
         lin = model.get_submodule(name)
         set_submodule(model, name, res.to_module(lin.bias))
     return results
 
 
-@register_quantize_handler(GPTQ)
-def _quantize_linear_gptq(module: nn.Linear, config: GPTQ) -> nn.Module:
-    """``quantize_(model, GPTQ())`` handler: uses statistics from ``attach_calibration``."""
-    stats = getattr(module, "slimforge_calibration", None)
-    if stats is None:
-        raise ValueError(
-            "GPTQ needs calibration data: call "
-            "slimforge.quant.calibrate.attach_calibration(model, batches) before "
-            "quantize_(model, GPTQ()), or use slimforge.quant.gptq.quantize_gptq(model, GPTQ(), batches)"
-        )
-    res = gptq_quantize_weight(module.weight, stats.hessian, config)
-    return res.to_module(module.bias)
+@register_quantize_handler(GPTQ, model_level=True)
+def _gptq_model(
+    model: nn.Module,
+    config: GPTQ,
+    calibration: Iterable[Batch],
+    filter_fn: ModuleFilter,
+    spec: Any,
+    progress: bool,
+) -> nn.Module:
+    quantize_gptq(model, config, calibration, filter_fn, spec=spec, progress=progress)
+    return model

@@ -11,7 +11,6 @@ current weight every step and receive no gradient. ``convert(model)`` replaces e
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,23 +18,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimforge.quant.api import register_quantize_handler
-from slimforge.quant.calibrate import _check_bits_group, group_qparams, set_submodule
+from slimforge.nn.surgery import ModuleFilter, all_of, replace_modules, select_modules
+from slimforge.quant.api import QuantConfig, register_quantize_handler
 from slimforge.quant.linear import QuantLinear
+from slimforge.quant.primitives import check_bits, group_qparams, resolve_group_size
 
 __all__ = ["FakeQuantLinear", "QATConfig", "convert", "fake_quantize_ste", "prepare_qat"]
 
 
-@dataclass
-class QATConfig:
-    """bits: 2, 3, 4 or 8; group_size must divide in_features; symmetric: zero = 2^(bits-1)."""
+@dataclass(frozen=True)
+class QATConfig(QuantConfig):
+    """bits: 4 or 8; group_size: 32, 64, 128 or None (per-channel), dividing in_features;
+    symmetric: absmax scale, mid-range zero. ``quantize_(model, QATConfig())`` is the prepare
+    step (:func:`prepare_qat`); :func:`convert` produces the ``QuantLinear`` modules."""
 
     bits: int = 4
-    group_size: int = 32
+    group_size: int | None = 32
     symmetric: bool = False
-
-    def __post_init__(self) -> None:
-        _check_bits_group(self.bits, self.group_size)
 
 
 class _FakeQuantSTE(torch.autograd.Function):
@@ -72,11 +71,12 @@ class FakeQuantLinear(nn.Module):
         weight: nn.Parameter,
         bias: nn.Parameter | None,
         bits: int = 4,
-        group_size: int = 32,
+        group_size: int | None = 32,
         symmetric: bool = False,
     ) -> None:
         super().__init__()
-        _check_bits_group(bits, group_size, weight.shape[1])
+        check_bits(bits)
+        group_size = resolve_group_size(group_size, weight.shape[1])
         self.weight = weight
         self.bias = bias
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
@@ -117,42 +117,40 @@ class FakeQuantLinear(nn.Module):
         )
 
 
-def _default_filter(module: nn.Module, fqn: str) -> bool:
-    return isinstance(module, nn.Linear)
-
-
 def prepare_qat(
     model: nn.Module,
     config: QATConfig,
-    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    filter_fn: ModuleFilter | None = None,
 ) -> nn.Module:
     """Swap selected ``nn.Linear`` modules for ``FakeQuantLinear`` in place (the same weight and
-    bias Parameters are kept, so an existing optimizer still updates them). Returns ``model``."""
-    filt = filter_fn or _default_filter
-    targets = [
-        (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n and filt(m, n)
-    ]
-    for _name, lin in targets:
-        _check_bits_group(config.bits, config.group_size, lin.in_features)
-    for name, lin in targets:
-        set_submodule(model, name, FakeQuantLinear.from_linear(lin, config))
-    return model
+    bias Parameters are kept, so an existing optimizer still updates them). Returns ``model``.
+
+    Every selected layer is checked first (group size dividing ``in_features``), so a bad layer
+    leaves the model untouched."""
+    keep = all_of(lambda m, n: isinstance(m, nn.Linear), filter_fn)
+    for name, lin in select_modules(model, keep):
+        try:
+            resolve_group_size(config.group_size, lin.in_features)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from e
+    return replace_modules(model, lambda m, n: FakeQuantLinear.from_linear(m, config), keep)
 
 
 def convert(model: nn.Module) -> nn.Module:
     """Replace every ``FakeQuantLinear`` with a ``QuantLinear`` of the same codes. Returns model."""
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
-    if not targets:
-        raise ValueError("convert: the model has no FakeQuantLinear; call prepare_qat first")
-    for name, fq in targets:
+
+    def to_quant(fq: nn.Module, _name: str) -> nn.Module:
+        assert isinstance(fq, FakeQuantLinear)
         s, z = fq.qparams()
         bias = None if fq.bias is None else fq.bias.detach()
-        ql = QuantLinear.from_quantized(fq.codes(), s, z, bias, fq.bits, fq.group_size)
-        set_submodule(model, name, ql)
-    return model
+        return QuantLinear.from_quantized(fq.codes(), s, z, bias, fq.bits, fq.group_size)
+
+    if not any(isinstance(m, FakeQuantLinear) for m in model.modules()):
+        raise ValueError("convert: the model has no FakeQuantLinear; call prepare_qat first")
+    return replace_modules(model, to_quant, lambda m, n: isinstance(m, FakeQuantLinear))
 
 
 @register_quantize_handler(QATConfig)
-def _prepare_linear_qat(module: nn.Linear, config: QATConfig) -> nn.Module:
+def _prepare_linear_qat(module: nn.Module, config: QATConfig) -> nn.Module:
     """``quantize_(model, QATConfig())`` handler: the prepare step for one linear."""
     return FakeQuantLinear.from_linear(module, config)

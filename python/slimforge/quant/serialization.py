@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from torch import nn
 
-from slimforge.quant.calibrate import InputTransformedLinear
+from slimforge.io import atomic_path
+from slimforge.nn.surgery import set_submodule
 from slimforge.quant.linear import QuantEmbedding, QuantLinear
+from slimforge.quant.transformed import InputTransformedLinear
 
 __all__ = ["load_quantized", "module_from_spec", "register_quantized_module", "save_quantized"]
 
@@ -56,17 +57,6 @@ def module_from_spec(spec: dict[str, Any]) -> nn.Module:
     return cls.from_spec(spec)  # type: ignore[attr-defined]
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Writes ``model`` (with quantized submodules) to the directory ``path``."""
     from safetensors.torch import save_model
@@ -79,13 +69,10 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> None:
         if _MODULE_TYPES.get(name) is type(m):
             modules[fqn] = {"type": name, **m.quant_spec()}  # type: ignore[operator]
     config = {"format": FORMAT, "version": VERSION, "modules": modules}
-    _atomic_write(d / WEIGHTS_NAME, lambda tmp: save_model(model, tmp, metadata={"format": "pt"}))
-
-    def write_json(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-
-    _atomic_write(d / CONFIG_NAME, write_json)
+    with atomic_path(d / WEIGHTS_NAME) as tmp:
+        save_model(model, str(tmp), metadata={"format": "pt"})
+    with atomic_path(d / CONFIG_NAME) as tmp:
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def load_quantized(
@@ -125,12 +112,9 @@ def load_quantized(
         if fqn == "":
             model = new
             continue
-        parent_name, _, child = fqn.rpartition(".")
         try:
-            parent = model.get_submodule(parent_name) if parent_name else model
-            getattr(parent, child)
+            set_submodule(model, fqn, new)
         except AttributeError as e:
             raise ValueError(f"the checkpoint quantizes {fqn!r}, which the model lacks") from e
-        setattr(parent, child, new)
     load_model(model, str(weights_path), strict=True)
     return model
