@@ -14,37 +14,13 @@ busy machine: time spent waiting for a core is not counted).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from slimforge import _native
 from slimforge.attention import flash_attention
-
-
-def best_time(fn, reps: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def best_times(fns: dict, reps: int) -> dict:
-    """Best wall time of each function, the functions taking turns: load on a shared machine
-    then hits every engine alike instead of whichever ran during a burst."""
-    for fn in fns.values():
-        fn()  # warm-up
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t)
-    return best
+from slimforge.bench import CPU, best_time, best_times
 
 
 def sgemm_rate(n: int, reps: int) -> float:
@@ -103,12 +79,7 @@ def cpu_time_comparison() -> None:
             "ours fwd+bwd": fwd_bwd(flash_attention, q, k, v, dout, causal),
             "sdpa fwd+bwd": fwd_bwd(sdpa, q, k, v, dout, causal),
         }
-        best = dict.fromkeys(cases, float("inf"))
-        for _ in range(3):
-            for name, fn in cases.items():
-                t = time.process_time()
-                fn()
-                best[name] = min(best[name], time.process_time() - t)
+        best = best_times(cases, 3, warmup=False, clock=CPU)
         kind = "causal" if causal else "full"
         for mode, mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):
             ours, ref = best[f"ours {mode}"], best[f"sdpa {mode}"]

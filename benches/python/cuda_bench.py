@@ -20,23 +20,7 @@ import sys
 import torch
 
 from slimforge import _cuda
-
-
-def timed(fn, warmup: int, iters: int) -> float:
-    """Median seconds per call, by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    times.sort()
-    return times[len(times) // 2]
+from slimforge.bench import cuda_time
 
 
 def bench_attention(batch, seqlen, heads, head_dim, causal, dtype, warmup, iters):
@@ -83,7 +67,7 @@ def bench_attention(batch, seqlen, heads, head_dim, causal, dtype, warmup, iters
         ("fwd", ours_fwd, sdpa_fwd, fwd_flops),
         ("fwd_bwd", ours_fwd_bwd, sdpa_fwd_bwd, 3.5 * fwd_flops),
     ):
-        t_ours, t_peer = timed(ours, warmup, iters), timed(peer, warmup, iters)
+        t_ours, t_peer = cuda_time(ours, warmup, iters), cuda_time(peer, warmup, iters)
         row[f"{name}_tflops"] = flops / t_ours / 1e12
         row[f"{name}_sdpa_tflops"] = flops / t_peer / 1e12
         row[f"{name}_ratio"] = t_peer / t_ours
@@ -105,8 +89,8 @@ def bench_moe(tokens, dim, top_k, dtype, warmup, iters):
     elem = x.element_size()
     rows = []
     moved = 2 * assignments * dim * elem
-    t_ours = timed(lambda: _cuda.moe_permute_cuda(x, token_of), warmup, iters)
-    t_peer = timed(lambda: x[token_of], warmup, iters)
+    t_ours = cuda_time(lambda: _cuda.moe_permute_cuda(x, token_of), warmup, iters)
+    t_peer = cuda_time(lambda: x[token_of], warmup, iters)
     rows.append(
         {
             "kernel": "moe_permute",
@@ -120,8 +104,8 @@ def bench_moe(tokens, dim, top_k, dtype, warmup, iters):
         }
     )
     moved = (assignments + tokens) * dim * elem
-    t_ours = timed(lambda: _cuda.moe_combine_cuda(xs, pos, w), warmup, iters)
-    t_peer = timed(lambda: (w[..., None].to(dtype) * xs[pos]).sum(1), warmup, iters)
+    t_ours = cuda_time(lambda: _cuda.moe_combine_cuda(xs, pos, w), warmup, iters)
+    t_peer = cuda_time(lambda: (w[..., None].to(dtype) * xs[pos]).sum(1), warmup, iters)
     rows.append(
         {
             "kernel": "moe_combine",
@@ -158,9 +142,9 @@ def bench_quant_gemv(tokens, out, k, bits, warmup, iters):
         return torch.nn.functional.linear(x, wd.to(torch.bfloat16))
 
     diff = (ours().float() - torch.nn.functional.linear(x, w).float()).abs().max().item()
-    t_ours = timed(ours, warmup, iters)
-    t_bf16 = timed(lambda: torch.nn.functional.linear(x, w), warmup, iters)
-    t_deq = timed(dequant_linear, warmup, iters)
+    t_ours = cuda_time(ours, warmup, iters)
+    t_bf16 = cuda_time(lambda: torch.nn.functional.linear(x, w), warmup, iters)
+    t_deq = cuda_time(dequant_linear, warmup, iters)
     weight_bytes = qweight.numel() + 8 * scales.numel()
     return {
         "kernel": f"quant_gemv_int{bits}",

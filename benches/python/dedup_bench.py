@@ -26,6 +26,7 @@ import unicodedata
 import numpy as np
 
 import slimforge
+from slimforge.bench import best_time, timed
 from slimforge.data import load_texts
 from slimforge.dedup import MinHasher, deduplicate
 
@@ -39,12 +40,6 @@ def shingles(text: str, n: int = 5) -> list[str]:
     if len(toks) < n:
         return [" ".join(toks)]
     return [" ".join(toks[i : i + n]) for i in range(len(toks) - n + 1)]
-
-
-def timed(fn):  # type: ignore[no-untyped-def]
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
 
 
 def keep_from_lsh(n: int, pairs: list[tuple[int, int]]) -> np.ndarray:
@@ -109,8 +104,7 @@ def run_rensa(texts: list[str], threshold: float, k: int) -> tuple[np.ndarray, f
     t_total = time.perf_counter() - t0
     # The kernel alone: best of 5 (KERNEL_REPEATS), like slimforge's signature timing.
     t_kernel = min(
-        t_kernel,
-        *(timed(lambda: rensa_signatures(sh, k))[1] for _ in range(KERNEL_REPEATS - 1)),
+        t_kernel, best_time(lambda: rensa_signatures(sh, k), KERNEL_REPEATS - 1, warmup=False)
     )
     return keep_from_lsh(len(texts), pairs), t_total, t_sh, t_kernel
 
@@ -133,10 +127,10 @@ def main() -> None:
     for threads in (1, 2):
         slimforge.set_num_threads(threads)
         deduplicate(texts[:50], threshold=thr)  # warm the pool
-        best = min(timed(lambda: deduplicate(texts, threshold=thr))[1] for _ in range(3))
+        best = best_time(lambda: deduplicate(texts, threshold=thr), 3, warmup=False)
         res = deduplicate(texts, threshold=thr)
         hasher = MinHasher(num_perm=k)
-        sig_t = min(timed(lambda h=hasher: h.signatures(texts))[1] for _ in range(KERNEL_REPEATS))
+        sig_t = best_time(lambda h=hasher: h.signatures(texts), KERNEL_REPEATS, warmup=False)
         rows.append((threads, best, sig_t))
         print(
             f"slimforge {threads} thread(s): end-to-end {best:.3f} s = {n / best:,.0f} docs/s,"

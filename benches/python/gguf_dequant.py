@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from attention_bench import best_times  # this directory is on sys.path as a script
 
+from slimforge.bench import best_times
 from slimforge.quant.formats.gguf import GGML_TYPES, dequantize_gguf_tensor
 
 # byte offsets of each block's fp16 scale fields

@@ -13,12 +13,11 @@ how many codes agree and the GPTQ objective tr(dW H dW^T) of each.
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
 
 from slimforge import _native
+from slimforge.bench import best_of
 from slimforge.quant.gptq import GPTQ, GPTQResult, gptq_quantize_weight
 
 SHAPES = [
@@ -31,16 +30,6 @@ SHAPES = [
     ("own GPT mlp.proj", 256, 1024, 128),
     ("7B-class 4096 x 4096", 4096, 4096, 128),
 ]
-
-
-def best_of(fn: Callable[[], GPTQResult], reps: int) -> tuple[float, GPTQResult]:
-    best, out = float("inf"), None
-    for _ in range(reps):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    assert out is not None
-    return best, out
 
 
 def run_shape(name: str, out: int, k: int, gs: int, reps: int) -> None:

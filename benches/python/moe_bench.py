@@ -10,24 +10,13 @@ time into routing, dispatch plan, permute/combine (forward and backward) and exp
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
+from slimforge.bench import median_time
 from slimforge.moe import MoE, combine, dispatch_plan, moe_reference, permute, route_topk
 from slimforge.moe.layer import grouped_mm_available
-
-
-def timed(fn: Callable[[], object], reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def fwd_bwd_layer(m: MoE, x: torch.Tensor, g: torch.Tensor) -> Callable[[], object]:
@@ -74,8 +63,8 @@ def breakdown(m: MoE, x: torch.Tensor, g: torch.Tensor, reps: int) -> dict[str, 
 
     with torch.no_grad():
         return {
-            "route": timed(route, reps),
-            "plan": timed(lambda: dispatch_plan(idx, m.num_experts), reps),
+            "route": median_time(route, reps),
+            "plan": median_time(lambda: dispatch_plan(idx, m.num_experts), reps),
         } | {
             "permute": _grad_timed(permute_fb, reps),
             "combine": _grad_timed(combine_fb, reps),
@@ -84,7 +73,7 @@ def breakdown(m: MoE, x: torch.Tensor, g: torch.Tensor, reps: int) -> dict[str, 
 
 def _grad_timed(fn: Callable[[], object], reps: int) -> float:
     with torch.enable_grad():
-        return timed(fn, reps)
+        return median_time(fn, reps)
 
 
 def bench(
@@ -98,10 +87,10 @@ def bench(
     res: dict[str, float] = {}
     for impl in impls:
         m.expert_impl = impl
-        res[impl] = timed(fwd_bwd_layer(m, x, g), reps)
+        res[impl] = median_time(fwd_bwd_layer(m, x, g), reps)
     m.expert_impl = "auto"
-    res["auto"] = timed(fwd_bwd_layer(m, x, g), reps)
-    res["loop"] = timed(fwd_bwd_loop(m, x, g), reps)
+    res["auto"] = median_time(fwd_bwd_layer(m, x, g), reps)
+    res["loop"] = median_time(fwd_bwd_loop(m, x, g), reps)
     parts = breakdown(m, x, g, reps)
     moved = sum(parts.values())
     flops = 2 * 3 * t * k * d * h * (3 if m.activation == "swiglu" else 2)

@@ -3,10 +3,12 @@
     PYTHONPATH=python python benches/python/moe_lm.py [--quick] [--steps N] [--threads N] [--json F]
 
 Both models are nanoGPT-style decoders (`slimforge.models.GPT`) of the same shape; the dense MLP
-has width 4 * n_embd, the MoE MLP has `num_experts` experts of width 4 * n_embd / top_k with
-top_k of them per token, so each token uses the same number of MLP parameters. Both see the
-same batches for the same number of tokens; the script prints validation cross-entropy (bits per
-byte too) along the way and the training throughput.
+has width 4 * hidden_size, the MoE MLP has `num_experts` experts of width 4 * hidden_size / top_k
+with top_k of them per token, so each token uses the same number of MLP parameters. Both are
+trained by `slimforge.train.Trainer` (AdamW, warm-up + cosine, same seed, so the same batches)
+on `slimforge.data.lm_splits()` for the same number of tokens; the script prints the validation
+cross-entropy (and bits per byte) along the way, evaluated by `slimforge.eval` on the same evenly
+spaced held-out windows, and the training throughput.
 """
 
 from __future__ import annotations
@@ -14,70 +16,44 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
+import sys
 
 import torch
-from lm_data import lm_tensors, random_windows  # this directory is on sys.path as a script
 
+from slimforge.data import lm_splits
+from slimforge.data.windows import byte_tokens
 from slimforge.models import GPT, GPTConfig
+from slimforge.train import TrainConfig, Trainer
 
 
-def batches(data: torch.Tensor, block: int, batch: int, seed: int):
-    return random_windows(data, block, batch, torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def evaluate(model: GPT, val: torch.Tensor, block: int, batch: int, n_batches: int) -> float:
-    model.eval()
-    it = batches(val, block, batch, seed=1234)
-    total = 0.0
-    for _ in range(n_batches):
-        x, y = next(it)
-        model(x, y)
-        assert model.last_lm_loss is not None
-        total += model.last_lm_loss
-    model.train()
-    return total / n_batches
-
-
-def train(config: GPTConfig, train_data, val_data, args) -> dict:
+def train(config: GPTConfig, train_data: torch.Tensor, val_data: torch.Tensor, args) -> dict:  # type: ignore[no-untyped-def]
     torch.manual_seed(args.seed)
     model = GPT(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
-    it = batches(train_data, config.block_size, args.batch, seed=args.seed)
+    tc = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch,
+        seq_len=config.max_seq_len,
+        lr=args.lr,
+        eval_every=args.eval_every,
+        eval_windows=args.eval_windows,
+        seed=args.seed,
+        progress=sys.stderr.isatty(),
+    )
+    result = Trainer(model, train_data, val_data, tc).fit()
     curve = []
-    train_time = 0.0
-    for step in range(args.steps + 1):
-        if step % args.eval_every == 0 or step == args.steps:
-            val = evaluate(model, val_data, config.block_size, args.batch, args.eval_batches)
-            curve.append((step, step * args.batch * config.block_size, val))
-            print(
-                f"  {config.mlp:<5} step {step:5d}  val CE {val:.4f} ({val / math.log(2):.3f} bpb)"
-            )
-        if step == args.steps:
-            break
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
-        lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x, y = next(it)
-        start = time.perf_counter()
-        _, loss = model(x, y)
-        assert loss is not None
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        train_time += time.perf_counter() - start
-    tokens = args.steps * args.batch * config.block_size
+    for step, ev in result.evals:
+        curve.append((step, step * args.batch * config.max_seq_len, ev.nll))
+        print(
+            f"  {config.mlp:<5} step {step:5d}  val CE {ev.nll:.4f} ({ev.bits_per_token:.3f} bpb)"
+        )
     return {
         "mlp": config.mlp,
         "params": model.num_params(),
         "active_params": model.num_params(active=True),
         "curve": curve,
         "final_val": curve[-1][2],
-        "tokens": tokens,
-        "tokens_per_s": tokens / train_time,
+        "tokens": result.tokens,
+        "tokens_per_s": result.tokens_per_s,
     }
 
 
@@ -94,19 +70,19 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        shape = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64}
+        shape = {"num_layers": 2, "num_heads": 2, "hidden_size": 64, "max_seq_len": 64}
         args.steps = args.steps or 40
-        args.eval_every, args.eval_batches = 20, 2
+        args.eval_every, args.eval_windows = 20, 32
     else:
-        shape = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128}
+        shape = {"num_layers": 4, "num_heads": 4, "hidden_size": 128, "max_seq_len": 128}
         args.steps = args.steps or 300
-        args.eval_every, args.eval_batches = 50, 16
-    args.warmup = max(1, args.steps // 20)
-    train_data, val_data = lm_tensors()
+        args.eval_every, args.eval_windows = 50, 256
+    train_bytes, val_bytes = lm_splits()
+    train_data, val_data = byte_tokens(train_bytes), byte_tokens(val_bytes)
     print(
         f"corpus: {train_data.numel():,} train bytes, {val_data.numel():,} validation bytes; "
-        f"{args.steps} steps of {args.batch} x {shape['block_size']} tokens; "
-        f"torch {torch.get_num_threads()} threads"
+        f"{args.steps} steps of {args.batch} x {shape['max_seq_len']} tokens; validation on "
+        f"{args.eval_windows} windows; torch {torch.get_num_threads()} threads"
     )
     results = []
     for mlp in ("dense", "moe"):
@@ -114,7 +90,8 @@ def main() -> None:
         res = train(config, train_data, val_data, args)
         print(
             f"{mlp:<5} params {res['params']:,} (active {res['active_params']:,}), "
-            f"final val CE {res['final_val']:.4f}, {res['tokens_per_s']:,.0f} tokens/s"
+            f"final val CE {res['final_val']:.4f} ({res['final_val'] / math.log(2):.3f} bpb), "
+            f"{res['tokens_per_s']:,.0f} tokens/s"
         )
         results.append(res)
     dense, moe = results

@@ -20,7 +20,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
 import torch
@@ -28,6 +27,7 @@ from torch import nn
 
 import slimforge
 from slimforge import _native
+from slimforge.bench import cycle_time, timed
 from slimforge.quant import QuantLinear
 
 
@@ -40,19 +40,6 @@ def l3_bytes() -> int:
     except (OSError, subprocess.CalledProcessError):
         pass
     return 32 << 20
-
-
-def time_cycle(fns: list[Callable[[], object]], passes: int) -> float:
-    """Best mean seconds per call over `passes` passes through all layers (after one warm-up)."""
-    for f in fns:
-        f()
-    best = float("inf")
-    for _ in range(passes):
-        t0 = time.perf_counter()
-        for f in fns:
-            f()
-        best = min(best, (time.perf_counter() - t0) / len(fns))
-    return best
 
 
 def make_quant_layers(
@@ -76,8 +63,8 @@ def crossover(ql: QuantLinear, m: int, passes: int) -> list[float]:
     out = []
     for route in ("int8", "float"):
         args = (*views, ql.bits, ql.group_size, route)
-        out.append(time_cycle([lambda args=args: _native.quant_linear(x.numpy(), *args)], passes))
-    out.append(time_cycle([lambda: torch.nn.functional.linear(x, ql.dequantize())], passes))
+        out.append(cycle_time([lambda args=args: _native.quant_linear(x.numpy(), *args)], passes))
+    out.append(cycle_time([lambda: torch.nn.functional.linear(x, ql.dequantize())], passes))
     return out
 
 
@@ -207,16 +194,13 @@ def peer_rows(
         # A call far slower than streaming its weights is compute-bound: cold layers change
         # nothing there, so such a variant gets as many layers as fit in `pass_budget_s`.
         torch.set_num_threads(min(thread_counts))  # the slowest setting sizes the pass
-        t0 = time.perf_counter()
-        for _ in range(2):
-            probe(x)
-        per_call = (time.perf_counter() - t0) / 2
+        per_call = timed(lambda p=probe, x=x: (p(x), p(x)))[1] / 2
         count = min(layer_count(nb, cold_bytes, cap), max(2, int(pass_budget_s / per_call)))
         layers = [probe] + [build(copy_of()) for _ in range(count - 1)]
         print(f"  {label}: {len(layers)} layers, relative output error {err:.2e}")
         for threads in thread_counts:
             torch.set_num_threads(threads)
-            t = time_cycle([lambda m=m, x=x: m(x) for m in layers], passes)
+            t = cycle_time([lambda m=m, x=x: m(x) for m in layers], passes)
             rows.append((label, threads, t, nb / t / 1e9, bits, xl))
         del layers, probe
         gc.collect()
@@ -260,7 +244,7 @@ def main() -> None:
         ) -> None:
             act = "bf16" if name.endswith("bf16 x") else "fp32"
             try:
-                t = time_cycle(fns, passes)
+                t = cycle_time(fns, passes)
             except (RuntimeError, NotImplementedError, AttributeError, TypeError) as e:
                 print(f"  {name}: n/a ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
                 rows.append((name, threads, float("nan"), 0.0, bits, act))
