@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 if [ "${1:-}" != "--run" ]; then
     MATURIN="${MATURIN:-}"
-    for m in .venv/bin/maturin "$(command -v maturin || true)" /work/main/.venv/bin/maturin; do
+    for m in .venv/bin/maturin "$(command -v maturin || true)"; do
         if [ -z "$MATURIN" ] && [ -n "$m" ] && [ -x "$m" ]; then MATURIN="$m"; fi
     done
     [ -n "$MATURIN" ] || { echo "maturin not found: pip install maturin" >&2; exit 1; }

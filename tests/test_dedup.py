@@ -3,12 +3,10 @@ text against exact all-pairs Jaccard, datasketch side by side, the LSH index fil
 
 from __future__ import annotations
 
-import glob
 import math
 import os
 import random
 import re
-import sysconfig
 import unicodedata
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from slimforge.dedup import (
     signatures,
     verification_threshold,
 )
+from slimforge.dedup.synthetic import local_documents, near_duplicate_corpus
 
 M64 = (1 << 64) - 1
 M32 = (1 << 32) - 1
@@ -207,7 +206,7 @@ def test_seeds_reproduce_and_differ(texts: list[str], seed: int) -> None:
 
 
 def test_thread_count_does_not_change_results() -> None:
-    texts = corpus_documents()[:300]
+    texts = local_documents()[:300]
     before = slimforge.get_num_threads()
     try:
         slimforge.set_num_threads(1)
@@ -327,7 +326,7 @@ def test_huge_buckets_error_or_star_chain() -> None:
 
 
 def test_estimates_accept_readonly_memmap(tmp_path: Path) -> None:
-    sigs = signatures(corpus_documents()[:50])
+    sigs = signatures(local_documents()[:50])
     path = tmp_path / "sigs.u32"
     sigs.tofile(path)
     mm = np.memmap(path, dtype=np.uint32, mode="r", shape=sigs.shape)
@@ -398,75 +397,6 @@ def test_validation_errors() -> None:
 # --- accuracy on real text ---------------------------------------------------------------------
 
 
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def corpus_documents(max_docs: int = 100_000) -> list[str]:
-    """Real documents: paragraphs of the standard library sources and common licences, grouped
-    into pieces of 80-400 words; ASCII only, so the Python and Rust tokenisers agree exactly."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(glob.glob(str(stdlib / "*.py"))) + sorted(
-        glob.glob("/usr/share/common-licenses/*")
-    )
-    docs: list[str] = []
-    for path in files:
-        text = _read(path)
-        if text is None or not text.isascii():
-            continue
-        piece: list[str] = []
-        words = 0
-        for para in re.split(r"\n\s*\n", text):
-            piece.append(para)
-            words += len(para.split())
-            if words >= 80:
-                if words <= 400:
-                    docs.append("\n\n".join(piece))
-                piece, words = [], 0
-        if len(docs) >= max_docs:
-            break
-    return docs[:max_docs]
-
-
-def edit_words(text: str, rate: float, rng: random.Random, vocab: list[str]) -> str:
-    """Deterministic random word deletions, insertions and substitutions."""
-    words = text.split()
-    out: list[str] = []
-    for w in words:
-        u = rng.random()
-        if u < rate / 3:
-            continue
-        if u < 2 * rate / 3:
-            out.append(rng.choice(vocab))
-        elif u < rate:
-            out.extend([w, rng.choice(vocab)])
-        else:
-            out.append(w)
-    return " ".join(out)
-
-
-def build_corpus(n_base: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    base = corpus_documents()
-    rng.shuffle(base)
-    base = base[:n_base]
-    vocab = sorted({w for d in base[:50] for w in d.split()})
-    docs = list(base)
-    for i, d in enumerate(base[: n_base // 2]):
-        for _ in range(1 + i % 3):
-            docs.append(
-                edit_words(
-                    d, rng.choice([0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12]), rng, vocab
-                )
-            )
-    rng.shuffle(docs)
-    return docs
-
-
 def exact_all_pairs(docs: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All pairs (i < j) with at least one common word 5-gram, their exact Jaccard (Python
     reference shingles), and each document's best Jaccard to any other."""
@@ -492,7 +422,7 @@ def exact_all_pairs(docs: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 @pytest.fixture(scope="module")
 def accuracy_corpus() -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    docs = build_corpus(n_base=400, seed=7)
+    docs = near_duplicate_corpus(n_base=400, seed=7)
     return (docs, *exact_all_pairs(docs))
 
 
@@ -561,7 +491,7 @@ def test_verification_prevents_raw_band_over_removal(accuracy_corpus) -> None:
 
 @pytest.mark.slow
 def test_dedup_accuracy_large_corpus() -> None:
-    docs = build_corpus(n_base=2500, seed=11)
+    docs = near_duplicate_corpus(n_base=2500, seed=11)
     pairs, jac, best = exact_all_pairs(docs)
     res = deduplicate(docs, threshold=0.8)
     true = pairs[jac >= 0.85]
@@ -577,7 +507,7 @@ def test_dedup_accuracy_large_corpus() -> None:
 
 
 def test_index_query_matches_batch_dedup(tmp_path: Path) -> None:
-    docs = build_corpus(n_base=200, seed=3)
+    docs = near_duplicate_corpus(n_base=200, seed=3)
     old, new = docs[: len(docs) // 2], docs[len(docs) // 2 :]
     hasher = MinHasher()
     index = LSHIndex(threshold=0.8, num_perm=128)
@@ -624,7 +554,7 @@ def test_index_alternating_inserts_and_queries(
     import slimforge.dedup as dd
 
     monkeypatch.setattr(dd, "_LSH_TAIL_ROWS", tail_rows)
-    docs = build_corpus(n_base=60, seed=5)
+    docs = near_duplicate_corpus(n_base=60, seed=5)
     sigs = MinHasher().signatures(docs)
     index = LSHIndex(threshold=0.8, num_perm=128)
     index.insert(sigs[:10])

@@ -14,88 +14,16 @@ from __future__ import annotations
 
 import argparse
 import glob
-import random
-import re
 import sysconfig
-from pathlib import Path
 
 import numpy as np
 
 import slimforge
 from slimforge import dedup
 from slimforge.bench import CPU, best_time
+from slimforge.dedup.synthetic import near_duplicate_corpus
 
 LICENSES = "/usr/share/common-licenses"
-
-
-# The corpus is this bench's data (tests/test_dedup.py builds the same one for its accuracy tests).
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def corpus_documents(max_docs: int = 100_000) -> list[str]:
-    """Real documents: paragraphs of the standard library sources and common licences, grouped
-    into pieces of 80-400 words; ASCII only."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(glob.glob(str(stdlib / "*.py"))) + sorted(glob.glob(LICENSES + "/*"))
-    docs: list[str] = []
-    for path in files:
-        text = _read(path)
-        if text is None or not text.isascii():
-            continue
-        piece: list[str] = []
-        words = 0
-        for para in re.split(r"\n\s*\n", text):
-            piece.append(para)
-            words += len(para.split())
-            if words >= 80:
-                if words <= 400:
-                    docs.append("\n\n".join(piece))
-                piece, words = [], 0
-        if len(docs) >= max_docs:
-            break
-    return docs[:max_docs]
-
-
-def edit_words(text: str, rate: float, rng: random.Random, vocab: list[str]) -> str:
-    """Deterministic random word deletions, insertions and substitutions."""
-    words = text.split()
-    out: list[str] = []
-    for w in words:
-        u = rng.random()
-        if u < rate / 3:
-            continue
-        if u < 2 * rate / 3:
-            out.append(rng.choice(vocab))
-        elif u < rate:
-            out.extend([w, rng.choice(vocab)])
-        else:
-            out.append(w)
-    return " ".join(out)
-
-
-def build_corpus(n_base: int, seed: int) -> list[str]:
-    """``n_base`` real documents and 1-3 edited copies of each of the first half (edit rates
-    0.2-12 % of the words), shuffled."""
-    rng = random.Random(seed)
-    base = corpus_documents()
-    rng.shuffle(base)
-    base = base[:n_base]
-    vocab = sorted({w for d in base[:50] for w in d.split()})
-    docs = list(base)
-    for i, d in enumerate(base[: n_base // 2]):
-        for _ in range(1 + i % 3):
-            docs.append(
-                edit_words(
-                    d, rng.choice([0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12]), rng, vocab
-                )
-            )
-    rng.shuffle(docs)
-    return docs
 
 
 def exact_all_pairs(docs: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -116,7 +44,7 @@ def verification_table(n_base: int, seeds: list[int], threshold: float = 0.8) ->
     print("| corpus seed | rule | recall J>=0.85 | removed | removed with best J < 0.7 |")
     print("|---|---|---|---|---|")
     for seed in seeds:
-        docs = build_corpus(n_base, seed)
+        docs = near_duplicate_corpus(n_base, seed)
         pairs, jac, best = exact_all_pairs(docs)
         true = pairs[jac >= 0.85]
         sigs = dedup.signatures(docs)
