@@ -20,8 +20,10 @@ from slimforge.quant.formats.gptq_layout import export_gptq, import_gptq
 from slimforge.quant.gptq import GPTQ, gptq_quantize_weight, quantize_gptq
 from slimforge.quant.primitives import (
     choose_qparams,
+    dequantize_affine,
     fake_quantize_affine,
     group_qparams,
+    quantize_affine,
 )
 from slimforge.quant.qat import (
     FakeQuantLinear,
@@ -232,9 +234,11 @@ def test_one_affine_rule_rust_and_torch_agree(
     assert torch.equal(s_rust.reshape(-1), s_torch) and torch.equal(z_rust.reshape(-1), z_torch)
     s_ref, z_ref = _reference_params(w.reshape(-1, gs), bits, sym)
     assert torch.equal(s_torch, s_ref) and torch.equal(z_torch, z_ref)
-    # The same rule through the float64 path (no Rust kernel) quantizes to the same codes.
-    q64 = fake_quantize(w.double(), bits, gs, sym)[1]
-    assert torch.equal(q64, fake_quantize(w, bits, gs, sym)[1])
+    # fake_quantize_affine (torch ops) gives the Rust kernels' codes and dequantized values.
+    deq, q, s, z = fake_quantize(w, bits, gs, sym)
+    q_rust = quantize_affine(w, s_rust, z_rust, bits, gs)
+    assert torch.equal(q, q_rust) and torch.equal(s, s_rust) and torch.equal(z, z_rust)
+    assert torch.equal(deq, dequantize_affine(q_rust, s_rust, z_rust, gs))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])

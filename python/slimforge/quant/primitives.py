@@ -266,13 +266,33 @@ def fake_quantize_affine(
 
     Returns ``(dequantized (..., in) in w's dtype, codes (..., in) uint8, scales, zeros)`` with
     scales/zeros float32 ``(..., in // group_size)``. No gradient (see ``slimforge.quant.qat``
-    for the straight-through version).
+    for the straight-through version). Runs the rule in torch ops on any device (bit-identical
+    to the Rust kernels, and faster for this round trip: search loops call it many times).
+    Raises ValueError on NaN or Inf.
     """
-    scales, zeros = choose_qparams(w, bits, group_size, symmetric, no_clip=no_clip)
-    g = resolve_group_size(group_size, w.shape[-1])
-    q = quantize_affine(w, scales, zeros, bits, g)
-    deq = dequantize_affine(q, scales, zeros, g)
-    return deq.to(w.dtype), q, scales, zeros
+    check_bits(bits)
+    if no_clip and not symmetric:
+        raise ValueError("no_clip applies to symmetric quantization (min-max never clips)")
+    _check_float(w, "w")
+    shape = tuple(w.shape)
+    g = resolve_group_size(group_size, shape[-1])
+    work = torch.float64 if w.dtype == torch.float64 else torch.float32
+    wg = w.detach().reshape(-1, g).to(work)
+    lo, hi = torch.aminmax(wg) if wg.numel() else (wg.new_zeros(()), wg.new_zeros(()))
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        raise ValueError("w contains NaN or Inf")
+    s, z = group_qparams(wg, bits, symmetric)
+    if no_clip:
+        s = _no_clip_scales_torch(wg, bits, s)
+    q = quantize_codes(wg, s[:, None], z[:, None], bits)
+    deq = (q - z[:, None]) * s[:, None]
+    out = (*shape[:-1], shape[-1] // g)
+    return (
+        deq.reshape(shape).to(w.dtype),
+        q.to(torch.uint8).reshape(shape),
+        s.float().reshape(out),
+        z.float().reshape(out),
+    )
 
 
 def _check_codes(q: torch.Tensor, name: str) -> None:
