@@ -17,15 +17,22 @@ __all__ = ["ATTN_IMPLS", "Attention", "apply_rotary", "attend", "rotary_cos_sin"
 ATTN_IMPLS = ("flash", "sdpa")
 
 
+def _flash(q: Tensor, k: Tensor, v: Tensor, **kw: object) -> Tensor:
+    """:func:`flash_attention`, with float16 inputs (fp16 autocast) computed in float32."""
+    if q.dtype == torch.float16:
+        return flash_attention(q.float(), k.float(), v.float(), **kw).to(q.dtype)  # type: ignore[arg-type]
+    return flash_attention(q, k, v, **kw)  # type: ignore[arg-type]
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, impl: str = "flash") -> Tensor:
     """Attention in flash-attn's layout: q ``(batch, seqlen, heads_q, head_dim)``, k/v
     ``(batch, seqlen_k, heads_kv, head_dim)`` with heads_q a multiple of heads_kv (GQA).
 
-    ``impl="flash"`` runs :func:`flash_attention`; ``"sdpa"`` runs PyTorch's SDPA (which wants
-    heads before tokens, so the call transposes). Returns q's shape.
+    ``impl="flash"`` runs :func:`flash_attention` (float16 inputs in float32); ``"sdpa"`` runs
+    PyTorch's SDPA (which wants heads before tokens, so the call transposes). Returns q's shape.
     """
     if impl == "flash":
-        return flash_attention(q, k, v, causal=causal)
+        return _flash(q, k, v, causal=causal)
     if impl == "sdpa":
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
@@ -152,7 +159,7 @@ class Attention(nn.Module):
                 raise ValueError("impl='sdpa' takes dense batches, not cu_seqlens")
             out = attend(q, k, v, self.causal, "sdpa")
         else:
-            out = flash_attention(
+            out = _flash(
                 q,
                 k,
                 v,

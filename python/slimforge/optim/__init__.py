@@ -1,0 +1,5 @@
+"""Optimizers: LAMB for large-batch training (with timm's defaults and flags)."""
+
+from slimforge.optim.lamb import Lamb, param_groups
+
+__all__ = ["Lamb", "param_groups"]
