@@ -2,6 +2,13 @@
 
 slimforge dedup INPUT... -o OUTPUT [--threshold 0.8] [--field text] ...
 slimforge demo [--out DIR]
+slimforge prepare INPUT... -o DIR [--tokenizer byte|smollm2|GGUF]
+slimforge train --data DIR --out RUN [--model gpt|gpt-moe|llama] [--resume] ...
+
+Exit status: 0 on success; 2 for a user error (bad arguments, out-of-range values, malformed
+or unreadable input, an output that would overwrite an input), with a one-line message and no
+traceback; 1 when the run fails for another reason it can name (out of memory, inputs changed
+while reading); 130 on Ctrl-C. Outputs are only replaced by a run that succeeds.
 """
 
 from __future__ import annotations
@@ -12,8 +19,29 @@ import sys
 from collections.abc import Sequence
 
 from slimforge import __version__
+from slimforge.cli.train import add_prepare, add_train
+from slimforge.io import DEFAULT_MAX_LINE_BYTES, MAX_LINE_BYTES_LIMIT
 
 __all__ = ["main"]
+
+
+def _int(text: str) -> int:
+    """An argparse type: a decimal integer (``1_000`` allowed), else a usage error."""
+    try:
+        return int(text.strip(), 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    """An argparse type: a finite float, else a usage error."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _add_dedup(sub: argparse._SubParsersAction) -> None:
@@ -30,13 +58,13 @@ def _add_dedup(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help=".jsonl, .jsonl.gz or .parquet")
     p.add_argument("-o", "--output", required=True, help="output file; format from its name")
     p.add_argument("--field", default="text", help="JSON field / Parquet column with the text")
-    p.add_argument("--threshold", type=float, default=0.8, help="Jaccard threshold in (0, 1]")
-    p.add_argument("--num-perm", type=int, default=128, help="MinHash permutations")
-    p.add_argument("--ngram", type=int, default=5, help="shingle size in tokens")
+    p.add_argument("--threshold", type=_float, default=0.8, help="Jaccard threshold in (0, 1]")
+    p.add_argument("--num-perm", type=_int, default=128, help="MinHash permutations (at most 8192)")
+    p.add_argument("--ngram", type=_int, default=5, help="shingle size in tokens (at most 1024)")
     p.add_argument("--tokenizer", choices=["word", "char"], default="word")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--bands", type=int, default=None, help="LSH bands (default: optimised)")
-    p.add_argument("--rows", type=int, default=None, help="LSH rows per band")
+    p.add_argument("--seed", type=_int, default=1, help="in [0, 2**64)")
+    p.add_argument("--bands", type=_int, default=None, help="LSH bands (default: optimised)")
+    p.add_argument("--rows", type=_int, default=None, help="LSH rows per band")
     p.add_argument(
         "--verify",
         choices=["estimate", "exact"],
@@ -49,9 +77,22 @@ def _add_dedup(sub: argparse._SubParsersAction) -> None:
         default="fail",
         help="malformed lines: stop with file:line (fail) or set aside in a rejects file (skip)",
     )
-    p.add_argument("--batch-size", type=int, default=8192, help="documents hashed per batch")
     p.add_argument(
-        "--memory-mb", type=int, default=1024, help="memory budget for the candidate stage"
+        "--batch-size",
+        type=_int,
+        default=8192,
+        help="documents hashed per batch (1 to 2**20; batch-size * num-perm <= 2**28)",
+    )
+    p.add_argument(
+        "--memory-mb", type=_int, default=1024, help="memory budget for the candidate stage"
+    )
+    p.add_argument(
+        "--max-line-mb",
+        type=_int,
+        default=DEFAULT_MAX_LINE_BYTES >> 20,
+        metavar="MB",
+        help="longest JSONL line read, in MiB (default 64, at most 16384); a longer line "
+        "stops the run with its file:line",
     )
     p.add_argument("--work-dir", default=None, help="where signatures spill (default: by OUTPUT)")
     p.add_argument("--clusters", default=None, help="clusters TSV path (default: beside OUTPUT)")
@@ -71,6 +112,13 @@ def _add_dedup(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_dedup)
+
+
+def _max_line_bytes(mb: int) -> int:
+    limit = MAX_LINE_BYTES_LIMIT >> 20
+    if not 1 <= mb <= limit:
+        raise ValueError(f"--max-line-mb must lie in [1, {limit}], got {mb}")
+    return mb << 20
 
 
 def _run_dedup(args: argparse.Namespace) -> int:
@@ -98,6 +146,7 @@ def _run_dedup(args: argparse.Namespace) -> int:
         against=args.against,
         save_index=args.save_index,
         progress=not args.quiet,
+        max_line_bytes=_max_line_bytes(args.max_line_mb),
     )
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.summary())
     return 0
@@ -132,18 +181,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_dedup(sub)
     _add_demo(sub)
+    add_prepare(sub)
+    add_train(sub)
     args = parser.parse_args(argv)
     # The library logs through `logging`; the command line shows warnings, or more with -v.
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"slimforge {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, OverflowError, OSError) as e:
+        # User errors: bad values, malformed or unreadable inputs, refused outputs.
+        print(f"slimforge {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as e:
+        print(f"slimforge {args.command}: failed: {_one_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"slimforge {args.command}: interrupted; no output was replaced", file=sys.stderr)
         return 130
+
+
+def _one_line(e: BaseException) -> str:
+    """The exception's message on one line (file names may hold newlines)."""
+    msg = str(e) or type(e).__name__
+    if isinstance(e, MemoryError):
+        msg = f"out of memory ({msg}); lower --batch-size or --memory-mb"
+    return msg.replace("\n", "\\n").replace("\r", "\\r")
 
 
 if __name__ == "__main__":
