@@ -29,25 +29,35 @@ def test_prepare_writes_token_files_of_every_document(tmp_path: Path, capsys) ->
                  "0.9"]) == 2  # fmt: skip
 
 
-def test_train_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    import signal
+    import time
+
     data = tmp_path / "d"
     assert main(["prepare", str(corpus_path()), "-o", str(data), "-q"]) == 0
 
-    def train(out: str, steps: int, *extra: str) -> None:
-        cmd = [sys.executable, "-m", "slimforge", "train", "--data", str(data), "--out",
-               str(tmp_path / out), "--steps", str(steps), "--save-every", "3", *SMALL, *extra]  # fmt: skip
-        proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr
-        assert "tokens/s" in proc.stdout
+    def cmd(out: str, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "slimforge", "train", "--data", str(data), "--out",
+                str(tmp_path / out), "--steps", "12", "--save-every", "3", *SMALL, *extra]  # fmt: skip
 
-    train("whole", 6)
-    train("parts", 3)
-    train("parts", 6, "--resume")
+    whole = subprocess.run(cmd("whole"), env=ENV, capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    proc = subprocess.Popen(cmd("parts"), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = tmp_path / "parts" / "checkpoints" / "step-0000003"
+    deadline = time.monotonic() + 120
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # finishes the running step, saves, exits 130
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in (0, 130), err  # 0 only if it had already finished
+    resumed = subprocess.run(cmd("parts", "--resume"), env=ENV, capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
     a = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
-    final_a = [r for r in a if r.get("step") == 6 and "loss" in r]
-    final_b = [r for r in b if r.get("step") == 6 and "loss" in r]
-    assert final_a and final_a[-1]["loss"] == final_b[-1]["loss"]  # bit for bit
+    last_a = [r for r in a if r.get("step") == 12 and "loss" in r]
+    last_b = [r for r in b if r.get("step") == 12 and "loss" in r]
+    assert last_a[-1]["loss"] == last_b[-1]["loss"]  # bit for bit
     eval_a = [r["eval_nll"] for r in a if "eval_nll" in r]
     eval_b = [r["eval_nll"] for r in b if "eval_nll" in r]
     assert eval_a[-1] == eval_b[-1]
