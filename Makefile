@@ -8,7 +8,8 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 ASSETS ?= $(HOME)/.cache/slimforge/assets
 export SLIMFORGE_ASSETS := $(ASSETS)
 
-.PHONY: demo test test-rust test-python lint build assets bench bench-quick gpu-check gpu-check-run clean
+.PHONY: demo test test-rust test-python lint build assets bench bench-quick gpu-check gpu-check-run clean \
+	fuzz
 
 $(STAMP): requirements-dev.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -59,6 +60,25 @@ bench: build assets $(BENCH_STAMP)
 
 bench-quick: build assets $(BENCH_STAMP)
 	@for b in $(PY_BENCHES); do echo "== $$b --quick"; $(PY) benches/python/$$b.py --quick || exit 1; done
+
+# Coverage-guided fuzzing of the Rust parsers of untrusted files (cargo-fuzz: libFuzzer with
+# AddressSanitizer), FUZZ_SECONDS per target; not part of `make test`. It needs nightly rustc
+# flags: the installed nightly toolchain when there is one, else stable with RUSTC_BOOTSTRAP=1.
+# New inputs go to target/fuzz-corpus/<target>; fuzz/corpus/<target> is the seed corpus (kept
+# in the repo); a crash is saved under fuzz/artifacts/<target>/ and fails the target.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= lsh_index jsonl
+fuzz:
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	@if rustup run nightly rustc --version >/dev/null 2>&1; then tc=+nightly; boot=0; \
+	  else tc=; boot=1; fi; \
+	for t in $(FUZZ_TARGETS); do \
+	  mkdir -p target/fuzz-corpus/$$t; \
+	  echo "== cargo fuzz run $$t for $(FUZZ_SECONDS) s ($${tc:-stable with RUSTC_BOOTSTRAP=1})"; \
+	  if [ $$boot = 1 ]; then export RUSTC_BOOTSTRAP=1; fi; \
+	  cargo $$tc fuzz run --fuzz-dir fuzz $$t target/fuzz-corpus/$$t fuzz/corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -timeout=10 || exit 1; \
+	done
 
 gpu-check:
 	bash scripts/gpu_check.sh

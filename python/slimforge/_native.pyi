@@ -65,6 +65,17 @@ def lsh_index_load(
 from typing import final  # noqa: E402
 
 @final
+class CandidateBuckets:
+    def __new__(cls, band_hashes: npt.NDArray[np.uint64], max_bucket: int) -> CandidateBuckets: ...
+    def __len__(self) -> int: ...
+    def rows(self) -> npt.NDArray[np.int64]: ...
+    def largest(self) -> int: ...
+    def units_left(self) -> int: ...
+    def next_piece(
+        self, max_units: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]] | None: ...
+
+@final
 class JsonlBatchReader:
     def __new__(
         cls,
@@ -73,6 +84,7 @@ class JsonlBatchReader:
         batch_size: int = 8192,
         stop_at_reject: bool = False,
         with_raw: bool = False,
+        max_line_bytes: int = ...,  # 64 MiB (DEFAULT_MAX_LINE_BYTES)
     ) -> JsonlBatchReader: ...
     def next_batch(
         self,
@@ -84,6 +96,7 @@ class JsonlBatchReader:
             int,
             int,
             list[bytes] | None,
+            tuple[int, str] | None,
         ]
         | None
     ): ...
@@ -93,7 +106,13 @@ class JsonlKeptWriter:
     def __new__(
         cls, output: str | os.PathLike[str], gzip: bool, clusters: str | os.PathLike[str]
     ) -> JsonlKeptWriter: ...
-    def open_input(self, path: str | os.PathLike[str], field: str, display: str) -> None: ...
+    def open_input(
+        self,
+        path: str | os.PathLike[str],
+        field: str,
+        display: str,
+        max_line_bytes: int = ...,  # 64 MiB (DEFAULT_MAX_LINE_BYTES)
+    ) -> None: ...
     def step(
         self,
         keep: npt.NDArray[np.bool_],
@@ -206,6 +225,8 @@ def flash_attn_bwd(
 
 # --- moe ---
 # bfloat16 rows cross as their uint16 bits; weights/scales are float64 for float64 rows, else float32.
+
+MOE_MAX_EXPERTS: int
 
 def moe_route(
     logits: npt.NDArray[np.float32] | npt.NDArray[np.float64],

@@ -25,8 +25,9 @@ def run_demo(out_dir: str | Path = "slimforge-demo", progress: bool = True) -> F
     print(report.summary())
 
     records = load_corpus()
+    # The TSV is unquoted (file names are backslash-escaped, `escape_tsv_field`): no quoting.
     with open(report.clusters_path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     removed_by_collection: Counter[str] = Counter()
     twins: defaultdict[tuple[str, str], int] = defaultdict(int)
     for row in rows:

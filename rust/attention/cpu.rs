@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use super::gemm::{Avx2, Avx512};
 use super::gemm::{Isa as IsaChoice, MulAdd, Portable, Real, Storage};
 use super::mask::{MaskSpec, TileClass};
+use crate::error::{checked_mul, checked_product, try_filled, try_with_capacity, try_zeroed};
 use crate::error::{Error, Result};
 
 /// Query rows per forward tile.
@@ -26,6 +27,10 @@ pub const BWD_BLOCK_Q: usize = 64;
 pub const BWD_BLOCK_K: usize = 64;
 /// Largest supported head dimension.
 pub const MAX_HEAD_DIM: usize = 256;
+/// Largest sequence length, total token count and head count of a call (`i32::MAX`: the packed
+/// offsets are int32, and the CUDA kernels index tokens and heads with 32-bit ints). Keeps every
+/// mask computation `i + (nk - nq) -/+ window` far from the `i64` range.
+pub const MAX_TOKENS: usize = i32::MAX as usize;
 /// Backward tasks aimed at per call, independent of the thread count (it fixes the dQ split).
 const BWD_TARGET_TASKS: usize = 8;
 /// Upper bound on the dQ buffers of the backward (memory: parts x size of dQ).
@@ -62,12 +67,35 @@ impl Shape {
         heads_kv: usize,
         head_dim: usize,
     ) -> Result<Self> {
+        check_count("seqlen_q", seqlen_q)?;
+        check_count("seqlen_k", seqlen_k)?;
+        check_count(
+            "total_q (batch * seqlen_q)",
+            checked_mul("batch * seqlen_q", batch, seqlen_q)?,
+        )?;
+        check_count(
+            "total_k (batch * seqlen_k)",
+            checked_mul("batch * seqlen_k", batch, seqlen_k)?,
+        )?;
+        // Sequences without queries or keys hold nothing: a batch of them is described by no
+        // sequence at all (so an empty (2^40, 0, h, d) batch allocates no 2^40 offsets).
+        let batch = if seqlen_q == 0 && seqlen_k == 0 {
+            0
+        } else {
+            batch
+        };
+        // batch * seqlen fits (checked above), and batch <= total_q or total_k < 2^31.
+        let offsets = |n: usize| -> Result<Vec<usize>> {
+            let mut cu = try_with_capacity(batch + 1, "cu_seqlens")?;
+            cu.extend((0..=batch).map(|b| b * n));
+            Ok(cu)
+        };
         let shape = Shape {
             heads_q,
             heads_kv,
             head_dim,
-            cu_seqlens_q: (0..=batch).map(|b| b * seqlen_q).collect(),
-            cu_seqlens_k: (0..=batch).map(|b| b * seqlen_k).collect(),
+            cu_seqlens_q: offsets(seqlen_q)?,
+            cu_seqlens_k: offsets(seqlen_k)?,
             lse_layout: LseLayout::Batched { seqlen_q },
         };
         shape.validate()?;
@@ -138,6 +166,36 @@ impl Shape {
                 self.heads_q, self.heads_kv
             )));
         }
+        check_count("heads_q", self.heads_q)?;
+        // The fields are public: check what the kernels' indexing relies on (O(batch)).
+        let (cq, ck) = (&self.cu_seqlens_q, &self.cu_seqlens_k);
+        let monotone = |cu: &[usize]| cu.first() == Some(&0) && cu.windows(2).all(|w| w[0] <= w[1]);
+        if cq.len() != ck.len() || !monotone(cq) || !monotone(ck) {
+            return Err(Error::value(
+                "cu_seqlens_q and cu_seqlens_k must be non-decreasing offsets from 0 of one batch",
+            ));
+        }
+        let lse_ok = match self.lse_layout {
+            LseLayout::Batched { seqlen_q } => cq.windows(2).all(|w| w[1] - w[0] == seqlen_q),
+            LseLayout::Packed { total_q } => total_q == self.total_q(),
+        };
+        if !lse_ok {
+            return Err(Error::value(format!(
+                "the log-sum-exp layout {:?} does not match the query offsets",
+                self.lse_layout
+            )));
+        }
+        check_count("total_q", self.total_q())?;
+        check_count("total_k", self.total_k())?;
+        // The element counts of q and k/v (and so of every buffer sized from them) fit.
+        checked_product(
+            "q elements (total_q * heads_q * head_dim)",
+            &[self.total_q(), self.heads_q, self.head_dim],
+        )?;
+        checked_product(
+            "k elements (total_k * heads_kv * head_dim)",
+            &[self.total_k(), self.heads_kv, self.head_dim],
+        )?;
         Ok(())
     }
 
@@ -279,6 +337,15 @@ fn detect_isa() -> Isa {
     Isa::Generic
 }
 
+fn check_count(name: &str, n: usize) -> Result<()> {
+    if n > MAX_TOKENS {
+        return Err(Error::value(format!(
+            "{name} must be at most {MAX_TOKENS} (2^31 - 1), got {n}"
+        )));
+    }
+    Ok(())
+}
+
 fn round_up(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to
 }
@@ -312,22 +379,29 @@ struct HeadRows {
 }
 
 impl HeadRows {
-    fn new(seqs: Vec<(usize, usize)>, heads: usize, d: usize, align: usize) -> Self {
-        let mut seq_base = Vec::with_capacity(seqs.len() + 1);
-        let mut rows = 0;
+    fn new(seqs: Vec<(usize, usize)>, heads: usize, d: usize, align: usize) -> Result<Self> {
+        let mut seq_base = try_with_capacity(seqs.len() + 1, "attention row offsets")?;
+        let mut rows = 0usize;
+        let overflow = || Error::value("attention row buffer size overflows a 64-bit size");
         for &(_, n) in &seqs {
             seq_base.push(rows);
-            rows += heads * round_up(n, align);
+            let block = n
+                .checked_next_multiple_of(align)
+                .and_then(|r| r.checked_mul(heads))
+                .ok_or_else(overflow)?;
+            rows = rows.checked_add(block).ok_or_else(overflow)?;
         }
         seq_base.push(rows);
-        HeadRows {
+        let dp = round_up(d, 16);
+        rows.checked_mul(dp).ok_or_else(overflow)?;
+        Ok(HeadRows {
             seqs,
             seq_base,
             heads,
             d,
-            dp: round_up(d, 16),
+            dp,
             align,
-        }
+        })
     }
 
     /// Element offset of row `i` of (sequence b, head h).
@@ -336,11 +410,12 @@ impl HeadRows {
     }
 
     /// `x` (tokens, heads, d) in this layout, converted to the accumulation type and times `mul`.
-    fn build<S: Storage>(&self, x: &[S], mul: S::Acc) -> Vec<S::Acc> {
+    fn build<S: Storage>(&self, x: &[S], mul: S::Acc) -> Result<Vec<S::Acc>> {
         let (heads, d, dp) = (self.heads, self.d, self.dp);
+        // Fits: checked in `new`.
         let len = self.seq_base[self.seqs.len()] * dp;
         // Every element is written below (values or padding zeros): no zero-fill pass first.
-        let mut out = Vec::<S::Acc>::with_capacity(len);
+        let mut out = try_with_capacity::<S::Acc>(len, "the attention row buffer")?;
         let dst = SharedMut(out.as_mut_ptr());
         // Work in token order (each source row holds every head of one token, contiguous), so
         // reads stream through memory; a head-major walk strides by heads * d and defeats the
@@ -381,7 +456,7 @@ impl HeadRows {
         });
         // SAFETY: all `len` elements were initialised above.
         unsafe { out.set_len(len) };
-        out
+        Ok(out)
     }
 }
 
@@ -393,14 +468,14 @@ struct PackedKv<T> {
 }
 
 impl<T: Real> PackedKv<T> {
-    fn new<S: Storage<Acc = T>>(shape: &Shape, k: &[S], v: &[S]) -> Self {
+    fn new<S: Storage<Acc = T>>(shape: &Shape, k: &[S], v: &[S]) -> Result<Self> {
         let seqs = (0..shape.batch()).map(|b| shape.seq_k(b)).collect();
-        let rows = HeadRows::new(seqs, shape.heads_kv, shape.head_dim, KV_ROW_ALIGN);
-        PackedKv {
-            k: rows.build(k, T::ONE),
-            v: rows.build(v, T::ONE),
+        let rows = HeadRows::new(seqs, shape.heads_kv, shape.head_dim, KV_ROW_ALIGN)?;
+        Ok(PackedKv {
+            k: rows.build(k, T::ONE)?,
+            v: rows.build(v, T::ONE)?,
             rows,
-        }
+        })
     }
 }
 
@@ -423,15 +498,18 @@ pub fn forward<S: Storage>(
     opts: &Options,
 ) -> Result<(Vec<S>, Vec<S::Acc>)> {
     opts.validate()?;
+    shape.validate()?;
     let (hq, hkv, d) = (shape.heads_q, shape.heads_kv, shape.head_dim);
     check_len("q", q.len(), shape.total_q() * hq * d)?;
     check_len("k", k.len(), shape.total_k() * hkv * d)?;
     check_len("v", v.len(), shape.total_k() * hkv * d)?;
+    if q.is_empty() {
+        // No query: nothing to compute (and no loop over heads or sequences of an empty q).
+        return Ok((Vec::new(), Vec::new()));
+    }
     // One trip into the pool for the whole call (the installs inside then run in place): each
     // trip costs two thread wake-ups, which dominate small calls.
-    Ok(crate::parallel::install(|| {
-        forward_in_pool(q, k, v, shape, opts)
-    }))
+    crate::parallel::install(|| forward_in_pool(q, k, v, shape, opts))
 }
 
 fn forward_in_pool<S: Storage>(
@@ -440,19 +518,23 @@ fn forward_in_pool<S: Storage>(
     v: &[S],
     shape: &Shape,
     opts: &Options,
-) -> (Vec<S>, Vec<S::Acc>) {
+) -> Result<(Vec<S>, Vec<S::Acc>)> {
     let hq = shape.heads_q;
     // Every row of `out` is written by the task of its query tile: no zero-fill pass first.
-    let mut out = Vec::<S>::with_capacity(q.len());
-    let mut lse = vec![S::Acc::NEG_INFINITY; shape.lse_len()];
+    let mut out = try_with_capacity::<S>(q.len(), "the attention output")?;
+    let mut lse = try_filled(shape.lse_len(), S::Acc::NEG_INFINITY, "the log-sum-exp")?;
+    // At most heads_q * (total_q / 64 + sequences with queries) tasks: O(size of q).
     let mut tasks = Vec::new();
     for b in 0..shape.batch() {
         let nqt = shape.seq_q(b).1.div_ceil(FWD_BLOCK_Q);
+        if nqt == 0 {
+            continue;
+        }
         for h in 0..hq {
             tasks.extend((0..nqt).map(|it| (b, h, it)));
         }
     }
-    let kv = PackedKv::new(shape, k, v);
+    let kv = PackedKv::new(shape, k, v)?;
     let ctx = FwdCtx {
         q,
         kv: &kv,
@@ -470,7 +552,7 @@ fn forward_in_pool<S: Storage>(
     });
     // SAFETY: the query tiles of all (sequence, head) pairs cover every row of `out`.
     unsafe { out.set_len(q.len()) };
-    (out, lse)
+    Ok((out, lse))
 }
 
 unsafe fn forward_dispatch<S: Storage>(ctx: &FwdCtx<'_, S>, task: (usize, usize, usize), isa: Isa) {
@@ -730,6 +812,7 @@ pub fn backward<S: Storage>(
     opts: &Options,
 ) -> Result<(Vec<S>, Vec<S>, Vec<S>)> {
     opts.validate()?;
+    shape.validate()?;
     let (hq, hkv, d) = (shape.heads_q, shape.heads_kv, shape.head_dim);
     let q_len = shape.total_q() * hq * d;
     check_len("q", q.len(), q_len)?;
@@ -738,10 +821,16 @@ pub fn backward<S: Storage>(
     check_len("k", k.len(), shape.total_k() * hkv * d)?;
     check_len("v", v.len(), shape.total_k() * hkv * d)?;
     check_len("lse", lse.len(), shape.lse_len())?;
+    if q.is_empty() {
+        // No query sees any key: dK = dV = 0 (and no loop over heads or sequences).
+        return Ok((
+            Vec::new(),
+            try_zeroed(k.len(), "dk")?,
+            try_zeroed(v.len(), "dv")?,
+        ));
+    }
     // One trip into the pool for the whole call, as in `forward`.
-    Ok(crate::parallel::install(|| {
-        backward_in_pool(dout, q, k, v, out, lse, shape, opts)
-    }))
+    crate::parallel::install(|| backward_in_pool(dout, q, k, v, out, lse, shape, opts))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -754,16 +843,18 @@ fn backward_in_pool<S: Storage>(
     lse: &[S::Acc],
     shape: &Shape,
     opts: &Options,
-) -> (Vec<S>, Vec<S>, Vec<S>) {
+) -> Result<(Vec<S>, Vec<S>, Vec<S>)> {
     let (hq, hkv, d) = (shape.heads_q, shape.heads_kv, shape.head_dim);
     let q_len = shape.total_q() * hq * d;
     let batch = shape.batch();
     let zero = S::Acc::ZERO;
 
     let isa = detect_isa();
-    let mut delta = vec![zero; lse.len()];
+    let mut delta = try_zeroed::<S::Acc>(lse.len(), "the backward's delta")?;
     let delta_ptr = SharedMut(delta.as_mut_ptr());
+    // (sequence, head) pairs of the sequences with queries: at most total_q * heads_q.
     let pairs: Vec<(usize, usize)> = (0..batch)
+        .filter(|&b| shape.seq_q(b).1 > 0)
         .flat_map(|b| (0..hq).map(move |h| (b, h)))
         .collect();
     crate::parallel::install(|| {
@@ -780,12 +871,12 @@ fn backward_in_pool<S: Storage>(
     });
 
     let seqs = (0..batch).map(|b| shape.seq_q(b)).collect();
-    let rows = HeadRows::new(seqs, hq, d, BWD_BLOCK_Q);
+    let rows = HeadRows::new(seqs, hq, d, BWD_BLOCK_Q)?;
     // Q times softmax_scale, rounded as in the forward's Q^T: the recomputed scores are then the
     // forward's bit for bit (same products, same summation order), and so is P.
     let scale = S::Acc::from_f64(opts.softmax_scale);
-    let q_rows = rows.build(q, scale);
-    let do_rows = rows.build(dout, S::Acc::ONE);
+    let q_rows = rows.build(q, scale)?;
+    let do_rows = rows.build(dout, S::Acc::ONE)?;
 
     let max_kv_tiles = (0..batch)
         .map(|b| shape.seq_k(b).1.div_ceil(BWD_BLOCK_K))
@@ -796,10 +887,13 @@ fn backward_in_pool<S: Storage>(
         .div_ceil(batch.max(1) * hkv)
         .clamp(1, BWD_MAX_PARTS)
         .min(max_kv_tiles);
-    let mut dq_parts = vec![zero; parts * q_len];
+    let mut dq_parts = try_zeroed::<S::Acc>(
+        checked_mul("dQ buffers (parts * dq size)", parts, q_len)?,
+        "the backward's dQ buffers",
+    )?;
     // dK and dV rows are all written by the task owning their key tile: no zero-fill pass.
-    let mut dk = Vec::<S>::with_capacity(k.len());
-    let mut dv = Vec::<S>::with_capacity(v.len());
+    let mut dk = try_with_capacity::<S>(k.len(), "dk")?;
+    let mut dv = try_with_capacity::<S>(v.len(), "dv")?;
     let ctx = BwdCtx {
         k,
         v,
@@ -815,8 +909,12 @@ fn backward_in_pool<S: Storage>(
         dk: SharedMut(dk.as_mut_ptr()),
         dv: SharedMut(dv.as_mut_ptr()),
     };
+    // Sequences without keys have no dK/dV rows: at most total_k * heads_kv * parts tasks.
     let mut tasks = Vec::new();
     for b in 0..batch {
+        if shape.seq_k(b).1 == 0 {
+            continue;
+        }
         for hk in 0..hkv {
             tasks.extend((0..parts).map(|p| (b, hk, p)));
         }
@@ -833,7 +931,7 @@ fn backward_in_pool<S: Storage>(
         dv.set_len(v.len());
     }
 
-    let mut dq = vec![S::store(zero); q_len];
+    let mut dq = try_zeroed::<S>(q_len, "dq")?;
     let parts_ref = &dq_parts;
     crate::parallel::install(|| {
         dq.par_chunks_mut(4096)
@@ -849,7 +947,7 @@ fn backward_in_pool<S: Storage>(
                 }
             })
     });
-    (dq, dk, dv)
+    Ok((dq, dk, dv))
 }
 
 /// `delta[i] = rowsum(dO * O)` of query `i` of head `h` (rows `heads * d` apart), summed with the
@@ -1016,7 +1114,13 @@ unsafe fn backward_part<S: Storage, I: IsaChoice>(
         transpose_acc(&v_rows, d, cols, d, &mut v_t, BK);
         dk_acc.fill(zero);
         dv_acc.fill(zero);
-        for h in hk * group..(hk + 1) * group {
+        // A sequence without queries has nothing to add: skip its (possibly many) heads.
+        let heads = if nq == 0 {
+            0..0
+        } else {
+            hk * group..(hk + 1) * group
+        };
+        for h in heads {
             let lse_base = shape.lse_base(b, h);
             for it in 0..nq.div_ceil(BQ) {
                 let i0 = it * BQ;
@@ -1417,6 +1521,161 @@ mod tests {
         .unwrap();
         assert!(dq.iter().chain(&dk).chain(&dv).all(|x| x.is_finite()));
         assert!(dq[..12].iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn nan_scores_poison_their_rows_like_the_reference() {
+        // NaN in a query row, and in a key that some rows see (causal): those rows, and only
+        // those, get NaN output and lse; the backward then gives NaN where the reference does.
+        let (n, h, d) = (150, 2, 16);
+        let shape = Shape::batched(1, n, n, h, 1, d).unwrap();
+        let o = opts(true, -1, -1, 0, 0.0);
+        let mut q = data(n * h * d, 1);
+        let mut k = data(n * d, 2);
+        let v = data(n * d, 3);
+        q[(20 * h + 1) * d + 3] = f64::NAN; // query 20, head 1
+        k[100 * d + 5] = f64::NAN; // key 100: seen by queries 100.. (causal)
+        let (want, want_lse) = reference_nan(&q, &k, &v, &shape, &o);
+        let f = |x: &[f64]| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+        let (out64, lse64) = forward(&q, &k, &v, &shape, &o).unwrap();
+        let (out32, lse32) = forward(&f(&q), &f(&k), &f(&v), &shape, &o).unwrap();
+        for i in 0..n {
+            for hh in 0..h {
+                let row = (i * h + hh) * d;
+                let nan_row = (i == 20 && hh == 1) || i >= 100;
+                assert_eq!(want[row].is_nan(), nan_row, "reference {i} {hh}");
+                assert!(
+                    out64[row..row + d].iter().all(|x| x.is_nan() == nan_row),
+                    "{i} {hh}"
+                );
+                assert!(
+                    out32[row..row + d].iter().all(|x| x.is_nan() == nan_row),
+                    "{i} {hh}"
+                );
+                assert_eq!(lse64[hh * n + i].is_nan(), nan_row);
+                assert_eq!(lse32[hh * n + i].is_nan(), nan_row);
+                assert_eq!(want_lse[hh * n + i].is_nan(), nan_row);
+            }
+        }
+        let g = data(q.len(), 4);
+        let (dq, dk, dv) = backward(&g, &q, &k, &v, &out64, &lse64, &shape, &o).unwrap();
+        let (dq32, _, dv32) =
+            backward(&f(&g), &f(&q), &f(&k), &f(&v), &out32, &lse32, &shape, &o).unwrap();
+        // Query 20 of head 1 sees keys 0..=20: their dv is NaN; its own dq row is NaN.
+        assert!(dv[..21 * d].iter().all(|x| x.is_nan()));
+        assert!(dv32[..21 * d].iter().all(|x| x.is_nan()));
+        assert!(dq[(20 * h + 1) * d..(20 * h + 2) * d]
+            .iter()
+            .all(|x| x.is_nan()));
+        assert!(dq32[(20 * h + 1) * d..(20 * h + 2) * d]
+            .iter()
+            .all(|x| x.is_nan()));
+        // Queries 0..20 see only finite keys and rows: finite gradients.
+        assert!(dq[..20 * h * d].iter().all(|x| x.is_finite()));
+        assert!(dk[100 * d..101 * d].iter().all(|x| x.is_nan()));
+    }
+
+    /// [`reference`] that keeps NaN (the max of a row with a NaN score is NaN).
+    fn reference_nan(
+        q: &[f64],
+        k: &[f64],
+        v: &[f64],
+        shape: &Shape,
+        opts: &Options,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let (mut out, mut lse) = reference(q, k, v, shape, opts);
+        let (hq, hkv, d) = (shape.heads_q, shape.heads_kv, shape.head_dim);
+        let (nq, nk) = (shape.total_q(), shape.total_k());
+        let mask = opts.mask(nq, nk);
+        for i in 0..nq {
+            for h in 0..hq {
+                let hk = h / (hq / hkv);
+                let qi = &q[(i * hq + h) * d..][..d];
+                let poisoned = (0..nk).any(|j| {
+                    mask.visible(i, j)
+                        && qi
+                            .iter()
+                            .zip(&k[(j * hkv + hk) * d..][..d])
+                            .any(|(a, b)| (a * b).is_nan())
+                });
+                if poisoned {
+                    out[(i * hq + h) * d..][..d].fill(f64::NAN);
+                    lse[h * nq + i] = f64::NAN;
+                }
+            }
+        }
+        (out, lse)
+    }
+
+    #[test]
+    fn absurd_shapes_are_errors_or_free() {
+        // 2^40 empty sequences: no 2^40 offsets, an empty result.
+        let shape = Shape::batched(1 << 40, 0, 0, 3, 1, 8).unwrap();
+        let (out, lse) =
+            forward::<f32>(&[], &[], &[], &shape, &opts(true, -1, -1, 0, 0.0)).unwrap();
+        assert!(out.is_empty() && lse.is_empty());
+        for bad in [
+            Shape::batched(1, 1 << 40, 1, 1, 1, 8),
+            Shape::batched(1, 1, 1 << 40, 1, 1, 8),
+            Shape::batched(1 << 20, 1 << 12, 1, 1, 1, 8),
+            Shape::batched(usize::MAX, 2, 2, 1, 1, 8),
+            Shape::batched(1, 1, 1, 1 << 31, 1, 8),
+            Shape::batched(1, 1 << 30, 1, 1 << 30, 1, 256),
+        ] {
+            assert!(matches!(bad, Err(Error::Value(_))), "{bad:?}");
+        }
+        // Queries without keys: zeros and -inf, for any number of heads.
+        let shape = Shape::batched(2, 3, 0, 64, 1, 4).unwrap();
+        let q = vec![1.0f32; 2 * 3 * 64 * 4];
+        let (out, lse) = forward(&q, &[], &[], &shape, &opts(false, -1, -1, 0, 0.0)).unwrap();
+        assert!(out.iter().all(|&x| x == 0.0) && lse.iter().all(|&x| x == f32::NEG_INFINITY));
+        // Keys without queries: dk = dv = 0 without touching any head.
+        let shape = Shape::batched(2, 0, 5, 64, 1, 4).unwrap();
+        let k = vec![1.0f32; 2 * 5 * 4];
+        let (dq, dk, dv) = backward(
+            &[],
+            &[],
+            &k,
+            &k,
+            &[],
+            &[],
+            &shape,
+            &opts(false, -1, -1, 0, 0.0),
+        )
+        .unwrap();
+        assert!(dq.is_empty() && dk == vec![0.0; k.len()] && dv == vec![0.0; k.len()]);
+        // A hand-made inconsistent shape is an error, not an out-of-bounds write.
+        let mut shape = Shape::batched(2, 4, 4, 1, 1, 8).unwrap();
+        shape.lse_layout = LseLayout::Batched { seqlen_q: 3 };
+        let x = vec![0.0f32; 64];
+        assert!(forward(&x, &x, &x, &shape, &opts(false, -1, -1, 0, 0.0)).is_err());
+        shape.cu_seqlens_q = vec![0, 5, 4];
+        assert!(forward(&x, &x, &x, &shape, &opts(false, -1, -1, 0, 0.0)).is_err());
+    }
+
+    #[test]
+    fn windows_past_the_sequence_are_unbounded() {
+        for (nq, nk) in [(70, 20), (20, 70), (64, 64)] {
+            let shape = Shape::batched(1, nq, nk, 1, 1, 8).unwrap();
+            let q = data(nq * 8, 1);
+            let k = data(nk * 8, 2);
+            for (huge, plain) in [
+                (opts(true, i64::MAX, -1, 0, 0.0), opts(true, -1, -1, 0, 0.0)),
+                (
+                    opts(false, i64::MAX, i64::MAX, 0, 0.0),
+                    opts(false, -1, -1, 0, 0.0),
+                ),
+                (opts(false, 3, i64::MAX, 2, 0.0), opts(false, 3, -1, 2, 0.0)),
+            ] {
+                let a = forward(&q, &k, &k, &shape, &huge).unwrap();
+                let b = forward(&q, &k, &k, &shape, &plain).unwrap();
+                assert_eq!(a, b, "{nq} {nk} {huge:?}");
+                let g = data(q.len(), 3);
+                let ga = backward(&g, &q, &k, &k, &a.0, &a.1, &shape, &huge).unwrap();
+                let gb = backward(&g, &q, &k, &k, &b.0, &b.1, &shape, &plain).unwrap();
+                assert_eq!(ga, gb);
+            }
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ use half::bf16;
 /// The accumulation type of the kernels: `f32` (fast path) or `f64` (exact checks).
 pub trait Real:
     Copy
+    + crate::error::ZeroBits
     + Send
     + Sync
     + PartialOrd
@@ -28,7 +29,7 @@ pub trait Real:
     /// `exp`, vectorisable; `exp(-inf) = 0`.
     fn exp(self) -> Self;
     fn ln(self) -> Self;
-    /// `2^x`, vectorisable; `exp2(-inf) = 0`.
+    /// `2^x`, vectorisable; `exp2(-inf) = 0`, `exp2(NaN)` is NaN.
     fn exp2(self) -> Self;
     /// [`Real::exp2`] built from the multiply-add flavour `F` (fused inside the FMA kernels).
     #[inline(always)]
@@ -228,20 +229,23 @@ pub fn fast_exp2_f32(x: f32) -> f32 {
 /// Rounding uses the `1.5 * 2^23` trick: adding it leaves `round(x) + 127` in the low mantissa
 /// bits, which are both `n` (after subtracting the constant back) and, shifted left by 23, the
 /// exponent field of `2^n` (no float-to-int conversion, no `floor`). Inputs at or below -127 give
-/// `n = -127`, whose exponent field is 0, so the result is exactly 0 without a select.
+/// `n = -127`, whose exponent field is 0, so the result is exactly 0 without a select. NaN gives
+/// NaN.
 #[inline(always)]
 pub fn fast_exp2_f32_with<F: MulAdd>(x: f32) -> f32 {
-    // The lower clamp first: it also maps NaN to -127 (so to 0).
-    let xc = if x > -127.0 { x } else { -127.0 };
-    let xc = if xc < 127.0 { xc } else { 127.0 };
+    // Both clamps let NaN through (a comparison with NaN is false, so the select keeps `x`; one
+    // max/min instruction each, as with the operands the other way round), and NaN gives NaN:
+    // a NaN score must poison its softmax row, as in the reference, not vanish into 2^-127 = 0.
+    let xc = if x < -127.0 { -127.0 } else { x };
+    let xc = if xc > 127.0 { 127.0 } else { xc };
     exp2_clamped::<F>(xc)
 }
 
 /// [`fast_exp2_f32_with`] for `x <= 127` (the softmax exponents `s - max <= 0`): no upper clamp,
-/// one operation fewer. NaN gives 0, as there.
+/// one operation fewer. NaN gives NaN, as there.
 #[inline(always)]
 pub fn fast_exp2_nonpos_f32_with<F: MulAdd>(x: f32) -> f32 {
-    let xc = if x > -127.0 { x } else { -127.0 };
+    let xc = if x < -127.0 { -127.0 } else { x };
     exp2_clamped::<F>(xc)
 }
 
@@ -271,7 +275,9 @@ fn exp2_clamped<F: MulAdd>(xc: f32) -> f32 {
 }
 
 /// A storage element type of the inputs and outputs: `f32`, `bf16` (accumulated in f32) or `f64`.
-pub trait Storage: Copy + Send + Sync + 'static {
+/// All-zero bits are the value 0 in every storage type (`ZeroBits`), so zeroed buffers need no
+/// fill pass.
+pub trait Storage: Copy + crate::error::ZeroBits + Send + Sync + 'static {
     type Acc: Real;
     fn load(self) -> Self::Acc;
     fn store(x: Self::Acc) -> Self;
@@ -693,9 +699,18 @@ mod tests {
             f32::NAN,
         ] {
             let clamped = fast_exp2_f32_with::<Fused>(x);
-            assert_eq!(fast_exp2_nonpos_f32_with::<Fused>(x), clamped, "{x}");
+            let nonpos = fast_exp2_nonpos_f32_with::<Fused>(x);
+            assert!(
+                nonpos == clamped || (nonpos.is_nan() && clamped.is_nan()),
+                "{x}"
+            );
         }
-        assert_eq!(fast_exp2_f32_with::<Fused>(f32::NAN), 0.0);
+        // NaN propagates (a NaN score must poison its softmax row, not become P = 0).
+        assert!(fast_exp2_f32_with::<Fused>(f32::NAN).is_nan());
+        assert!(fast_exp2_f32_with::<Unfused>(f32::NAN).is_nan());
+        assert!(fast_exp2_nonpos_f32_with::<Fused>(f32::NAN).is_nan());
+        assert!(fast_exp2_nonpos_f32_with::<Unfused>(-f32::NAN).is_nan());
+        assert_eq!(fast_exp2_f32_with::<Fused>(f32::INFINITY), 127f32.exp2());
         assert_eq!(fast_exp2_nonpos_f32_with::<Unfused>(f32::NEG_INFINITY), 0.0);
     }
 

@@ -28,6 +28,12 @@ pub struct MaskSpec {
 
 impl MaskSpec {
     /// The mask of a sequence with `nq` queries and `nk` keys.
+    ///
+    /// Window bounds are clamped to the sequence first (`left` to `nk`, `right` to `nq`: a left
+    /// bound of `nk - 1` or more already reaches key 0 from every query, a right bound of `nq - 1`
+    /// or more already reaches the last key), so the mask is the same and no later `i + offset
+    /// -/+ bound` can overflow, whatever bound the caller passed (`i64::MAX` included). Lengths
+    /// must be at most `i64::MAX / 4` (the attention shapes allow at most `i32::MAX`).
     pub fn new(
         window_left: i64,
         window_right: i64,
@@ -35,11 +41,13 @@ impl MaskSpec {
         nq: usize,
         nk: usize,
     ) -> Self {
+        let (nq, nk) = (nq as i64, nk as i64);
+        let clamp = |w: i64, n: i64| if w < 0 { -1 } else { w.min(n) };
         MaskSpec {
-            window_left,
-            window_right,
+            window_left: clamp(window_left, nk),
+            window_right: clamp(window_right, nq),
             num_global,
-            diag_offset: nk as i64 - nq as i64,
+            diag_offset: nk - nq,
         }
     }
 
@@ -215,6 +223,36 @@ mod tests {
                         check_exhaustively(spec, nq, nk, tq, tk);
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn huge_windows_are_clamped_to_the_sequence() {
+        // i64::MAX used to overflow `i + offset - left` (wrong masks in release builds).
+        for &(nq, nk) in &[(37usize, 37usize), (20, 50), (50, 20), (1, 9), (9, 1)] {
+            for &(l, r) in &[
+                (i64::MAX, 0),
+                (i64::MAX, i64::MAX),
+                (-1, i64::MAX),
+                (i64::MAX, -1),
+            ] {
+                let huge = MaskSpec::new(l, r, 0, nq, nk);
+                // A bound past the sequence is no bound.
+                let unbounded = |w: i64| if w == i64::MAX { -1 } else { w };
+                let plain = MaskSpec::new(unbounded(l), unbounded(r), 0, nq, nk);
+                for i in 0..nq {
+                    for j in 0..nk {
+                        assert_eq!(huge.visible(i, j), plain.visible(i, j), "{l} {r} {i} {j}");
+                    }
+                    let mut a = vec![true; nk];
+                    let mut b = vec![true; nk];
+                    huge.mask_outside(i, true, 0, &mut a, false);
+                    plain.mask_outside(i, true, 0, &mut b, false);
+                    assert_eq!(a, b);
+                }
+                check_exhaustively(huge, nq, nk, 4, 4);
+                assert_eq!(huge.classify(0, nq, 0, nk), plain.classify(0, nq, 0, nk));
             }
         }
     }

@@ -174,7 +174,11 @@ impl AttnCall {
         }
         // Token offsets are computed in 64 bits, but heads * tokens must stay indexable.
         to_i32(
-            self.batch * self.seqlen_q.max(self.seqlen_k),
+            crate::error::checked_mul(
+                "batch * seqlen",
+                self.batch,
+                self.seqlen_q.max(self.seqlen_k),
+            )?,
             "batch * seqlen",
         )?;
         Ok(())
@@ -182,14 +186,19 @@ impl AttnCall {
 
     fn params(&self) -> Result<AttnParams> {
         let varlen = self.cu_seqlens != 0;
-        let (window_left, mut window_right) = (self.window_left.max(-1), self.window_right.max(-1));
+        // Bounds past the sequence lengths mask nothing more: clamp them to the lengths (< 2^31,
+        // validated), so the kernels' `i + off -/+ window` int arithmetic cannot overflow.
+        let clamp = |w: i64, n: usize| if w < 0 { -1 } else { w.min(n as i64) };
+        let window_left = clamp(self.window_left, self.seqlen_k);
+        let mut window_right = clamp(self.window_right, self.seqlen_q);
         if self.causal {
             window_right = 0; // causal = window (left, 0), as flash-attention defines it
         }
         let (lse_batch_stride, lse_head_stride) = if varlen {
             (0, self.seqlen_q)
         } else {
-            (self.heads_q * self.seqlen_q, self.seqlen_q)
+            // Saturating: a product past usize is then rejected by `to_i32` below, not wrapped.
+            (self.heads_q.saturating_mul(self.seqlen_q), self.seqlen_q)
         };
         Ok(AttnParams {
             q: self.q,
@@ -415,6 +424,8 @@ mod tests {
         let c = AttnCall {
             heads_q: 1,
             heads_kv: 1,
+            seqlen_q: 10,
+            seqlen_k: 10,
             causal: true,
             window_left: 5,
             window_right: -1,
@@ -422,5 +433,22 @@ mod tests {
         };
         let p = c.params().unwrap();
         assert_eq!((p.window_left, p.window_right), (5, 0));
+    }
+
+    #[test]
+    fn huge_windows_are_clamped_to_the_sequence_lengths() {
+        let c = AttnCall {
+            heads_q: 1,
+            heads_kv: 1,
+            seqlen_q: 7,
+            seqlen_k: 12,
+            window_left: i64::MAX,
+            window_right: i64::MAX,
+            ..Default::default()
+        };
+        let p = c.params().unwrap();
+        assert_eq!((p.window_left, p.window_right), (12, 7));
+        let p = AttnCall { causal: true, ..c }.params().unwrap();
+        assert_eq!((p.window_left, p.window_right), (12, 0));
     }
 }

@@ -5,13 +5,20 @@
 //! UTF-8 holding a JSON object whose `field` is a string; blank lines are skipped; any other
 //! line is a reject, reported with its 1-based line number, the reason (worded as
 //! `slimforge.io` words it) and its raw bytes.
+//!
+//! Resource bounds: a line longer than `max_line_bytes` (default `DEFAULT_MAX_LINE_BYTES`,
+//! 64 MiB, not counting its newline) stops reading with an error at that line, checked while
+//! the line is read, so memory stays within about `max_line_bytes` plus one batch of lines
+//! (`BATCH_BYTES`) whatever the input holds. Gzip input is read member by member: an empty
+//! file is an empty stream, and zero bytes after the last member (tape or block padding,
+//! which `gzip -t` accepts) are ignored; anything else after a member must be another member.
 
 use std::fmt;
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-use flate2::read::MultiGzDecoder;
+use flate2::bufread::GzDecoder;
 use flate2::write::GzEncoder;
 use flate2::Compression;
 use rayon::prelude::*;
@@ -21,6 +28,126 @@ use crate::error::{Error, Result};
 
 /// A batch stops growing at this many bytes of raw lines, so huge lines keep memory bounded.
 const BATCH_BYTES: usize = 64 << 20;
+
+/// Default longest line, in bytes without its newline (`slimforge.io.DEFAULT_MAX_LINE_BYTES`).
+pub const DEFAULT_MAX_LINE_BYTES: usize = 64 << 20;
+
+/// A gzip stream of one or more members (RFC 1952 section 2.2), read as one stream like
+/// `gzip -d` does: an empty input is an empty stream, and zero bytes after the last member
+/// are padding and ignored. A member's trailer (CRC-32 and length) is checked as it ends.
+pub struct GzipMembers<R: BufRead> {
+    state: GzState<R>,
+    members: u64,
+}
+
+enum GzState<R: BufRead> {
+    /// Between members (or before the first).
+    Boundary(R),
+    Member(Box<GzDecoder<R>>),
+    Done,
+}
+
+impl<R: BufRead> GzipMembers<R> {
+    pub fn new(input: R) -> Self {
+        Self {
+            state: GzState::Boundary(input),
+            members: 0,
+        }
+    }
+}
+
+/// Skips the zero bytes left in `input`; an error if anything else follows them.
+fn skip_zero_padding<R: BufRead>(input: &mut R) -> io::Result<()> {
+    loop {
+        let buf = match input.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let zeros = buf.iter().take_while(|&&b| b == 0).count();
+        if zeros < buf.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "invalid gzip data: non-zero bytes after the zero padding that follows the last member",
+            ));
+        }
+        input.consume(zeros);
+    }
+}
+
+impl<R: BufRead> Read for GzipMembers<R> {
+    fn read(&mut self, into: &mut [u8]) -> io::Result<usize> {
+        if into.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            match std::mem::replace(&mut self.state, GzState::Done) {
+                GzState::Done => return Ok(0),
+                GzState::Boundary(mut input) => {
+                    let first = loop {
+                        match input.fill_buf() {
+                            Ok(b) => break b.first().copied(),
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                            Err(e) => {
+                                self.state = GzState::Boundary(input);
+                                return Err(e);
+                            }
+                        }
+                    };
+                    match first {
+                        None => return Ok(0),
+                        Some(0) if self.members > 0 => {
+                            skip_zero_padding(&mut input)?;
+                            return Ok(0);
+                        }
+                        Some(_) => {
+                            self.members += 1;
+                            self.state = GzState::Member(Box::new(GzDecoder::new(input)));
+                        }
+                    }
+                }
+                GzState::Member(mut d) => match d.read(into) {
+                    Ok(0) => self.state = GzState::Boundary((*d).into_inner()),
+                    Ok(n) => {
+                        self.state = GzState::Member(d);
+                        return Ok(n);
+                    }
+                    // flate2 reports a stream that ends inside a member as UnexpectedEof, or
+                    // as an empty read before the trailer: either way it is truncated.
+                    Err(e) => return Err(e),
+                },
+            }
+        }
+    }
+}
+
+/// How reading one line ended.
+enum LineEnd {
+    /// A line (with its newline, if it had one) is in the buffer.
+    Line,
+    /// End of input, nothing read.
+    Eof,
+    /// The line has more than the limit of bytes; reading stopped inside it.
+    TooLong,
+}
+
+/// Reads one line into `raw` (empty on entry), never holding more than `max + 1` bytes of it:
+/// the read stops after `max` bytes plus a newline, so a longer line is found without being
+/// buffered whole.
+fn read_line_capped(input: &mut dyn BufRead, raw: &mut Vec<u8>, max: usize) -> io::Result<LineEnd> {
+    let limit = (max as u64).saturating_add(1);
+    let n = Read::take(input, limit).read_until(b'\n', raw)?;
+    Ok(if n == 0 {
+        LineEnd::Eof
+    } else if n as u64 == limit && raw.last() != Some(&b'\n') {
+        LineEnd::TooLong
+    } else {
+        LineEnd::Line
+    })
+}
 
 fn is_gzip(path: &Path) -> bool {
     path.file_name()
@@ -194,6 +321,9 @@ pub struct Batch {
     pub empty: u64,
     /// The raw line of each document, when asked for.
     pub raws: Vec<Vec<u8>>,
+    /// A line that stopped reading for good (longer than the line limit): its number and why.
+    /// It comes after every document and reject of the batch; no batch follows.
+    pub stopped: Option<(u64, String)>,
 }
 
 /// Reads a JSONL file (gzip when its name ends in `.gz`) a batch of lines at a time.
@@ -204,6 +334,9 @@ pub struct JsonlReader {
     line: u64,
     done: bool,
     keep_raw: bool,
+    max_line_bytes: usize,
+    /// Set when a line over the limit stopped reading, until a batch hands it back.
+    stopped: Option<(u64, String)>,
 }
 
 impl JsonlReader {
@@ -212,7 +345,7 @@ impl JsonlReader {
         let input: Box<dyn BufRead + Send> = if is_gzip(path) {
             Box::new(BufReader::with_capacity(
                 1 << 20,
-                MultiGzDecoder::new(BufReader::new(file)),
+                GzipMembers::new(BufReader::new(file)),
             ))
         } else {
             Box::new(BufReader::with_capacity(1 << 20, file))
@@ -224,7 +357,18 @@ impl JsonlReader {
             line: 0,
             done: false,
             keep_raw: false,
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
+            stopped: None,
         })
+    }
+
+    /// Longest line accepted, in bytes without its newline (at least 1).
+    pub fn with_max_line_bytes(mut self, max_line_bytes: usize) -> Result<Self> {
+        if max_line_bytes == 0 {
+            return Err(Error::value("max_line_bytes must be at least 1, got 0"));
+        }
+        self.max_line_bytes = max_line_bytes;
+        Ok(self)
     }
 
     /// Whether batches carry raw lines.
@@ -244,13 +388,36 @@ impl JsonlReader {
         let mut bytes = 0usize;
         while !self.done && out.len() < max_lines && bytes < BATCH_BYTES {
             let mut raw = Vec::new();
-            let n = self
-                .input
-                .read_until(b'\n', &mut raw)
-                .map_err(|e| io_error(&self.path, e))?;
-            if n == 0 {
-                self.done = true;
-                break;
+            let end = match read_line_capped(&mut *self.input, &mut raw, self.max_line_bytes) {
+                Ok(end) => end,
+                Err(e) => {
+                    // A failed stream is not read further (it could look like a clean end).
+                    self.done = true;
+                    return Err(Error::Io(format!(
+                        "{}: {e} (while reading line {})",
+                        self.path.display(),
+                        self.line + 1
+                    )));
+                }
+            };
+            match end {
+                LineEnd::Eof => {
+                    self.done = true;
+                    break;
+                }
+                LineEnd::TooLong => {
+                    self.done = true;
+                    self.stopped = Some((
+                        self.line + 1,
+                        format!(
+                            "line is longer than {} bytes (the max_line_bytes limit; raise it \
+                             with max_line_bytes= or --max-line-mb to read this file)",
+                            self.max_line_bytes
+                        ),
+                    ));
+                    break;
+                }
+                LineEnd::Line => {}
             }
             self.line += 1;
             if is_blank(&raw) {
@@ -266,7 +433,7 @@ impl JsonlReader {
     /// With `stop_at_reject`, the batch ends at the first reject and reading stops there.
     pub fn next_batch(&mut self, max_lines: usize, stop_at_reject: bool) -> Result<Option<Batch>> {
         let raw = self.raw_lines(max_lines.max(1))?;
-        if raw.is_empty() {
+        if raw.is_empty() && self.stopped.is_none() {
             return Ok(None);
         }
         let field = self.field.as_str();
@@ -289,17 +456,27 @@ impl JsonlReader {
                     batch.rejects.push(Reject { line, reason, raw });
                     if stop_at_reject {
                         self.done = true;
+                        // The reject comes first; the long line after it is never reached.
+                        self.stopped = None;
                         break;
                     }
                 }
             }
         }
+        batch.stopped = self.stopped.take();
         Ok(Some(batch))
     }
 
     /// The next stretch of raw lines with whether each is a document (parsed in parallel).
+    /// A line over the limit is an error (`path:line: reason`).
     fn next_classified(&mut self, max_lines: usize) -> Result<Vec<(u64, Vec<u8>, bool)>> {
         let raw = self.raw_lines(max_lines.max(1))?;
+        if let Some((line, reason)) = self.stopped.take() {
+            return Err(Error::value(format!(
+                "{}:{line}: {reason}",
+                self.path.display()
+            )));
+        }
         let field = self.field.as_str();
         let ok: Vec<bool> = crate::parallel::install(|| {
             raw.par_iter()
@@ -386,9 +563,17 @@ impl KeptWriter {
         self.index
     }
 
-    /// Starts copying from `path`, named `display` in the clusters file.
-    pub fn open_input(&mut self, path: &Path, field: &str, display: &str) -> Result<()> {
-        self.input = Some((JsonlReader::open(path, field)?, display.to_owned()));
+    /// Starts copying from `path`, named `display` in the clusters file (written as given: the
+    /// caller escapes it), reading lines of up to `max_line_bytes`.
+    pub fn open_input(
+        &mut self,
+        path: &Path,
+        field: &str,
+        display: &str,
+        max_line_bytes: usize,
+    ) -> Result<()> {
+        let reader = JsonlReader::open(path, field)?.with_max_line_bytes(max_line_bytes)?;
+        self.input = Some((reader, display.to_owned()));
         Ok(())
     }
 
@@ -599,6 +784,160 @@ mod tests {
         assert_eq!(all.lines, vec![1, 2]);
     }
 
+    fn gz<P: AsRef<[u8]>>(parts: &[P]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for part in parts {
+            let mut e = GzEncoder::new(Vec::new(), Compression::fast());
+            e.write_all(part.as_ref()).unwrap();
+            bytes.extend(e.finish().unwrap());
+        }
+        bytes
+    }
+
+    fn raw_file(name: &str, bytes: &[u8]) -> PathBuf {
+        let dir = tmp("unused.jsonl", b"").parent().unwrap().to_owned();
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    fn try_read_all(p: &Path, max_line: usize) -> Result<Batch> {
+        let mut r = JsonlReader::open(p, "text")?.with_max_line_bytes(max_line)?;
+        let mut all = Batch::default();
+        while let Some(b) = r.next_batch(2, false)? {
+            all.texts.extend(b.texts);
+            all.lines.extend(b.lines);
+            all.rejects.extend(b.rejects);
+            if b.stopped.is_some() {
+                all.stopped = b.stopped;
+            }
+        }
+        Ok(all)
+    }
+
+    #[test]
+    fn empty_gzip_and_zero_padding_are_accepted() {
+        let empty = raw_file("empty.jsonl.gz", b"");
+        let all = try_read_all(&empty, 100).unwrap();
+        assert!(all.texts.is_empty() && all.rejects.is_empty());
+
+        let empty_member = raw_file("empty-member.jsonl.gz", &gz(&[b""]));
+        assert!(try_read_all(&empty_member, 100).unwrap().texts.is_empty());
+
+        let mut padded = gz(&[b"{\"text\": \"one\"}\n", b"{\"text\": \"two\"}\n"]);
+        padded.extend(std::iter::repeat_n(0u8, 3 << 20));
+        let p = raw_file("padded.jsonl.gz", &padded);
+        let all = try_read_all(&p, 100).unwrap();
+        assert_eq!(all.texts, vec!["one", "two"]);
+
+        // Zeros then something else, a file of zeros, and garbage after a member: errors.
+        let mut bad = gz(&[b"{\"text\": \"one\"}\n"]);
+        bad.extend([0, 0, 0, 7]);
+        for (name, bytes) in [
+            ("zero-then-junk.jsonl.gz", bad),
+            ("zeros.jsonl.gz", vec![0u8; 64]),
+            ("junk-after.jsonl.gz", {
+                let mut b = gz(&[b"{\"text\": \"one\"}\n"]);
+                b.extend(b"junk");
+                b
+            }),
+        ] {
+            let p = raw_file(name, &bytes);
+            let err = try_read_all(&p, 100).unwrap_err();
+            assert!(matches!(err, Error::Io(_)), "{name}: {err:?}");
+            assert!(err.to_string().contains(name), "{err}");
+        }
+    }
+
+    #[test]
+    fn truncated_and_corrupt_gzip_are_io_errors() {
+        let whole = gz(&[&b"{\"text\": \"abc def\"}\n".repeat(1000)]);
+        for cut in [
+            1,
+            5,
+            10,
+            20,
+            whole.len() / 2,
+            whole.len() - 4,
+            whole.len() - 1,
+        ] {
+            let p = raw_file("cut.jsonl.gz", &whole[..cut]);
+            let err = try_read_all(&p, 1 << 20).unwrap_err();
+            assert!(matches!(err, Error::Io(_)), "cut {cut}: {err:?}");
+        }
+        let mut flipped = whole.clone();
+        let at = flipped.len() - 6; // inside the CRC-32 of the trailer
+        flipped[at] ^= 0xFF;
+        let p = raw_file("crc.jsonl.gz", &flipped);
+        assert!(matches!(try_read_all(&p, 1 << 20), Err(Error::Io(_))));
+    }
+
+    #[test]
+    fn lines_over_the_limit_stop_reading_at_their_number() {
+        let bytes = b"{\"text\": \"ab\"}\n{\"text\": \"abc\"}\r\n\n{\"text\": \"abcdefghij\"}\n{\"text\": \"x\"}\n";
+        for name in ["cap.jsonl", "cap.jsonl.gz"] {
+            let p = tmp(name, bytes);
+            // 16 bytes: the second line's content is 16 with its CR, the fourth's 22.
+            let all = try_read_all(&p, 16).unwrap();
+            assert_eq!(all.texts, vec!["ab", "abc"], "{name}");
+            let (line, reason) = all.stopped.expect("stopped");
+            assert_eq!(line, 4);
+            assert!(reason.contains("longer than 16 bytes"), "{reason}");
+            // Exactly at the limit is fine.
+            let all = try_read_all(&p, 22).unwrap();
+            assert_eq!(all.texts.len(), 4);
+            assert!(all.stopped.is_none());
+        }
+        // An earlier reject stops first when asked to.
+        let p = tmp("cap2.jsonl", b"nope\n{\"text\": \"abcdefghijklmnop\"}\n");
+        let mut r = JsonlReader::open(&p, "text")
+            .unwrap()
+            .with_max_line_bytes(10)
+            .unwrap();
+        let b = r.next_batch(100, true).unwrap().unwrap();
+        assert_eq!((b.rejects.len(), b.stopped), (1, None));
+        assert!(r.next_batch(100, true).unwrap().is_none());
+        // The first line already too long: a batch with nothing but the stop.
+        let mut r = JsonlReader::open(&p, "text")
+            .unwrap()
+            .with_max_line_bytes(3)
+            .unwrap();
+        let b = r.next_batch(100, false).unwrap().unwrap();
+        assert!(b.texts.is_empty() && b.rejects.is_empty());
+        assert_eq!(b.stopped.map(|s| s.0), Some(1));
+        assert!(r.next_batch(100, false).unwrap().is_none());
+        assert!(JsonlReader::open(&p, "text")
+            .unwrap()
+            .with_max_line_bytes(0)
+            .is_err());
+        // The kept-lines writer fails with path:line.
+        let dir = p.parent().unwrap().to_owned();
+        let mut w =
+            KeptWriter::create(&dir.join("cap.out.jsonl"), false, &dir.join("cap.tsv")).unwrap();
+        let p = tmp("cap3.jsonl", bytes);
+        w.open_input(&p, "text", "in", 16).unwrap();
+        let err = loop {
+            match w.step(&[true; 8], &[0; 8], 100) {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("expected an error"),
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            err.to_string().contains("cap3.jsonl:4: line is longer"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_endless_line_is_never_buffered_whole() {
+        let mut input = BufReader::with_capacity(4096, io::repeat(b'a'));
+        let mut raw = Vec::new();
+        let end = read_line_capped(&mut input, &mut raw, 100_000).unwrap();
+        assert!(matches!(end, LineEnd::TooLong));
+        assert!(raw.len() <= 100_001, "{}", raw.len());
+    }
+
     #[test]
     fn missing_file_is_an_io_error() {
         let r = JsonlReader::open(Path::new("/nonexistent/x.jsonl"), "text");
@@ -613,7 +952,8 @@ mod tests {
             let out = dir.join(out_name);
             let tsv = dir.join("out.tsv");
             let mut w = KeptWriter::create(&out, is_gzip(&out), &tsv).unwrap();
-            w.open_input(&p, "text", "in.jsonl").unwrap();
+            w.open_input(&p, "text", "in.jsonl", DEFAULT_MAX_LINE_BYTES)
+                .unwrap();
             let keep = [true, true, false];
             let cluster = [0, 1, 0];
             while w.step(&keep, &cluster, 2).unwrap().is_some() {}
@@ -621,7 +961,7 @@ mod tests {
             let written = if is_gzip(&out) {
                 let mut s = Vec::new();
                 std::io::Read::read_to_end(
-                    &mut MultiGzDecoder::new(File::open(&out).unwrap()),
+                    &mut flate2::read::MultiGzDecoder::new(File::open(&out).unwrap()),
                     &mut s,
                 )
                 .unwrap();
@@ -640,7 +980,8 @@ mod tests {
         }
         // More documents than the mask covers means the input changed.
         let mut w = KeptWriter::create(&dir.join("o2.jsonl"), false, &dir.join("o2.tsv")).unwrap();
-        w.open_input(&p, "text", "in").unwrap();
+        w.open_input(&p, "text", "in", DEFAULT_MAX_LINE_BYTES)
+            .unwrap();
         let err = loop {
             match w.step(&[true], &[0], 100) {
                 Ok(None) => panic!("expected an error"),

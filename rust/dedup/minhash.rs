@@ -20,6 +20,10 @@ const BLOCK_PORTABLE: usize = 16;
 /// Parameter arrays are padded to a multiple of the widest block.
 const PAD: usize = BLOCK_AVX512;
 
+/// Most permutations a signature may have: 32 KiB per signature, and the largest `num_perm`
+/// `lsh::optimal_bands` searches (its work grows as `num_perm * ln(num_perm)`).
+pub const MAX_NUM_PERM: usize = 8192;
+
 /// The `num_perm` affine permutations derived from a seed.
 #[derive(Debug, Clone)]
 pub struct Permutations {
@@ -32,6 +36,11 @@ impl Permutations {
     pub fn new(num_perm: usize, seed: u64) -> Result<Self> {
         if num_perm == 0 {
             return Err(Error::value("num_perm must be at least 1, got 0"));
+        }
+        if num_perm > MAX_NUM_PERM {
+            return Err(Error::value(format!(
+                "num_perm must be at most {MAX_NUM_PERM}, got {num_perm}"
+            )));
         }
         let padded = num_perm
             .checked_next_multiple_of(PAD)
@@ -311,6 +320,9 @@ mod tests {
             assert_eq!(b[k], splitmix64(&mut s) as u32);
         }
         assert!(Permutations::new(0, 1).is_err());
+        assert!(Permutations::new(MAX_NUM_PERM, 1).is_ok());
+        assert!(Permutations::new(MAX_NUM_PERM + 1, 1).is_err());
+        assert!(Permutations::new(usize::MAX, 1).is_err());
     }
 
     #[test]

@@ -180,6 +180,10 @@ pub fn position_multipliers(ngram: usize) -> Vec<u64> {
     (0..ngram).map(|_| splitmix64(&mut state) | 1).collect()
 }
 
+/// Longest shingle, in tokens: each shingle hash costs `ngram` multiply-adds and the position
+/// multipliers take `8 * ngram` bytes, so larger values only cost time and memory.
+pub const MAX_NGRAM: usize = 1024;
+
 /// Shingling parameters, validated once.
 #[derive(Debug, Clone)]
 pub struct Shingler {
@@ -208,6 +212,11 @@ impl Shingler {
     pub fn new(ngram: usize, tokenizer: Tokenizer, seed: u64) -> Result<Self> {
         if ngram == 0 {
             return Err(Error::value("ngram must be at least 1, got 0"));
+        }
+        if ngram > MAX_NGRAM {
+            return Err(Error::value(format!(
+                "ngram must be at most {MAX_NGRAM}, got {ngram}"
+            )));
         }
         let ascii_char_hashes = match tokenizer {
             Tokenizer::Char => (0u8..128).map(|c| xxh3_64_with_seed(&[c], seed)).collect(),
@@ -1164,6 +1173,9 @@ mod tests {
     #[test]
     fn zero_ngram_is_an_error() {
         assert!(Shingler::new(0, Tokenizer::Word, 1).is_err());
+        assert!(Shingler::new(MAX_NGRAM, Tokenizer::Word, 1).is_ok());
+        assert!(Shingler::new(MAX_NGRAM + 1, Tokenizer::Char, 1).is_err());
+        assert!(Shingler::new(usize::MAX, Tokenizer::Word, 1).is_err());
         assert!(Tokenizer::parse("bpe").is_err());
     }
 

@@ -6,7 +6,7 @@ use std::ops::{Add, Mul};
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::error::{Error, Result};
+use crate::error::{checked_mul, try_filled, Error, Result};
 
 /// Where every token slot goes, and which token every expert-ordered row came from.
 ///
@@ -33,8 +33,36 @@ pub struct DispatchPlan {
     pub dropped: usize,
 }
 
-/// Slots per parallel chunk of the counting sort.
+/// Slots per parallel chunk of the counting sort (at least `num_experts`, so the per-chunk
+/// histograms take no more memory than `idx` plus one histogram).
 const SORT_CHUNK: usize = 1 << 14;
+
+/// Most experts a plan may have: 2^20 (the largest published expert counts, PEER's 1024^2; the
+/// `[E]` outputs then take 8 MiB each).
+pub const MAX_EXPERTS: usize = 1 << 20;
+
+/// A padded plan may hold at most `max(PADDED_ROWS_FLOOR, PADDED_ROWS_PER_SLOT * T * k)` rows
+/// (padding grows with `num_experts * max(counts)`, so a skewed routing over many experts asks
+/// for far more rows than there are slots); beyond that the call is a `ValueError` naming the
+/// rows asked for, not an allocation the size of `E * T * k`.
+pub const PADDED_ROWS_FLOOR: usize = 1 << 20;
+/// See [`PADDED_ROWS_FLOOR`].
+pub const PADDED_ROWS_PER_SLOT: usize = 256;
+
+/// Checks `num_experts` and `top_k` of a plan (O(1)).
+pub fn check_plan_args(top_k: usize, num_experts: usize) -> Result<()> {
+    if top_k == 0 {
+        return Err(Error::value(
+            "top_k (idx's last dimension) must be at least 1, got 0",
+        ));
+    }
+    if num_experts == 0 || num_experts > MAX_EXPERTS {
+        return Err(Error::value(format!(
+            "num_experts must be in 1..={MAX_EXPERTS}, got {num_experts}"
+        )));
+    }
+    Ok(())
+}
 
 /// Build the dispatch plan for `idx` (`[T, k]` expert ids, row-major).
 ///
@@ -50,12 +78,7 @@ pub fn dispatch_plan(
     capacity: Option<usize>,
     padded: bool,
 ) -> Result<DispatchPlan> {
-    if top_k == 0 {
-        return Err(Error::value("top_k must be at least 1"));
-    }
-    if num_experts == 0 {
-        return Err(Error::value("num_experts must be at least 1"));
-    }
+    check_plan_args(top_k, num_experts)?;
     if !idx.len().is_multiple_of(top_k) {
         return Err(Error::value(format!(
             "idx length {} is not a multiple of top_k {top_k}",
@@ -71,7 +94,8 @@ pub fn dispatch_plan(
     let num_tokens = num_slots / top_k;
     let e_count = num_experts;
 
-    // Histogram per chunk.
+    // Histogram per chunk; chunks of at least E slots keep all histograms within O(T * k + E).
+    let chunk = SORT_CHUNK.max(e_count);
     let histogram = |chunk: &[i64]| {
         let mut h = vec![0usize; e_count];
         for &e in chunk {
@@ -79,10 +103,10 @@ pub fn dispatch_plan(
         }
         h
     };
-    let hist: Vec<Vec<usize>> = if num_slots <= SORT_CHUNK {
+    let hist: Vec<Vec<usize>> = if num_slots <= chunk {
         vec![histogram(idx)]
     } else {
-        crate::parallel::install(|| idx.par_chunks(SORT_CHUNK).map(histogram).collect())
+        crate::parallel::install(|| idx.par_chunks(chunk).map(histogram).collect())
     };
     let mut routed = vec![0usize; e_count];
     for h in &hist {
@@ -93,6 +117,21 @@ pub fn dispatch_plan(
     let cap = capacity.unwrap_or(usize::MAX);
     let counts: Vec<usize> = routed.iter().map(|&r| r.min(cap)).collect();
     let rows_per_expert = counts.iter().copied().max().unwrap_or(0);
+    if padded {
+        let rows = checked_mul(
+            "padded rows (num_experts * max(counts))",
+            e_count,
+            rows_per_expert,
+        )?;
+        let limit = PADDED_ROWS_FLOOR.max(num_slots.saturating_mul(PADDED_ROWS_PER_SLOT));
+        if rows > limit {
+            return Err(Error::value(format!(
+                "a padded plan would hold {e_count} experts x {rows_per_expert} rows = {rows} rows \
+                 for {num_slots} slots, more than the limit of {limit} \
+                 (max(2^20, 256 * tokens * top_k)); pass a capacity or padded=False"
+            )));
+        }
+    }
     let mut offsets = vec![0usize; e_count + 1];
     for e in 0..e_count {
         offsets[e + 1] = if padded {
@@ -123,20 +162,20 @@ pub fn dispatch_plan(
             }
         }
     };
-    if num_slots <= SORT_CHUNK {
+    if num_slots <= chunk {
         place(((&mut pos[..], idx), &base[0]));
     } else {
         crate::parallel::install(|| {
-            pos.par_chunks_mut(SORT_CHUNK)
-                .zip(idx.par_chunks(SORT_CHUNK))
+            pos.par_chunks_mut(chunk)
+                .zip(idx.par_chunks(chunk))
                 .zip(base.par_iter())
                 .for_each(place)
         });
     }
 
     let rows = offsets[e_count];
-    let mut token_of = vec![-1i64; rows];
-    let mut slot_of = vec![-1i64; rows];
+    let mut token_of = try_filled(rows, -1i64, "the plan's token_of")?;
+    let mut slot_of = try_filled(rows, -1i64, "the plan's slot_of")?;
     let mut dropped = 0usize;
     for (a, &p) in pos.iter().enumerate() {
         if p < 0 {
@@ -262,7 +301,7 @@ pub fn permute<T: Element>(
         )));
     }
     let num_tokens = x.len() / dim;
-    if out.len() != token_of.len() * dim {
+    if out.len() != checked_mul("out rows * dim", token_of.len(), dim)? {
         return Err(Error::value(format!(
             "out must be [{}, {dim}], got {} elements",
             token_of.len(),
@@ -340,7 +379,7 @@ pub fn combine<T: Element>(
             ys.len()
         )));
     }
-    if out.len() != num_tokens * dim {
+    if out.len() != checked_mul("out tokens * dim", num_tokens, dim)? {
         return Err(Error::value(format!(
             "out must be [{num_tokens}, {dim}], got {} elements",
             out.len()
@@ -438,7 +477,7 @@ pub fn rowdot<T: Element>(
         out.fill(T::Acc::default());
         return Ok(());
     }
-    if dy.len() != num_tokens * dim {
+    if dy.len() != checked_mul("dy tokens * dim", num_tokens, dim)? {
         return Err(Error::value(format!(
             "dy must be [{num_tokens}, {dim}], got {} elements",
             dy.len()
@@ -584,6 +623,51 @@ mod tests {
         let mut out = [bf16::ZERO];
         combine(&ys, 1, &[0, 1], 2, Some(&[1.0, 1.0]), &mut out).unwrap();
         assert_eq!(out[0], bf16::from_f32(1.0 + 1.0 / 256.0));
+    }
+
+    #[test]
+    fn plan_sizes_are_bounded() {
+        // num_experts beyond the limit is an error, not a 2^40-entry histogram.
+        for e in [0, MAX_EXPERTS + 1, 1 << 40, usize::MAX] {
+            assert!(matches!(
+                dispatch_plan(&[0, 0], 1, e, None, false),
+                Err(Error::Value(_))
+            ));
+        }
+        assert!(dispatch_plan(&[0, 1], 0, 4, None, false).is_err());
+        // The largest expert count works with few slots (histograms stay O(slots + E)).
+        let idx: Vec<i64> = (0..40_000)
+            .map(|i| (i * 7919) % MAX_EXPERTS as i64)
+            .collect();
+        let plan = dispatch_plan(&idx, 2, MAX_EXPERTS, None, false).unwrap();
+        assert_eq!(plan.counts.len(), MAX_EXPERTS);
+        assert_eq!(plan.offsets[MAX_EXPERTS], 40_000);
+        // Padding all slots of one expert across 2^20 experts would need 2^20 * 40_000 rows.
+        let skewed = vec![5i64; 40_000];
+        let err = dispatch_plan(&skewed, 1, MAX_EXPERTS, None, true).unwrap_err();
+        assert!(err.to_string().contains("padded plan"), "{err}");
+        // With a capacity the same call is small.
+        let plan = dispatch_plan(&skewed, 1, MAX_EXPERTS, Some(2), true).unwrap();
+        assert_eq!(plan.token_of.len(), 2 * MAX_EXPERTS);
+        assert_eq!(plan.dropped, 40_000 - 2);
+    }
+
+    #[test]
+    fn kernel_sizes_are_checked() {
+        // token_of.len() * dim overflows: an error, not a wrapped comparison.
+        let mut out = [0.0f32; 4];
+        assert!(permute(&[0.0f32; 0], usize::MAX / 2, &[-1, -1, -1], None, &mut out).is_err());
+        assert!(combine(&[0.0f32; 0], usize::MAX / 2, &[-1, -1], 1, None, &mut out).is_err());
+        let mut dw = [0.0f32; 2];
+        assert!(rowdot(
+            &[0.0f32; 4],
+            &[0.0f32; 0],
+            usize::MAX / 2,
+            &[-1, -1],
+            1,
+            &mut dw
+        )
+        .is_err());
     }
 
     #[test]

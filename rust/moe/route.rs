@@ -89,6 +89,22 @@ fn push_top<F: Real>(best: &mut Vec<(F, usize)>, k: usize, key: F, e: usize) {
     best.insert(at, (key, e));
 }
 
+/// Checks `num_experts` and `top_k` (O(1)); callers that size `[T, top_k]` outputs before
+/// [`route`] call it first, so the product `T * top_k <= T * num_experts` fits.
+pub fn check_route_args(num_experts: usize, top_k: usize) -> Result<()> {
+    if num_experts == 0 {
+        return Err(Error::value(
+            "num_experts (the logits' last dimension) must be at least 1, got 0",
+        ));
+    }
+    if top_k == 0 || top_k > num_experts {
+        return Err(Error::value(format!(
+            "top_k must be in 1..={num_experts} (num_experts), got {top_k}"
+        )));
+    }
+    Ok(())
+}
+
 /// Route `num_tokens = logits.len() / num_experts` tokens to `top_k` experts each.
 ///
 /// `logits`: `[T, E]` row-major; `bias`: `[E]` (selection only); writes `idx_out` `[T, k]`
@@ -104,14 +120,7 @@ pub fn route<F: Real>(
     idx_out: &mut [i64],
     weights_out: &mut [F],
 ) -> Result<()> {
-    if num_experts == 0 {
-        return Err(Error::value("num_experts must be at least 1"));
-    }
-    if top_k == 0 || top_k > num_experts {
-        return Err(Error::value(format!(
-            "top_k must be in 1..={num_experts} (num_experts), got {top_k}"
-        )));
-    }
+    check_route_args(num_experts, top_k)?;
     if !logits.len().is_multiple_of(num_experts) {
         return Err(Error::value(format!(
             "logits length {} is not a multiple of num_experts {num_experts}",

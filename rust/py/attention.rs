@@ -2,10 +2,11 @@
 
 use half::bf16;
 use numpy::{PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods};
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
+use super::{c_slice, size_arg};
 use crate::attention::{self, Options, Shape};
 
 /// The element type of a call, read from the dtype of q.
@@ -32,7 +33,8 @@ fn dtype_of(a: &Bound<'_, PyAny>, name: &str) -> PyResult<Dtype> {
     }
 }
 
-/// A C-contiguous array's shape and data, copied into nothing.
+/// A C-contiguous array's shape and data, copied into nothing (`TypeError` for another dtype or
+/// another memory order).
 fn view<'py, T: numpy::Element>(
     a: &Bound<'py, PyAny>,
     name: &str,
@@ -40,12 +42,32 @@ fn view<'py, T: numpy::Element>(
     let arr = a
         .cast::<PyArrayDyn<T>>()
         .map_err(|_| PyTypeError::new_err(format!("{name} must have the same dtype as q")))?;
-    if !arr.is_c_contiguous() {
-        return Err(PyValueError::new_err(format!(
-            "{name} must be C-contiguous"
-        )));
+    let ro = arr
+        .try_readonly()
+        .map_err(|e| PyValueError::new_err(format!("{name} cannot be read: {e}")))?;
+    c_slice(&ro, name)?;
+    Ok((arr.shape().to_vec(), ro))
+}
+
+/// A window bound: -1 (unbounded) or >= 0. Bounds past `i64::MAX` saturate (the kernels clamp
+/// them to the sequence lengths anyway); other negatives are rejected by the kernel's checks.
+fn window_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<i64> {
+    match obj.extract::<i64>() {
+        Ok(v) => Ok(v),
+        Err(e) if e.is_instance_of::<PyOverflowError>(obj.py()) => {
+            if obj.gt(0i32)? {
+                Ok(i64::MAX)
+            } else {
+                Err(PyValueError::new_err(format!(
+                    "{name} must be -1 (unbounded) or >= 0, got {obj}"
+                )))
+            }
+        }
+        Err(_) => Err(PyTypeError::new_err(format!(
+            "{name} must be an int, got {}",
+            obj.get_type().name()?
+        ))),
     }
-    Ok((arr.shape().to_vec(), arr.readonly()))
 }
 
 struct Problem {
@@ -98,7 +120,13 @@ fn problem(
                     "q {q_dims:?} and k {k_dims:?} disagree on head_dim"
                 )));
             }
-            let shape = Shape::packed(cq.as_slice()?, ck.as_slice()?, *hq, *hkv, *d)?;
+            let shape = Shape::packed(
+                c_slice(cq, "cu_seqlens_q")?,
+                c_slice(ck, "cu_seqlens_k")?,
+                *hq,
+                *hkv,
+                *d,
+            )?;
             if shape.total_q() != *tq || shape.total_k() != *tk {
                 return Err(PyValueError::new_err(format!(
                     "cu_seqlens end at {} (q) and {} (k), but q has {tq} and k has {tk} tokens",
@@ -138,23 +166,22 @@ fn as_bf16(x: &[u16]) -> &[bf16] {
     unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<bf16>(), x.len()) }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn options(
     causal: bool,
-    window_left: i64,
-    window_right: i64,
+    window_left: &Bound<'_, PyAny>,
+    window_right: &Bound<'_, PyAny>,
     softmax_scale: f64,
     softcap: f64,
-    num_global: usize,
-) -> Options {
-    Options {
+    num_global: &Bound<'_, PyAny>,
+) -> PyResult<Options> {
+    Ok(Options {
         softmax_scale,
         softcap,
         causal,
-        window_left,
-        window_right,
-        num_global,
-    }
+        window_left: window_arg(window_left, "window_left")?,
+        window_right: window_arg(window_right, "window_right")?,
+        num_global: size_arg(num_global, "num_global")?,
+    })
 }
 
 /// Tiled attention forward on the CPU. See `slimforge._native.pyi`.
@@ -169,11 +196,11 @@ fn flash_attn_fwd<'py>(
     cu_seqlens_q: Option<PyReadonlyArray1<'py, i32>>,
     cu_seqlens_k: Option<PyReadonlyArray1<'py, i32>>,
     causal: bool,
-    window_left: i64,
-    window_right: i64,
+    window_left: &Bound<'py, PyAny>,
+    window_right: &Bound<'py, PyAny>,
     softmax_scale: f64,
     softcap: f64,
-    num_global: usize,
+    num_global: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let opts = options(
         causal,
@@ -182,14 +209,14 @@ fn flash_attn_fwd<'py>(
         softmax_scale,
         softcap,
         num_global,
-    );
+    )?;
     macro_rules! run {
         ($t:ty, $conv:expr, $back:expr) => {{
             let (qd, qa) = view::<$t>(q, "q")?;
             let (kd, ka) = view::<$t>(k, "k")?;
             let (vd, va) = view::<$t>(v, "v")?;
             let p = problem(&qd, &kd, &vd, cu_seqlens_q.as_ref(), cu_seqlens_k.as_ref())?;
-            let (qs, ks, vs) = (qa.as_slice()?, ka.as_slice()?, va.as_slice()?);
+            let (qs, ks, vs) = (c_slice(&qa, "q")?, c_slice(&ka, "k")?, c_slice(&va, "v")?);
             let (out, lse) =
                 py.detach(|| attention::forward($conv(qs), $conv(ks), $conv(vs), &p.shape, &opts))?;
             let out = to_array(py, $back(out), &p.q_dims)?;
@@ -219,11 +246,11 @@ fn flash_attn_bwd<'py>(
     cu_seqlens_q: Option<PyReadonlyArray1<'py, i32>>,
     cu_seqlens_k: Option<PyReadonlyArray1<'py, i32>>,
     causal: bool,
-    window_left: i64,
-    window_right: i64,
+    window_left: &Bound<'py, PyAny>,
+    window_right: &Bound<'py, PyAny>,
     softmax_scale: f64,
     softcap: f64,
-    num_global: usize,
+    num_global: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let opts = options(
         causal,
@@ -232,7 +259,7 @@ fn flash_attn_bwd<'py>(
         softmax_scale,
         softcap,
         num_global,
-    );
+    )?;
     macro_rules! run {
         ($t:ty, $acc:ty, $conv:expr, $back:expr) => {{
             let (qd, qa) = view::<$t>(q, "q")?;
@@ -259,8 +286,12 @@ fn flash_attn_bwd<'py>(
                     p.lse_dims
                 )));
             }
-            let (qs, ks, vs) = (qa.as_slice()?, ka.as_slice()?, va.as_slice()?);
-            let (dos, os, ls) = (doa.as_slice()?, oa.as_slice()?, la.as_slice()?);
+            let (qs, ks, vs) = (c_slice(&qa, "q")?, c_slice(&ka, "k")?, c_slice(&va, "v")?);
+            let (dos, os, ls) = (
+                c_slice(&doa, "dout")?,
+                c_slice(&oa, "out")?,
+                c_slice(&la, "lse")?,
+            );
             let (dq, dk, dv) = py.detach(|| {
                 attention::backward(
                     $conv(dos),

@@ -143,8 +143,11 @@ fn as_slice<'a, T: numpy::Element>(a: &'a PyReadonlyArray2<'_, T>) -> PyResult<&
         .map_err(|e| PyTypeError::new_err(e.to_string()))
 }
 
-fn pairs_of(a: &PyReadonlyArray2<'_, i64>) -> PyResult<Vec<[i64; 2]>> {
-    Ok(as_slice(a)?.chunks_exact(2).map(|c| [c[0], c[1]]).collect())
+/// The rows of a C-contiguous `(m, 2)` int64 array as pairs, borrowed: never copied.
+fn pairs_of<'a>(a: &'a PyReadonlyArray2<'_, i64>) -> PyResult<&'a [[i64; 2]]> {
+    let (pairs, rest) = as_slice(a)?.as_chunks::<2>();
+    debug_assert!(rest.is_empty());
+    Ok(pairs)
 }
 
 fn to_2d<T: numpy::Element>(
@@ -232,6 +235,86 @@ fn candidate_pairs<'py>(
     to_2d(py, out.into_flattened(), 2)
 }
 
+/// The buckets of a band-hash matrix `(n, bands)` uint64, handed out in pieces of bounded work
+/// (`lsh::Buckets`): small buckets as their pairs, large ones as their rows.
+#[pyclass(module = "slimforge._native")]
+struct CandidateBuckets {
+    inner: Mutex<lsh::Buckets>,
+}
+
+/// One piece: pairs `(m, 2)` int64 of the small buckets (unique, sorted, `i < j`), rows `(k,)`
+/// int64 of the large buckets and their offsets `(b + 1,)` int64.
+type PyPiece<'py> = (
+    Bound<'py, PyArray2<i64>>,
+    Bound<'py, PyArray1<i64>>,
+    Bound<'py, PyArray1<i64>>,
+);
+
+impl CandidateBuckets {
+    fn get(&self) -> Result<std::sync::MutexGuard<'_, lsh::Buckets>> {
+        self.inner
+            .lock()
+            .map_err(|_| Error::runtime("buckets were poisoned by an earlier panic"))
+    }
+}
+
+#[pymethods]
+impl CandidateBuckets {
+    #[new]
+    fn new(py: Python<'_>, band_hashes: &Bound<'_, PyAny>, max_bucket: usize) -> PyResult<Self> {
+        let bh = matrix::<u64>(band_hashes, "band_hashes", "uint64", None)?;
+        let bands = bh.shape()[1];
+        if bands == 0 {
+            return Err(PyValueError::new_err(
+                "band_hashes must have at least one column",
+            ));
+        }
+        let flat = as_slice(&bh)?;
+        let buckets = py.detach(|| lsh::Buckets::new(flat, bands, max_bucket))?;
+        Ok(Self {
+            inner: Mutex::new(buckets),
+        })
+    }
+
+    /// Number of buckets (runs of two or more rows sharing a band hash), all bands.
+    fn __len__(&self) -> PyResult<usize> {
+        Ok(self.get()?.len())
+    }
+
+    /// Rows `(r,)` int64 that share a band hash with another row: sorted, unique.
+    fn rows<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<i64>>> {
+        let rows = py.detach(|| self.get().map(|b| b.rows()))?;
+        Ok(rows
+            .into_iter()
+            .map(i64::from)
+            .collect::<Vec<_>>()
+            .into_pyarray(py))
+    }
+
+    /// Size of the largest bucket (0 without buckets).
+    fn largest(&self) -> PyResult<usize> {
+        Ok(self.get()?.largest())
+    }
+
+    /// Work not handed out yet: pairs of the small buckets plus rows of the large ones.
+    fn units_left(&self) -> PyResult<u64> {
+        Ok(self.get()?.units_left())
+    }
+
+    /// The next buckets that fit in `max_units` of work (at least one), or None at the end.
+    fn next_piece<'py>(&self, py: Python<'py>, max_units: u64) -> PyResult<Option<PyPiece<'py>>> {
+        let piece = py.detach(|| self.get()?.next_piece(max_units.max(1)))?;
+        let Some(p) = piece else {
+            return Ok(None);
+        };
+        Ok(Some((
+            to_2d(py, p.pairs.into_flattened(), 2)?,
+            p.members.into_pyarray(py),
+            p.offsets.into_pyarray(py),
+        )))
+    }
+}
+
 /// Estimated Jaccard `(m,)` float64 of each pair of signature rows.
 #[pyfunction]
 fn estimate_jaccard_pairs<'py>(
@@ -300,7 +383,25 @@ fn optimal_bands(
     fp_weight: f64,
     fn_weight: f64,
 ) -> PyResult<(usize, usize)> {
-    Ok(py.detach(|| lsh::optimal_bands(threshold, num_perm, fp_weight, fn_weight))?)
+    // Without the GIL, but checking for Ctrl-C (or any pending signal handler's exception)
+    // as it goes.
+    let mut interrupted: Option<PyErr> = None;
+    let found = py.detach(|| {
+        lsh::optimal_bands_with(threshold, num_perm, fp_weight, fn_weight, &mut || {
+            match Python::attach(|py| py.check_signals()) {
+                Ok(()) => false,
+                Err(e) => {
+                    interrupted = Some(e);
+                    true
+                }
+            }
+        })
+    })?;
+    match (found, interrupted) {
+        (_, Some(e)) => Err(e),
+        (Some(bands_rows), None) => Ok(bands_rows),
+        (None, None) => Err(Error::runtime("band search stopped").into()),
+    }
 }
 
 /// xxh3_64 of a bytes object with a seed (the base hash of the scheme).
@@ -408,7 +509,7 @@ struct JsonlBatchReader {
 }
 
 /// One batch: texts (UTF-8 bytes), 1-based line numbers, rejects, text bytes, empty texts,
-/// raw lines (or None).
+/// raw lines (or None), and the line that stopped reading (too long) with why (or None).
 type PyBatch<'py> = (
     Bound<'py, PyList>,
     Bound<'py, PyArray1<i64>>,
@@ -416,12 +517,16 @@ type PyBatch<'py> = (
     u64,
     u64,
     Option<Bound<'py, PyList>>,
+    Option<(u64, String)>,
 );
 
 #[pymethods]
 impl JsonlBatchReader {
     #[new]
-    #[pyo3(signature = (path, field="text", batch_size=8192, stop_at_reject=false, with_raw=false))]
+    #[pyo3(signature = (
+        path, field="text", batch_size=8192, stop_at_reject=false, with_raw=false,
+        max_line_bytes=jsonl::DEFAULT_MAX_LINE_BYTES
+    ))]
     fn new(
         py: Python<'_>,
         path: PathBuf,
@@ -429,12 +534,16 @@ impl JsonlBatchReader {
         batch_size: usize,
         stop_at_reject: bool,
         with_raw: bool,
+        max_line_bytes: usize,
     ) -> PyResult<Self> {
         if batch_size == 0 {
             return Err(PyValueError::new_err("batch_size must be >= 1, got 0"));
         }
-        let reader =
-            py.detach(|| jsonl::JsonlReader::open(&path, field).map(|r| r.with_raw(with_raw)))?;
+        let reader = py.detach(|| {
+            jsonl::JsonlReader::open(&path, field)?
+                .with_max_line_bytes(max_line_bytes)
+                .map(|r| r.with_raw(with_raw))
+        })?;
         Ok(Self {
             inner: Mutex::new(Some(reader)),
             batch_size,
@@ -443,8 +552,10 @@ impl JsonlBatchReader {
         })
     }
 
-    /// The next batch `(texts, lines, rejects, text_bytes, empty, raws)`, or None at end of
-    /// file. `rejects` is a list of `(line, reason, raw)`; `raws` is None unless `with_raw`.
+    /// The next batch `(texts, lines, rejects, text_bytes, empty, raws, stopped)`, or None at
+    /// end of file. `rejects` is a list of `(line, reason, raw)`; `raws` is None unless
+    /// `with_raw`; `stopped` is `(line, reason)` for a line over `max_line_bytes`, after which
+    /// nothing more is read.
     fn next_batch<'py>(&self, py: Python<'py>) -> PyResult<Option<PyBatch<'py>>> {
         let batch = py.detach(|| -> Result<Option<jsonl::Batch>> {
             let mut guard = lock(&self.inner, "reader")?;
@@ -479,6 +590,7 @@ impl JsonlBatchReader {
             b.text_bytes,
             b.empty,
             raws,
+            b.stopped,
         )))
     }
 }
@@ -499,19 +611,22 @@ impl JsonlKeptWriter {
         })
     }
 
-    /// Starts copying from `path`, named `display` in the clusters file.
+    /// Starts copying from `path`, named `display` in the clusters file (written as given),
+    /// reading lines of up to `max_line_bytes` (a longer one is a ValueError `path:line: ...`).
+    #[pyo3(signature = (path, field, display, max_line_bytes=jsonl::DEFAULT_MAX_LINE_BYTES))]
     fn open_input(
         &self,
         py: Python<'_>,
         path: PathBuf,
         field: &str,
         display: &str,
+        max_line_bytes: usize,
     ) -> PyResult<()> {
         Ok(py.detach(|| -> Result<()> {
             let mut g = lock(&self.inner, "writer")?;
             g.as_mut()
                 .ok_or_else(|| Error::value("writer is finished"))?
-                .open_input(&path, field, display)
+                .open_input(&path, field, display, max_line_bytes)
         })?)
     }
 
@@ -553,6 +668,7 @@ impl JsonlKeptWriter {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<JsonlBatchReader>()?;
     m.add_class::<JsonlKeptWriter>()?;
+    m.add_class::<CandidateBuckets>()?;
     m.add_function(wrap_pyfunction!(signatures, m)?)?;
     m.add_function(wrap_pyfunction!(exact_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(band_hashes, m)?)?;

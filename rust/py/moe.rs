@@ -10,14 +10,22 @@ use numpy::{
     IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray2,
     PyUntypedArrayMethods,
 };
-use pyo3::exceptions::PyTypeError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::error::Error;
+use super::{c_slice, c_slice_mut, size_arg};
+use crate::error::{try_filled, try_zeroed, Error};
 use crate::moe::{self, Gate};
 
-fn contiguous<T>(r: std::result::Result<T, numpy::AsSliceError>, name: &str) -> PyResult<T> {
-    r.map_err(|_| PyTypeError::new_err(format!("{name} must be a C-contiguous array")))
+/// `out` must have the row width of the rows it receives (its length alone could match a
+/// different width).
+fn check_width(name: &str, got: usize, want: usize) -> PyResult<()> {
+    if got != want {
+        return Err(PyValueError::new_err(format!(
+            "{name} must have {want} columns like the input rows, got {got}"
+        )));
+    }
+    Ok(())
 }
 
 #[derive(FromPyObject)]
@@ -44,10 +52,12 @@ fn route_typed<'py, F: moe::Real + numpy::Element>(
 ) -> PyResult<RouteOutput<'py>> {
     let shape = logits.shape();
     let (t, e) = (shape[0], shape[1]);
-    let data = contiguous(logits.as_slice(), "logits")?;
+    let data = c_slice(logits, "logits")?;
+    // Before sizing the outputs: top_k <= e, so t * top_k <= the logits' length.
+    moe::route::check_route_args(e, top_k)?;
     let (idx, w) = py.detach(|| -> Result<_, Error> {
-        let mut idx = vec![0i64; t * top_k];
-        let mut w = vec![F::ZERO; t * top_k];
+        let mut idx = try_zeroed::<i64>(t * top_k, "the routing indices")?;
+        let mut w = try_filled(t * top_k, F::ZERO, "the routing weights")?;
         moe::route(data, e, top_k, gate, bias, normalize, &mut idx, &mut w)?;
         Ok((idx, w))
     })?;
@@ -63,21 +73,22 @@ fn route_typed<'py, F: moe::Real + numpy::Element>(
 fn moe_route<'py>(
     py: Python<'py>,
     logits: Logits<'py>,
-    top_k: usize,
+    top_k: &Bound<'py, PyAny>,
     router: &str,
     bias: Option<Bias<'py>>,
     normalize: bool,
 ) -> PyResult<RouteOutput<'py>> {
+    let top_k = size_arg(top_k, "top_k")?;
     let gate = Gate::parse(router)?;
     match (logits, bias) {
         (Logits::F32(l), None) => route_typed(py, &l, None, top_k, gate, normalize),
         (Logits::F64(l), None) => route_typed(py, &l, None, top_k, gate, normalize),
         (Logits::F32(l), Some(Bias::F32(b))) => {
-            let b = contiguous(b.as_slice(), "bias")?;
+            let b = c_slice(&b, "bias")?;
             route_typed(py, &l, Some(b), top_k, gate, normalize)
         }
         (Logits::F64(l), Some(Bias::F64(b))) => {
-            let b = contiguous(b.as_slice(), "bias")?;
+            let b = c_slice(&b, "bias")?;
             route_typed(py, &l, Some(b), top_k, gate, normalize)
         }
         _ => Err(PyTypeError::new_err(
@@ -102,12 +113,14 @@ type PlanOutput<'py> = (
 fn moe_dispatch_plan<'py>(
     py: Python<'py>,
     idx: PyReadonlyArray2<'py, i64>,
-    num_experts: usize,
-    capacity: Option<usize>,
+    num_experts: &Bound<'py, PyAny>,
+    capacity: Option<&Bound<'py, PyAny>>,
     padded: bool,
 ) -> PyResult<PlanOutput<'py>> {
+    let num_experts = size_arg(num_experts, "num_experts")?;
+    let capacity = capacity.map(|c| size_arg(c, "capacity")).transpose()?;
     let (t, k) = (idx.shape()[0], idx.shape()[1]);
-    let data = contiguous(idx.as_slice(), "idx")?;
+    let data = c_slice(&idx, "idx")?;
     let plan = py.detach(|| moe::dispatch_plan(data, k, num_experts, capacity, padded))?;
     let pos =
         Array2::from_shape_vec((t, k), plan.pos).map_err(|e| Error::runtime(e.to_string()))?;
@@ -165,39 +178,42 @@ fn moe_permute<'py>(
     out: RowsOut<'py>,
     row_scale: Option<Scale<'py>>,
 ) -> PyResult<()> {
-    let token_of = contiguous(token_of.as_slice(), "token_of")?;
+    let token_of = c_slice(&token_of, "token_of")?;
     match (x, out, row_scale) {
         (Rows::F32(x), RowsOut::F32(mut o), s) => {
             let s = match &s {
                 None => None,
-                Some(Scale::F32(s)) => Some(contiguous(s.as_slice(), "row_scale")?),
+                Some(Scale::F32(s)) => Some(c_slice(s, "row_scale")?),
                 Some(_) => return Err(dtype_error("moe_permute")),
             };
             let d = x.shape()[1];
-            let xs = contiguous(x.as_slice(), "x")?;
-            let os = contiguous(o.as_slice_mut(), "out")?;
+            check_width("out", o.shape()[1], d)?;
+            let xs = c_slice(&x, "x")?;
+            let os = c_slice_mut(&mut o, "out")?;
             py.detach(|| moe::permute(xs, d, token_of, s, os))?;
         }
         (Rows::Bf16(x), RowsOut::Bf16(mut o), s) => {
             let s = match &s {
                 None => None,
-                Some(Scale::F32(s)) => Some(contiguous(s.as_slice(), "row_scale")?),
+                Some(Scale::F32(s)) => Some(c_slice(s, "row_scale")?),
                 Some(_) => return Err(dtype_error("moe_permute")),
             };
             let d = x.shape()[1];
-            let xs: &[bf16] = contiguous(x.as_slice(), "x")?.reinterpret_cast();
-            let os: &mut [bf16] = contiguous(o.as_slice_mut(), "out")?.reinterpret_cast_mut();
+            check_width("out", o.shape()[1], d)?;
+            let xs: &[bf16] = c_slice(&x, "x")?.reinterpret_cast();
+            let os: &mut [bf16] = c_slice_mut(&mut o, "out")?.reinterpret_cast_mut();
             py.detach(|| moe::permute(xs, d, token_of, s, os))?;
         }
         (Rows::F64(x), RowsOut::F64(mut o), s) => {
             let s = match &s {
                 None => None,
-                Some(Scale::F64(s)) => Some(contiguous(s.as_slice(), "row_scale")?),
+                Some(Scale::F64(s)) => Some(c_slice(s, "row_scale")?),
                 Some(_) => return Err(dtype_error("moe_permute")),
             };
             let d = x.shape()[1];
-            let xs = contiguous(x.as_slice(), "x")?;
-            let os = contiguous(o.as_slice_mut(), "out")?;
+            check_width("out", o.shape()[1], d)?;
+            let xs = c_slice(&x, "x")?;
+            let os = c_slice_mut(&mut o, "out")?;
             py.detach(|| moe::permute(xs, d, token_of, s, os))?;
         }
         _ => return Err(dtype_error("moe_permute")),
@@ -216,39 +232,42 @@ fn moe_combine<'py>(
     weights: Option<Weights<'py>>,
 ) -> PyResult<()> {
     let k = pos.shape()[1];
-    let pos = contiguous(pos.as_slice(), "pos")?;
+    let pos = c_slice(&pos, "pos")?;
     match (ys, out, weights) {
         (Rows::F32(y), RowsOut::F32(mut o), w) => {
             let w = match &w {
                 None => None,
-                Some(Weights::F32(w)) => Some(contiguous(w.as_slice(), "weights")?),
+                Some(Weights::F32(w)) => Some(c_slice(w, "weights")?),
                 Some(_) => return Err(dtype_error("moe_combine")),
             };
             let d = y.shape()[1];
-            let ys = contiguous(y.as_slice(), "ys")?;
-            let os = contiguous(o.as_slice_mut(), "out")?;
+            check_width("out", o.shape()[1], d)?;
+            let ys = c_slice(&y, "ys")?;
+            let os = c_slice_mut(&mut o, "out")?;
             py.detach(|| moe::combine(ys, d, pos, k, w, os))?;
         }
         (Rows::Bf16(y), RowsOut::Bf16(mut o), w) => {
             let w = match &w {
                 None => None,
-                Some(Weights::F32(w)) => Some(contiguous(w.as_slice(), "weights")?),
+                Some(Weights::F32(w)) => Some(c_slice(w, "weights")?),
                 Some(_) => return Err(dtype_error("moe_combine")),
             };
             let d = y.shape()[1];
-            let ys: &[bf16] = contiguous(y.as_slice(), "ys")?.reinterpret_cast();
-            let os: &mut [bf16] = contiguous(o.as_slice_mut(), "out")?.reinterpret_cast_mut();
+            check_width("out", o.shape()[1], d)?;
+            let ys: &[bf16] = c_slice(&y, "ys")?.reinterpret_cast();
+            let os: &mut [bf16] = c_slice_mut(&mut o, "out")?.reinterpret_cast_mut();
             py.detach(|| moe::combine(ys, d, pos, k, w, os))?;
         }
         (Rows::F64(y), RowsOut::F64(mut o), w) => {
             let w = match &w {
                 None => None,
-                Some(Weights::F64(w)) => Some(contiguous(w.as_slice(), "weights")?),
+                Some(Weights::F64(w)) => Some(c_slice(w, "weights")?),
                 Some(_) => return Err(dtype_error("moe_combine")),
             };
             let d = y.shape()[1];
-            let ys = contiguous(y.as_slice(), "ys")?;
-            let os = contiguous(o.as_slice_mut(), "out")?;
+            check_width("out", o.shape()[1], d)?;
+            let ys = c_slice(&y, "ys")?;
+            let os = c_slice_mut(&mut o, "out")?;
             py.detach(|| moe::combine(ys, d, pos, k, w, os))?;
         }
         _ => return Err(dtype_error("moe_combine")),
@@ -266,7 +285,7 @@ fn rowdot_typed<'py, T: moe::Element>(
 ) -> PyResult<Array2<T::Acc>> {
     let t = pos.len() / top_k.max(1);
     let out = py.detach(|| -> Result<_, Error> {
-        let mut out = vec![T::Acc::default(); pos.len()];
+        let mut out = try_filled(pos.len(), T::Acc::default(), "the row dot products")?;
         moe::rowdot(dy, ys, dim, pos, top_k, &mut out)?;
         Ok(out)
     })?;
@@ -282,32 +301,29 @@ fn moe_rowdot<'py>(
     pos: PyReadonlyArray2<'py, i64>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let k = pos.shape()[1];
-    let pos = contiguous(pos.as_slice(), "pos")?;
+    let pos = c_slice(&pos, "pos")?;
     Ok(match (dy, ys) {
         (Rows::F32(g), Rows::F32(y)) => {
             let d = g.shape()[1];
-            let (g, y) = (
-                contiguous(g.as_slice(), "dy")?,
-                contiguous(y.as_slice(), "ys")?,
-            );
+            check_width("ys", y.shape()[1], d)?;
+            let (g, y) = (c_slice(&g, "dy")?, c_slice(&y, "ys")?);
             rowdot_typed(py, g, y, d, pos, k)?
                 .into_pyarray(py)
                 .into_any()
         }
         (Rows::Bf16(g), Rows::Bf16(y)) => {
             let d = g.shape()[1];
-            let g: &[bf16] = contiguous(g.as_slice(), "dy")?.reinterpret_cast();
-            let y: &[bf16] = contiguous(y.as_slice(), "ys")?.reinterpret_cast();
+            check_width("ys", y.shape()[1], d)?;
+            let g: &[bf16] = c_slice(&g, "dy")?.reinterpret_cast();
+            let y: &[bf16] = c_slice(&y, "ys")?.reinterpret_cast();
             rowdot_typed(py, g, y, d, pos, k)?
                 .into_pyarray(py)
                 .into_any()
         }
         (Rows::F64(g), Rows::F64(y)) => {
             let d = g.shape()[1];
-            let (g, y) = (
-                contiguous(g.as_slice(), "dy")?,
-                contiguous(y.as_slice(), "ys")?,
-            );
+            check_width("ys", y.shape()[1], d)?;
+            let (g, y) = (c_slice(&g, "dy")?, c_slice(&y, "ys")?);
             rowdot_typed(py, g, y, d, pos, k)?
                 .into_pyarray(py)
                 .into_any()
@@ -322,5 +338,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(moe_permute, m)?)?;
     m.add_function(wrap_pyfunction!(moe_combine, m)?)?;
     m.add_function(wrap_pyfunction!(moe_rowdot, m)?)?;
+    m.add("MOE_MAX_EXPERTS", moe::dispatch::MAX_EXPERTS)?;
     Ok(())
 }

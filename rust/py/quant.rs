@@ -4,15 +4,23 @@ use numpy::{
     IntoPyArray, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray2,
     PyUntypedArrayMethods,
 };
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
+use super::{c_slice, c_slice_mut, size_arg};
+use crate::error::checked_mul;
 use crate::quant::gemv::{self, QuantWeight, Route};
 use crate::quant::{affine, gptq, pack};
 
 fn slice<'a, T: numpy::Element>(name: &str, a: &'a PyReadonlyArray2<'_, T>) -> PyResult<&'a [T]> {
-    a.as_slice()
-        .map_err(|_| PyTypeError::new_err(format!("{name} must be a C-contiguous array")))
+    c_slice(a, name)
+}
+
+/// A bit width: an int; values outside `u32` are a `ValueError` (the kernels then reject all
+/// but the widths they run).
+fn bits_arg(obj: &Bound<'_, PyAny>) -> PyResult<u32> {
+    let b = size_arg(obj, "bits")?;
+    u32::try_from(b).map_err(|_| PyValueError::new_err(format!("bits must be 4 or 8, got {b}")))
 }
 
 fn dims<T: numpy::Element>(a: &PyReadonlyArray2<'_, T>) -> (usize, usize) {
@@ -36,10 +44,11 @@ type Params<'py> = (Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<f32>>);
 fn quant_choose_qparams<'py>(
     py: Python<'py>,
     w: PyReadonlyArray2<'py, f32>,
-    bits: u32,
-    group_size: usize,
+    bits: &Bound<'py, PyAny>,
+    group_size: &Bound<'py, PyAny>,
     symmetric: bool,
 ) -> PyResult<Params<'py>> {
+    let (bits, group_size) = (bits_arg(bits)?, size_arg(group_size, "group_size")?);
     let (rows, cols) = dims(&w);
     let ws = slice("w", &w)?;
     let (s, z) =
@@ -55,9 +64,10 @@ fn quant_quantize<'py>(
     w: PyReadonlyArray2<'py, f32>,
     scales: PyReadonlyArray2<'py, f32>,
     zeros: PyReadonlyArray2<'py, f32>,
-    bits: u32,
-    group_size: usize,
+    bits: &Bound<'py, PyAny>,
+    group_size: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyArray2<u8>>> {
+    let (bits, group_size) = (bits_arg(bits)?, size_arg(group_size, "group_size")?);
     let (rows, cols) = dims(&w);
     let (ws, ss, zs) = (
         slice("w", &w)?,
@@ -75,8 +85,9 @@ fn quant_dequantize<'py>(
     q: PyReadonlyArray2<'py, u8>,
     scales: PyReadonlyArray2<'py, f32>,
     zeros: PyReadonlyArray2<'py, f32>,
-    group_size: usize,
+    group_size: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let group_size = size_arg(group_size, "group_size")?;
     let (rows, cols) = dims(&q);
     let (qs, ss, zs) = (
         slice("q", &q)?,
@@ -90,7 +101,7 @@ fn quant_dequantize<'py>(
 fn in_features(bits: u32, cols: usize) -> PyResult<usize> {
     match bits {
         8 => Ok(cols),
-        4 => Ok(cols * 2),
+        4 => Ok(checked_mul("in_features (2 * packed columns)", cols, 2)?),
         _ => Err(PyValueError::new_err(format!(
             "bits must be 4 or 8, got {bits}"
         ))),
@@ -104,9 +115,10 @@ fn quant_dequantize_packed<'py>(
     qweight: PyReadonlyArray2<'py, u8>,
     scales: PyReadonlyArray2<'py, f32>,
     zeros: PyReadonlyArray2<'py, f32>,
-    bits: u32,
-    group_size: usize,
+    bits: &Bound<'py, PyAny>,
+    group_size: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let (bits, group_size) = (bits_arg(bits)?, size_arg(group_size, "group_size")?);
     let (rows, cols) = dims(&qweight);
     let k = in_features(bits, cols)?;
     let (qs, ss, zs) = (
@@ -143,8 +155,8 @@ fn quant_unpack_int4<'py>(
 ) -> PyResult<Bound<'py, PyArray2<u8>>> {
     let (rows, cols) = dims(&packed);
     let ps = slice("packed", &packed)?;
-    let q = py.detach(|| pack::unpack_int4(ps));
-    to_2d(py, q, rows, cols * 2)
+    let q = py.detach(|| pack::try_unpack_int4(ps))?;
+    to_2d(py, q, rows, checked_mul("unpacked columns", cols, 2)?)
 }
 
 fn parse_route(route: &str, bits: u32) -> PyResult<Route> {
@@ -174,11 +186,10 @@ fn run_linear<'py>(
     let route = parse_route(route, bits)?;
     let (n, cols) = dims(qweight);
     let k = in_features(bits, cols)?;
+    // The output is m x n: both are array dimensions, but their product need not fit.
+    checked_mul("the output's elements (x rows * out_features)", m, n)?;
     let b = match bias {
-        Some(b) => Some(
-            b.as_slice()
-                .map_err(|_| PyTypeError::new_err("bias must be a C-contiguous array"))?,
-        ),
+        Some(b) => Some(c_slice(b, "bias")?),
         None => None,
     };
     let w = QuantWeight {
@@ -215,10 +226,11 @@ fn quant_linear<'py>(
     scales: PyReadonlyArray2<'py, f32>,
     zeros: PyReadonlyArray2<'py, f32>,
     bias: Option<PyReadonlyArray1<'py, f32>>,
-    bits: u32,
-    group_size: usize,
+    bits: &Bound<'py, PyAny>,
+    group_size: &Bound<'py, PyAny>,
     route: &str,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let (bits, group_size) = (bits_arg(bits)?, size_arg(group_size, "group_size")?);
     let (m, k) = dims(&x);
     check_x_cols(k, dims(&qweight).1, bits)?;
     let xv = slice("x", &x)?.to_vec();
@@ -247,10 +259,11 @@ fn quant_linear_bf16<'py>(
     scales: PyReadonlyArray2<'py, f32>,
     zeros: PyReadonlyArray2<'py, f32>,
     bias: Option<PyReadonlyArray1<'py, f32>>,
-    bits: u32,
-    group_size: usize,
+    bits: &Bound<'py, PyAny>,
+    group_size: &Bound<'py, PyAny>,
     route: &str,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let (bits, group_size) = (bits_arg(bits)?, size_arg(group_size, "group_size")?);
     let (m, k) = dims(&x);
     check_x_cols(k, dims(&qweight).1, bits)?;
     let xs = slice("x", &x)?;
@@ -280,11 +293,12 @@ fn quant_kernel_isa() -> &'static str {
 
 /// Route that `route="auto"` picks for `bits` on this CPU: "int8" or "float".
 #[pyfunction]
-fn quant_default_route(bits: u32) -> &'static str {
-    match gemv::default_route(bits) {
+fn quant_default_route(bits: &Bound<'_, PyAny>) -> PyResult<&'static str> {
+    let bits = bits_arg(bits)?;
+    Ok(match gemv::default_route(bits) {
         Route::Float => "float",
         Route::Int8Activations => "int8",
-    }
+    })
 }
 
 type GptqBlock<'py> = (
@@ -302,18 +316,17 @@ fn quant_gptq_block<'py>(
     py: Python<'py>,
     mut w: PyReadwriteArray2<'py, f32>,
     hinv: PyReadonlyArray2<'py, f32>,
-    bits: u32,
-    group_size: usize,
+    bits: &Bound<'py, PyAny>,
+    group_size: &Bound<'py, PyAny>,
     symmetric: bool,
 ) -> PyResult<GptqBlock<'py>> {
+    let (bits, group_size) = (bits_arg(bits)?, size_arg(group_size, "group_size")?);
     let (rows, cols) = {
         let s = w.shape();
         (s[0], s[1])
     };
     let hs = slice("hinv", &hinv)?;
-    let ws = w
-        .as_slice_mut()
-        .map_err(|_| PyTypeError::new_err("w must be a C-contiguous array"))?;
+    let ws = c_slice_mut(&mut w, "w")?;
     let r = py.detach(|| gptq::gptq_block(ws, rows, cols, hs, bits, group_size, symmetric))?;
     let ng = cols / group_size;
     Ok((

@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::{check_len, check_params, groups_per_row, qmax};
-use crate::error::{Error, Result};
+use crate::error::{try_zeroed, Error, Result};
 
 /// Smallest scale handed out, so an all-zero group still has a usable (positive) scale.
 pub const SCALE_EPS: f32 = f32::EPSILON;
@@ -64,8 +64,9 @@ pub fn choose_qparams(
     let ng = groups_per_row(cols, group_size)?;
     check_len("weight", w.len(), rows, cols)?;
     check_finite(w, cols)?;
-    let mut scales = vec![0f32; rows * ng];
-    let mut zeros = vec![0f32; rows * ng];
+    // rows * ng <= rows * cols = w.len() (checked above).
+    let mut scales = try_zeroed::<f32>(rows * ng, "the scales")?;
+    let mut zeros = try_zeroed::<f32>(rows * ng, "the zero points")?;
     if rows * ng == 0 {
         return Ok((scales, zeros));
     }
@@ -97,7 +98,7 @@ pub fn quantize(
     check_len("weight", w.len(), rows, cols)?;
     check_params(scales, zeros, rows, ng)?;
     check_finite(w, cols)?;
-    let mut q = vec![0u8; w.len()];
+    let mut q = try_zeroed::<u8>(w.len(), "the codes")?;
     if q.is_empty() {
         return Ok(q);
     }
@@ -127,7 +128,7 @@ pub fn dequantize(
     check_len("codes", q.len(), rows, cols)?;
     check_len("scales", scales.len(), rows, ng)?;
     check_len("zeros", zeros.len(), rows, ng)?;
-    let mut w = vec![0f32; q.len()];
+    let mut w = try_zeroed::<f32>(q.len(), "the dequantized weight")?;
     if w.is_empty() {
         return Ok(w);
     }
@@ -168,7 +169,8 @@ pub fn dequantize_packed(
     check_len("qweight", qweight.len(), rows, cols / 2)?;
     check_len("scales", scales.len(), rows, ng)?;
     check_len("zeros", zeros.len(), rows, ng)?;
-    let mut w = vec![0f32; rows * cols];
+    // rows * cols = 2 * qweight.len() (checked above).
+    let mut w = try_zeroed::<f32>(rows * cols, "the dequantized weight")?;
     if w.is_empty() {
         return Ok(w);
     }

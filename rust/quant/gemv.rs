@@ -321,16 +321,27 @@ pub fn linear_with_isa(
             isa.name()
         )));
     }
-    let mut out = vec![0f32; m * n];
+    let mn = crate::error::checked_mul("the output's elements (m * out_features)", m, n)?;
+    let mut out = crate::error::try_zeroed::<f32>(mn, "the linear's output")?;
     if m == 0 || n == 0 {
+        return Ok(out);
+    }
+    if k == 0 {
+        // No input features: y = bias. (The kernels walk rows of k > 0 elements; `chunks_exact(0)`
+        // would panic.)
+        if let Some(b) = bias {
+            for row in out.chunks_exact_mut(n) {
+                row.copy_from_slice(b);
+            }
+        }
         return Ok(out);
     }
     let int_ok = k % ACT_BLOCK == 0 && g % ACT_BLOCK == 0;
     let route = if int_ok { route } else { Route::Float };
     let int4 = w.bits == 4;
     let row_bytes = if int4 { k / 2 } else { k };
-    let mut out_t = vec![0f32; n * m];
-    let parallel = n * k * m >= PARALLEL_MIN_MACS && crate::parallel::num_threads() > 1;
+    let mut out_t = crate::error::try_zeroed::<f32>(mn, "the linear's output")?;
+    let parallel = mn.saturating_mul(k) >= PARALLEL_MIN_MACS && crate::parallel::num_threads() > 1;
 
     match route {
         Route::Float => {
@@ -726,5 +737,36 @@ mod tests {
         w.group_size = 32;
         w.bits = 3;
         assert!(linear(&x, 1, &w, None, Route::Float).is_err());
+    }
+
+    #[test]
+    fn degenerate_shapes_are_handled_or_rejected() {
+        // in_features = 0: y = bias on every route (the kernels used to panic on chunks of 0).
+        let bias = [1.0f32, 2.0, 3.0];
+        for bits in [4, 8] {
+            let w = QuantWeight {
+                qweight: &[],
+                scales: &[],
+                zeros: &[],
+                out_features: 3,
+                in_features: 0,
+                bits,
+                group_size: 32,
+            };
+            for route in [Route::Float, Route::Int8Activations] {
+                assert_eq!(
+                    linear(&[], 2, &w, Some(&bias), route).unwrap(),
+                    [bias, bias].concat()
+                );
+                assert_eq!(linear(&[], 2, &w, None, route).unwrap(), vec![0.0; 6]);
+            }
+            // m * out_features overflows: an error, not a wrapped allocation size.
+            let huge = QuantWeight {
+                out_features: 1 << 40,
+                ..w
+            };
+            let err = linear(&[], 1 << 40, &huge, None, Route::Float).unwrap_err();
+            assert!(matches!(err, Error::Value(_)), "{err}");
+        }
     }
 }

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::affine::group_qparams;
 use super::gemv::{detect_isa, Isa};
-use crate::error::{Error, Result};
+use crate::error::{try_zeroed, Error, Result};
 
 /// Rows per rayon task (a task must amortise its hop; one row of a 128-column block is ~8k FMAs).
 const ROWS_PER_TASK: usize = 16;
@@ -245,11 +245,12 @@ pub fn gptq_block_with_isa(
         )));
     }
     let ng = cols / group_size;
+    // rows * cols = w.len() (checked above), rows * ng <= rows * cols.
     let mut out = BlockResult {
-        codes: vec![0u8; rows * cols],
-        err: vec![0f32; rows * cols],
-        scales: vec![0f32; rows * ng],
-        zeros: vec![0f32; rows * ng],
+        codes: try_zeroed(rows * cols, "the GPTQ codes")?,
+        err: try_zeroed(rows * cols, "the GPTQ errors")?,
+        scales: try_zeroed(rows * ng, "the GPTQ scales")?,
+        zeros: try_zeroed(rows * ng, "the GPTQ zero points")?,
     };
     if rows * cols == 0 {
         return Ok(out);

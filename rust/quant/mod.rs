@@ -39,10 +39,12 @@ pub fn groups_per_row(cols: usize, group_size: usize) -> Result<usize> {
 
 /// Checks that a buffer holds `rows * cols` elements.
 pub(crate) fn check_len(name: &str, len: usize, rows: usize, cols: usize) -> Result<()> {
-    if len != rows * cols {
+    // Checked: `rows * cols` of caller-given sizes could wrap onto `len` (a (0, 2^32) weight with
+    // a (0, 0) hinv used to pass as 2^64 = 0 and then index hinv out of bounds).
+    let want = crate::error::checked_mul(&format!("{name} size"), rows, cols)?;
+    if len != want {
         return Err(Error::value(format!(
-            "{name} has {len} elements, expected {rows} x {cols} = {}",
-            rows * cols
+            "{name} has {len} elements, expected {rows} x {cols} = {want}"
         )));
     }
     Ok(())

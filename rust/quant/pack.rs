@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use crate::error::{Error, Result};
+use crate::error::{checked_mul, try_zeroed, Error, Result};
 
 /// Buffers below this size are packed on the calling thread (a pool hop costs more).
 const PARALLEL_MIN_BYTES: usize = 1 << 20;
@@ -130,7 +130,7 @@ pub fn pack_int4(q: &[u8]) -> Result<Vec<u8>> {
             q.len()
         )));
     }
-    let mut out = vec![0u8; q.len() / 2];
+    let mut out = try_zeroed::<u8>(q.len() / 2, "the packed INT4 codes")?;
     let seen = if q.len() < PARALLEL_MIN_BYTES {
         pack_fast(&mut out, q)
     } else {
@@ -154,8 +154,21 @@ pub fn pack_int4(q: &[u8]) -> Result<Vec<u8>> {
 /// Unpacks bytes into two codes each (low nibble first).
 pub fn unpack_int4(packed: &[u8]) -> Vec<u8> {
     let mut out = vec![0u8; packed.len() * 2];
+    unpack_all(&mut out, packed);
+    out
+}
+
+/// [`unpack_int4`], with a `RuntimeError` instead of an abort when the output cannot be allocated.
+pub fn try_unpack_int4(packed: &[u8]) -> Result<Vec<u8>> {
+    let n = checked_mul("unpacked INT4 codes", packed.len(), 2)?;
+    let mut out = try_zeroed::<u8>(n, "the unpacked INT4 codes")?;
+    unpack_all(&mut out, packed);
+    Ok(out)
+}
+
+fn unpack_all(out: &mut [u8], packed: &[u8]) {
     if packed.len() < PARALLEL_MIN_BYTES {
-        unpack_fast(&mut out, packed);
+        unpack_fast(out, packed);
     } else {
         crate::parallel::install(|| {
             out.par_chunks_mut(2 * CHUNK_BYTES)
@@ -163,7 +176,6 @@ pub fn unpack_int4(packed: &[u8]) -> Vec<u8> {
                 .for_each(|(o, c)| unpack_fast(o, c))
         });
     }
-    out
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@ The ops call the Rust kernel for CPU tensors and `slimforge._cuda` for CUDA tens
 q `(batch, seqlen_q, heads_q, head_dim)`, k/v `(batch, seqlen_k, heads_kv, head_dim)`, or packed
 `(total, heads, head_dim)` with `cu_seqlens` (int32, `batch + 1` offsets). The log-sum-exp is
 `(batch, heads_q, seqlen_q)` (packed: `(heads_q, total_q)`), float32 (float64 for float64 inputs);
-rows that see no key give output 0 and log-sum-exp `-inf`.
+rows that see no key give output 0 and log-sum-exp `-inf`; rows with a NaN score (NaN in q or in a
+visible key) give NaN output and log-sum-exp, as plain softmax attention does.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from slimforge import _native
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 MAX_HEAD_DIM = int(_native.ATTENTION_MAX_HEAD_DIM)
+#: Largest sequence length, packed token count and head count (int32: the packed offsets and the
+#: CUDA kernels' indices are 32-bit). Checked before any copy of the inputs is made.
+MAX_TOKENS = 2**31 - 1
 
 
 def _to_numpy(x: Tensor) -> np.ndarray:
@@ -213,6 +217,15 @@ torch.library.register_autograd(
 )
 
 
+def _as_int(name: str, x) -> int:
+    try:
+        return int(x)
+    except (ValueError, OverflowError) as e:  # NaN, inf
+        raise ValueError(f"{name} must be an int, got {x!r}") from e
+    except TypeError as e:
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}") from e
+
+
 def _validate(q, k, v, window, cu_seqlens, softcap, num_global, causal):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -244,15 +257,37 @@ def _validate(q, k, v, window, cu_seqlens, softcap, num_global, causal):
     hq, hkv = q.shape[-2], k.shape[-2]
     if hkv == 0 or hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    # Sizes first, before anything is copied: an expanded (stride-0) tensor can claim 2^40
+    # tokens that `.contiguous()` would then try to materialise.
+    if want_dim == 4:
+        sizes = (("seqlen_q", q.shape[1]), ("seqlen_k", k.shape[1]))
+        totals = (
+            ("total tokens of q (batch * seqlen_q)", q.shape[0] * q.shape[1]),
+            ("total tokens of k (batch * seqlen_k)", k.shape[0] * k.shape[1]),
+        )
+    else:
+        sizes = (("total tokens of q", q.shape[0]), ("total tokens of k", k.shape[0]))
+        totals = ()
+    for name, n in (*sizes, *totals, ("heads_q", hq)):
+        if n > MAX_TOKENS:
+            raise ValueError(f"{name} must be at most {MAX_TOKENS} (2^31 - 1), got {n}")
     if len(window) != 2:
         raise ValueError(f"window must be a pair (left, right), got {window!r}")
-    left, right = int(window[0]), int(window[1])
+    left, right = _as_int("window[0]", window[0]), _as_int("window[1]", window[1])
     if left < -1 or right < -1:
         raise ValueError(f"window bounds must be -1 (unbounded) or >= 0, got {window!r}")
     if causal and right > 0:
         raise ValueError(
             f"causal attention sees no keys right of the diagonal, got window {window!r}"
         )
+    # A bound past the sequence masks nothing more (left >= seqlen_k - 1 reaches key 0 from every
+    # query, right >= seqlen_q - 1 the last key): clamp before any arithmetic, so sys.maxsize
+    # neither overflows int64 nor the kernels' index arithmetic.
+    # (Symbolic sizes under torch.compile clamp to MAX_TOKENS instead: no guard on the lengths,
+    # and the kernels clamp to each sequence again.)
+    max_q, max_k = (n if isinstance(n, int) else MAX_TOKENS for _, n in sizes)
+    left = min(left, max_k) if left >= 0 else -1
+    right = min(right, max_q) if right >= 0 else -1
     if cu_seqlens is not None:
         if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32:
             got = cu_seqlens.dtype if isinstance(cu_seqlens, Tensor) else type(cu_seqlens).__name__
@@ -263,9 +298,12 @@ def _validate(q, k, v, window, cu_seqlens, softcap, num_global, causal):
             )
     if not (softcap >= 0 and math.isfinite(softcap)):
         raise ValueError(f"softcap must be >= 0, got {softcap}")
+    num_global = _as_int("num_global", num_global)
     if num_global < 0:
         raise ValueError(f"num_global must be >= 0, got {num_global}")
-    return left, right
+    # More global tokens than tokens: every token is global (the same mask), and it fits int64.
+    num_global = min(num_global, max(max_q, max_k))
+    return left, right, num_global
 
 
 def flash_attention(
@@ -289,7 +327,7 @@ def flash_attention(
             h // (heads_q // heads_kv)). float32, bfloat16 or float64; any strides.
         causal: bottom-right aligned causal mask (as flash-attn >= 2.1).
         window: (left, right): query i sees keys [i + Nk - Nq - left, i + Nk - Nq + right];
-            -1 means unbounded.
+            -1 means unbounded; bounds past the sequence (e.g. sys.maxsize) are clamped to it.
         softmax_scale: defaults to 1 / sqrt(head_dim).
         cu_seqlens: int32 (batch + 1,) offsets of packed sequences (same for q and k).
         max_seqlen: longest sequence in the pack (computed when omitted).
@@ -298,20 +336,28 @@ def flash_attention(
             by every token (Longformer-style global attention).
 
     Returns:
-        Tensor shaped like q. Rows that see no key are 0.
+        Tensor shaped like q. Rows that see no key are 0. A NaN in q, or in a key a row sees,
+        makes that row NaN (and its gradients), as plain softmax attention does.
+
+    Raises:
+        TypeError / ValueError for bad dtypes, shapes or options, including sequence lengths,
+        packed totals or head counts above 2^31 - 1 (checked before any copy of the inputs).
     """
-    left, right = _validate(q, k, v, window, cu_seqlens, softcap, num_global, causal)
+    left, right, num_global = _validate(q, k, v, window, cu_seqlens, softcap, num_global, causal)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if cu_seqlens is not None and max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
     elif max_seqlen is None:
         max_seqlen = max(q.shape[1], k.shape[1])
+    max_seqlen = _as_int("max_seqlen", max_seqlen)
+    if not 0 <= max_seqlen <= MAX_TOKENS:
+        raise ValueError(f"max_seqlen must be in 0..{MAX_TOKENS}, got {max_seqlen}")
     out, _ = torch.ops.slimforge.flash_attn_fwd(
         q,
         k,
         v,
         cu_seqlens,
-        int(max_seqlen),
+        max_seqlen,
         bool(causal),
         left,
         right,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +57,13 @@ Texts = Sequence[str] | Sequence[bytes] | Sequence[str | bytes]
 FP_WEIGHT = 0.05
 FN_WEIGHT = 0.95
 
+#: Largest ``num_perm``: 32 KiB per signature, and the band search (:func:`optimal_bands`)
+#: grows as ``num_perm * ln(num_perm)``. Set in ``rust/dedup/minhash.rs`` (``MAX_NUM_PERM``).
+MAX_NUM_PERM = 8192
+#: Largest ``ngram`` (tokens per shingle); each shingle costs ``ngram`` multiply-adds. Set in
+#: ``rust/dedup/shingle.rs`` (``MAX_NGRAM``).
+MAX_NGRAM = 1024
+
 _TOKENIZERS = ("word", "char")
 _VERIFY = ("estimate", "exact")
 _KEEP = ("first", "last")
@@ -76,6 +83,21 @@ def _check_positive(name: str, value: int) -> int:
     if value < 1:
         raise ValueError(f"{name} must be at least 1, got {value}")
     return int(value)
+
+
+def _check_at_most(name: str, value: int, limit: int) -> int:
+    value = _check_positive(name, value)
+    if value > limit:
+        raise ValueError(f"{name} must be at most {limit}, got {value}")
+    return value
+
+
+def _check_num_perm(num_perm: int) -> int:
+    return _check_at_most("num_perm", num_perm, MAX_NUM_PERM)
+
+
+def _check_ngram(ngram: int) -> int:
+    return _check_at_most("ngram", ngram, MAX_NGRAM)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
@@ -151,8 +173,8 @@ def signatures(
     """
     return _native.signatures(
         _as_texts(texts),
-        _check_positive("num_perm", num_perm),
-        _check_positive("ngram", ngram),
+        _check_num_perm(num_perm),
+        _check_ngram(ngram),
         _check_choice("tokenizer", tokenizer, _TOKENIZERS),
         _check_seed(seed),
         _check_choice("errors", errors, _ERRORS),
@@ -216,7 +238,7 @@ def exact_jaccard_pairs(
     return _native.exact_jaccard_pairs(
         _as_texts(texts),
         pairs,
-        _check_positive("ngram", ngram),
+        _check_ngram(ngram),
         _check_choice("tokenizer", tokenizer, _TOKENIZERS),
         _check_choice("errors", errors, _ERRORS),
     )
@@ -225,6 +247,103 @@ def exact_jaccard_pairs(
 def connected_components(n: int, pairs: NDArray[np.int64]) -> NDArray[np.int64]:
     """Cluster id ``(n,)`` int64 of each document: the smallest index in its component."""
     return _native.connected_components(int(n), pairs)
+
+
+# --- candidates in linear work --------------------------------------------------------------
+
+#: Buckets (documents sharing one band hash) of up to this many documents have every pair
+#: verified; larger ones are verified through leaders (:func:`_leader_pairs`), in work linear in
+#: their size. Read at call time by :func:`deduplicate` and ``dedup_files``; docs/dedup.md,
+#: "Candidates", has the trade-off.
+MAX_BUCKET = 64
+#: Leaders per large bucket: each is checked against the bucket's other members.
+BUCKET_LEADERS = 4
+#: ``next_piece`` budget meaning "all at once".
+_ALL_UNITS = 2**63 - 1
+
+Accept = Callable[[NDArray[np.int64]], NDArray[np.bool_]]
+
+
+def _check_distinct(
+    pairs: NDArray[np.int64], accept: Accept
+) -> tuple[NDArray[np.bool_], NDArray[np.int64], int]:
+    """``accept`` run once per distinct row of ``pairs`` ``(m, 2)`` (``0 <= i < j < 2**32``):
+    the verdict of every row, the accepted distinct rows and the number of distinct rows."""
+    if len(pairs) == 0:
+        return np.zeros(0, dtype=bool), np.zeros((0, 2), dtype=np.int64), 0
+    packed = (pairs[:, 0].astype(np.uint64) << np.uint64(32)) | pairs[:, 1].astype(np.uint64)
+    uniq, inverse = np.unique(packed, return_inverse=True)
+    distinct = np.empty((len(uniq), 2), dtype=np.int64)
+    distinct[:, 0] = (uniq >> np.uint64(32)).astype(np.int64)
+    distinct[:, 1] = (uniq & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    ok = np.asarray(accept(distinct), dtype=bool)
+    return ok[inverse.reshape(-1)], distinct[ok], len(uniq)
+
+
+def _leader_pairs(
+    members: NDArray[np.int64], offsets: NDArray[np.int64], accept: Accept, leaders: int
+) -> tuple[NDArray[np.int64], int]:
+    """Accepted pairs of the large buckets ``members[offsets[b]:offsets[b + 1]]`` (rows
+    ascending in each), found in work linear in their size, and the number of pairs checked.
+
+    Up to ``leaders`` rounds: in every bucket that still has a member neither linked to a leader
+    nor a leader, the first such member becomes a leader and is checked against every other
+    member of its bucket that is not a leader (linked ones too, so a member similar to two
+    leaders joins their groups, as all-pairs would). Members still unlinked after the last round
+    are checked against the next unlinked member of their bucket (a chain). Checks are at most
+    ``(leaders + 1) * g`` for a bucket of ``g`` (one per distinct pair across buckets: a cluster
+    found in every band is checked once); a bucket of mutually similar documents costs ``g``.
+    Accepted pairs are pairs of the bucket that verify, so this never joins more than checking
+    every pair would; it can join less (two members similar to each other but to no leader
+    and not adjacent among the unlinked ones).
+    """
+    empty = np.zeros((0, 2), dtype=np.int64)
+    sizes = np.diff(offsets)
+    nb = len(sizes)
+    if nb == 0:
+        return empty, 0
+    bucket = np.repeat(np.arange(nb, dtype=np.int64), sizes)
+    linked = np.zeros(len(members), dtype=bool)
+    leader = np.zeros(len(members), dtype=bool)
+    found: list[NDArray[np.int64]] = []
+    checked = 0
+    for _ in range(leaders):
+        free = np.flatnonzero(~linked & ~leader)
+        if len(free) == 0:
+            break
+        fb = bucket[free]
+        new = free[np.r_[True, fb[1:] != fb[:-1]]]  # the first free member of each bucket
+        leader[new] = True
+        lead = np.full(nb, -1, dtype=np.int64)
+        lead[bucket[new]] = new
+        sel = np.flatnonzero((lead[bucket] >= 0) & ~leader)
+        a, b = members[lead[bucket[sel]]], members[sel]
+        ok, acc, k = _check_distinct(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1), accept)
+        linked[sel[ok]] = True
+        found.append(acc)
+        checked += k
+    rest = np.flatnonzero(~linked & ~leader)
+    if len(rest) > 1:
+        same = bucket[rest[1:]] == bucket[rest[:-1]]
+        chain = np.stack([members[rest[:-1][same]], members[rest[1:][same]]], axis=1)
+        _, acc, k = _check_distinct(chain, accept)
+        found.append(acc)
+        checked += k
+    return (np.concatenate(found) if found else empty), checked
+
+
+def _verify_piece(
+    pairs: NDArray[np.int64],
+    members: NDArray[np.int64],
+    offsets: NDArray[np.int64],
+    accept: Accept,
+    leaders: int,
+) -> tuple[NDArray[np.int64], int]:
+    """Accepted pairs of one piece of ``_native.CandidateBuckets`` (every pair of its small
+    buckets, leaders in its large ones) and the number of pairs checked."""
+    small = pairs[np.asarray(accept(pairs), dtype=bool)] if len(pairs) else pairs
+    large, checked = _leader_pairs(members, offsets, accept, leaders)
+    return np.concatenate([small, large]), len(pairs) + checked
 
 
 def optimal_bands(
@@ -237,10 +356,14 @@ def optimal_bands(
     ``fp_weight * int_0^t P(s) ds + fn_weight * int_t^1 (1 - P(s)) ds`` with
     ``P(s) = 1 - (1 - s**rows)**bands``. At ``threshold=0.8, num_perm=128`` the defaults give
     16 x 8 (P(0.85) = 0.994); datasketch's equal weights give 9 x 13 (P(0.85) = 0.69).
+
+    The search tries every pair (about ``num_perm * ln(num_perm)`` of them), so ``num_perm``
+    is at most :data:`MAX_NUM_PERM` (8192: under a second); it runs without the GIL and
+    stops with ``KeyboardInterrupt`` on Ctrl-C.
     """
     return _native.optimal_bands(
         _check_threshold(threshold),
-        _check_positive("num_perm", num_perm),
+        _check_num_perm(num_perm),
         float(fp_weight),
         float(fn_weight),
     )
@@ -286,8 +409,8 @@ class MinHasher:
         seed: int = 1,
         errors: str = "strict",
     ) -> None:
-        self.num_perm = _check_positive("num_perm", num_perm)
-        self.ngram = _check_positive("ngram", ngram)
+        self.num_perm = _check_num_perm(num_perm)
+        self.ngram = _check_ngram(ngram)
         self.tokenizer = _check_choice("tokenizer", tokenizer, _TOKENIZERS)
         self.seed = _check_seed(seed)
         self.errors = _check_choice("errors", errors, _ERRORS)
@@ -331,8 +454,9 @@ class DedupStats:
 
     ``exact_duplicates``: documents removed because their normalised text equals an earlier
     one's; ``near_duplicates``: further documents removed through verified near-duplicate
-    pairs; ``clusters``: clusters with two or more documents; ``candidate_pairs`` and
-    ``verified_pairs``: LSH candidates among exact-unique documents, and those accepted.
+    pairs; ``clusters``: clusters with two or more documents; ``candidate_pairs``: pairs of
+    exact-unique documents checked (every pair of a bucket of up to :data:`MAX_BUCKET`
+    documents, leader and chain pairs of a larger one), ``verified_pairs``: those accepted.
     """
 
     documents: int
@@ -394,15 +518,17 @@ def deduplicate(
        estimated Jaccard (from the signatures) is at least ``threshold``; ``verify="exact"``
        accepts exact shingle-set Jaccard >= ``threshold`` (shingles recomputed for candidate
        documents only). Documents without shingles are never near
-       duplicates.
+       duplicates. Candidates are every pair of a bucket (documents sharing a band hash) of
+       up to :data:`MAX_BUCKET` documents; a larger bucket (a template shared by thousands
+       of pages) is checked through :data:`BUCKET_LEADERS` leaders instead, in linear work.
     3. Union-find over exact and accepted pairs; ``keep="first"`` keeps the first document of
        each cluster in input order, ``keep="last"`` the last. Results do not depend on the
        thread count.
     """
     start = time.perf_counter()
     threshold = _check_threshold(threshold)
-    num_perm = _check_positive("num_perm", num_perm)
-    ngram = _check_positive("ngram", ngram)
+    num_perm = _check_num_perm(num_perm)
+    ngram = _check_ngram(ngram)
     _check_choice("tokenizer", tokenizer, _TOKENIZERS)
     _check_choice("verify", verify, _VERIFY)
     _check_choice("keep", keep, _KEEP)
@@ -420,13 +546,25 @@ def deduplicate(
     unique_docs = docs if uniques.shape[0] == n else [docs[i] for i in uniques.tolist()]
 
     sigs = _native.signatures(unique_docs, num_perm, ngram, tokenizer, seed, errors)
-    cand = _native.candidate_pairs(_native.band_hashes(sigs, bands, rows))
     if verify == "estimate":
-        sim = _native.estimate_jaccard_pairs(sigs, cand)
-        accepted = cand[sim >= verification_threshold(threshold, num_perm)]
+        cut = verification_threshold(threshold, num_perm)
+
+        def accept(p: NDArray[np.int64]) -> NDArray[np.bool_]:
+            return _native.estimate_jaccard_pairs(sigs, p) >= cut
     else:
-        sim = _native.exact_jaccard_pairs(unique_docs, cand, ngram, tokenizer, errors)
-        accepted = cand[sim >= threshold]
+
+        def accept(p: NDArray[np.int64]) -> NDArray[np.bool_]:
+            sim = _native.exact_jaccard_pairs(unique_docs, p, ngram, tokenizer, errors)
+            return sim >= threshold
+
+    buckets = _native.CandidateBuckets(_native.band_hashes(sigs, bands, rows), MAX_BUCKET)
+    found: list[NDArray[np.int64]] = []
+    checked = 0
+    while (piece := buckets.next_piece(_ALL_UNITS)) is not None:
+        near, k = _verify_piece(*piece, accept, BUCKET_LEADERS)
+        found.append(near)
+        checked += k
+    accepted = np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
     pairs = np.concatenate([exact_pairs, uniques[accepted]]).astype(np.int64, copy=False)
     cluster = _native.connected_components(n, np.ascontiguousarray(pairs))
     if keep == "last":
@@ -444,7 +582,7 @@ def deduplicate(
         bands=bands,
         rows=rows,
         seconds=time.perf_counter() - start,
-        candidate_pairs=int(cand.shape[0]),
+        candidate_pairs=int(checked),
         verified_pairs=int(accepted.shape[0]),
     )
     return DedupResult(keep=keep_mask, cluster=cluster, stats=stats)

@@ -13,11 +13,21 @@ Three passes, with memory bounded by the batch size and `memory_mb`, not by the 
 JSONL is read, parsed and (pass 3) copied byte for byte in Rust, and Parquet is filtered with
 pyarrow, so Python only handles batches. Documents may also be checked against `LSHIndex` files
 of earlier shards (`against`), and the kept documents' signatures saved as one (`save_index`).
+
+Safety: every file the job writes (output, clusters TSV, rejects file, saved index) must differ
+from every input and `against` index and from each other (compared after resolving symlinks
+and ``..``, and by device and inode when both exist), or nothing is written. The work directory
+(``.slimforge-dedup-HOST-PID-XXXXXXXX``) and temporary files (``.NAME.slimforge-tmp-HOST-PID-
+XXXXXXXX.tmp``) name the process that made them; a run first deletes those in its work and
+output directories whose process is gone (same host, no such PID), which a killed run leaves.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -32,15 +42,72 @@ from tqdm.auto import tqdm
 from slimforge import _native
 from slimforge import dedup as _dd
 from slimforge.io import (
+    DEFAULT_MAX_LINE_BYTES,
+    MAX_BATCH_SIZE,
+    MAX_LINE_BYTES_LIMIT,
     Record,
     atomic_path,
     detect_format,
     iter_batches,
     iter_records,
     open_writer,
+    owner_is_dead,
+    owner_tag,
+    remove_stale_temps,
 )
 
-__all__ = ["FileDedupReport", "dedup_files"]
+__all__ = ["FileDedupReport", "dedup_files", "escape_tsv_field", "unescape_tsv_field"]
+
+log = logging.getLogger(__name__)
+
+#: Most signature values one batch may hold (``batch_size * num_perm``; 1 GiB of uint32).
+MAX_BATCH_VALUES = 1 << 28
+#: Range of `memory_mb` (the candidate stage's budget).
+MIN_MEMORY_MB, MAX_MEMORY_MB = 16, 1 << 24
+
+_WORK_PREFIX = ".slimforge-dedup-"
+_WORK_NAME = re.compile(r"\.slimforge-dedup-([A-Za-z0-9_]+)-([0-9]+)-[A-Za-z0-9_]+")
+
+# --- the clusters TSV's file column -------------------------------------------------------
+
+_TSV_SPECIAL = re.compile(r"[\\\x00-\x1f\x7f\x85\u2028\u2029\ud800-\udfff]")
+_TSV_NAMED = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_TSV_ESCAPE = re.compile(r"\\(?:(\\)|([tnr])|x([0-9a-f]{2})|u([0-9a-f]{4}))")
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    ch = m.group()
+    if ch in _TSV_NAMED:
+        return _TSV_NAMED[ch]
+    o = ord(ch)
+    if 0xDC80 <= o <= 0xDCFF:  # a byte that was not UTF-8 (os.fsdecode's surrogateescape)
+        return f"\\x{o - 0xDC00:02x}"
+    return f"\\x{o:02x}" if o < 0x80 else f"\\u{o:04x}"
+
+
+def escape_tsv_field(value: str) -> str:
+    """`value` as the clusters TSV writes it: backslash, tab, newline and carriage return as
+    ``\\\\``, ``\\t``, ``\\n``, ``\\r``; other ASCII control characters as ``\\xNN``; U+0085,
+    U+2028, U+2029 and lone surrogates as ``\\uXXXX``; bytes of a file name that are not UTF-8
+    (``os.fsdecode``'s U+DC80..U+DCFF) as ``\\xNN`` with NN >= 80. So a row is one line with
+    five tab-separated fields whatever the file names hold. `unescape_tsv_field` undoes it."""
+    return _TSV_SPECIAL.sub(_escape_char, value)
+
+
+def _unescape_match(m: re.Match[str]) -> str:
+    if m.group(1):
+        return "\\"
+    if m.group(2):
+        return {"t": "\t", "n": "\n", "r": "\r"}[m.group(2)]
+    if m.group(3):
+        o = int(m.group(3), 16)
+        return chr(o) if o < 0x80 else chr(0xDC00 + o)
+    return chr(int(m.group(4), 16))
+
+
+def unescape_tsv_field(value: str) -> str:
+    """The file name a clusters-TSV field stands for (``os.fsencode`` gives its bytes)."""
+    return _TSV_ESCAPE.sub(_unescape_match, value)
 
 
 @dataclass
@@ -97,6 +164,92 @@ def _sidecar(output: Path, suffix: str) -> Path:
     return output.with_name(name + suffix)
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` name one file: equal once symlinks and ``..`` are resolved, or the
+    same device and inode (hard links, bind mounts, case-insensitive names) when both exist."""
+    try:
+        if a.resolve() == b.resolve():
+            return True
+    except (OSError, RuntimeError):  # a symlink loop: fall back to stat
+        pass
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except (OSError, ValueError):
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _check_distinct(reads: Sequence[tuple[str, Path]], writes: Sequence[tuple[str, Path]]) -> None:
+    """Every written path differs from every read one and from the other written ones."""
+    for j, (wrole, w) in enumerate(writes):
+        for rrole, r in reads:
+            if _same_file(w, r):
+                raise ValueError(
+                    f"the {wrole} {w} is also {rrole} ({r}): refusing to overwrite an input"
+                )
+        for wrole2, w2 in writes[:j]:
+            if _same_file(w, w2):
+                raise ValueError(
+                    f"the {wrole} {w} is the same file as the {wrole2} ({w2}): each output "
+                    "needs its own path"
+                )
+
+
+def _remove_stale(dirs: Sequence[Path], index_names: Sequence[tuple[Path, str]]) -> None:
+    """Delete what killed runs left in `dirs`: work directories and temporary files whose
+    owning process is gone (see `slimforge.io.owner_is_dead`), and the temporary siblings
+    ``.NAME.tmp-PID-N`` that `LSHIndex.save` makes, for each (directory, NAME) of
+    `index_names`, whose PID is gone."""
+    seen: set[Path] = set()
+    for d in dirs:
+        try:
+            key = d.resolve()
+        except (OSError, RuntimeError):
+            continue
+        if key in seen or not d.is_dir():
+            continue
+        seen.add(key)
+        for removed in remove_stale_temps(d):
+            log.info("removed %s, left by a process that is gone", removed)
+        with contextlib.suppress(OSError):  # unreadable directory, or a race with a cleaner
+            for entry in list(os.scandir(d)):
+                m = _WORK_NAME.fullmatch(entry.name)
+                if m is None or not entry.is_dir(follow_symlinks=False):
+                    continue
+                if owner_is_dead(m.group(1), int(m.group(2))):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                    log.info("removed work directory %s of a process that is gone", entry.path)
+    host = owner_tag().rsplit("-", 1)[0]
+    for d, name in index_names:
+        pattern = re.compile(re.escape(f".{name}.tmp-") + r"([0-9]+)-[0-9]+")
+        with contextlib.suppress(OSError):
+            for entry in list(os.scandir(d)):
+                m = pattern.fullmatch(entry.name)
+                if m and entry.is_file(follow_symlinks=False):
+                    if owner_is_dead(host, int(m.group(1))):
+                        with contextlib.suppress(OSError):
+                            os.unlink(entry.path)
+
+
+def _paths(values: Any, what: str) -> list[Path]:
+    if isinstance(values, str | bytes | os.PathLike):
+        values = [values]
+    out = []
+    for v in values:
+        if not isinstance(v, str | os.PathLike):
+            raise TypeError(f"{what} must be paths (str or os.PathLike), got {type(v).__name__}")
+        out.append(Path(v))
+    return out
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int, hint: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must lie in [{lo}, {hi}], got {value}{hint}")
+    return int(value)
+
+
 def dedup_files(
     inputs: Sequence[str | os.PathLike[str]],
     output: str | os.PathLike[str],
@@ -118,13 +271,15 @@ def dedup_files(
     against: Sequence[str | os.PathLike[str]] = (),
     save_index: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> FileDedupReport:
     """Deduplicate the documents of `inputs` into `output`.
 
     Writes the kept documents to `output` (format from its name: .jsonl, .jsonl.gz or
     .parquet), a TSV clusters file (`index, file, line, cluster, kept` for every document;
-    `cluster` is the index of the cluster's keeper, the first member in input order), and,
-    when `on_error="skip"` rejected malformed lines, a `.rejects.jsonl` file with them.
+    `cluster` is the index of the cluster's keeper, the first member in input order; `file` is
+    escaped by `escape_tsv_field`), and, when `on_error="skip"` rejected malformed lines, a
+    `.rejects.jsonl` file with them. All appear only when the run succeeds.
 
     `against`: `LSHIndex` files (`LSHIndex.save`) of documents already kept elsewhere (earlier
     shards); a document matching one is dropped, with cluster -1 in the clusters file, and
@@ -132,53 +287,94 @@ def dedup_files(
     as its duplicates). `save_index`: write an `LSHIndex` of the kept documents' signatures,
     keyed by their global document index, for deduplicating the next shard against this one.
     The signatures must be made the same way (`num_perm`, `ngram`, `tokenizer`, `seed`).
+
+    Limits (``ValueError`` outside them, before anything is read or written): `num_perm` <=
+    8192 (`slimforge.dedup.MAX_NUM_PERM`), `ngram` <= 1024 (`MAX_NGRAM`), `bands * rows` <=
+    `num_perm`, `batch_size` in [1, 2**20] and `batch_size * num_perm` <= 2**28,
+    `memory_mb` in [16, 2**24], `max_line_bytes` in [1, 2**34] (a longer JSONL line stops the
+    run with `InputError` at its line). Every written path must differ from every input,
+    `against` index and other written path (see the module docstring).
     """
     t0 = time.perf_counter()
-    in_paths = [Path(p) for p in inputs]
+    in_paths = _paths(inputs, "inputs")
     if not in_paths:
         raise ValueError("no input files given")
+    against_paths = _paths(against, "against")
     out = Path(output)
     out_fmt = detect_format(out)
     for p in in_paths:
         detect_format(p)
         if not p.exists():
             raise FileNotFoundError(f"input file not found: {p}")
-        if p.resolve() == out.resolve():
-            raise ValueError(f"output {out} is also an input: refusing to overwrite an input")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if memory_mb < 16:
-        raise ValueError(f"memory_mb must be >= 16, got {memory_mb}")
+    if not isinstance(field, str):
+        raise TypeError(f"field must be a str, got {type(field).__name__}")
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+    batch_size = _check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
+    memory_mb = _check_int("memory_mb", memory_mb, MIN_MEMORY_MB, MAX_MEMORY_MB)
+    max_line_bytes = _check_int("max_line_bytes", max_line_bytes, 1, MAX_LINE_BYTES_LIMIT)
     threshold = _dd._check_threshold(threshold)
     _dd._check_choice("verify", verify, _dd._VERIFY)
     hasher = _dd.MinHasher(num_perm=num_perm, ngram=ngram, tokenizer=tokenizer, seed=seed)
+    num_perm = hasher.num_perm
+    if batch_size * num_perm > MAX_BATCH_VALUES:
+        raise ValueError(
+            f"batch_size * num_perm = {batch_size} * {num_perm} exceeds {MAX_BATCH_VALUES} "
+            f"signature values per batch (1 GiB); use batch_size <= {MAX_BATCH_VALUES // num_perm}"
+        )
     bands, rows = _dd._resolve_banding(threshold, num_perm, bands, rows)
-    indexes = [_dd.LSHIndex.load(a) for a in against]
-    for a, ix in zip(against, indexes, strict=True):
-        if ix.num_perm != num_perm:
-            raise ValueError(f"index {a} has num_perm={ix.num_perm}, but num_perm={num_perm}")
     clusters_file = Path(clusters_path) if clusters_path else _sidecar(out, ".clusters.tsv")
     rejects_file = _sidecar(out, ".rejects.jsonl")
+    index_file = Path(save_index) if save_index is not None else None
 
+    reads = [("an input", p) for p in in_paths] + [("an --against index", a) for a in against_paths]
+    writes = [("output", out), ("clusters file", clusters_file)]
+    if on_error == "skip":
+        writes.append(("rejects file", rejects_file))
+    if index_file is not None:
+        writes.append(("index to save", index_file))
+    _check_distinct(reads, writes)
     tmp_root = Path(work_dir) if work_dir else out.parent
+    for role, w in writes:
+        if w.is_dir():
+            raise ValueError(f"the {role} {w} is a directory")
+    for role, f in [*reads, *writes]:
+        if _same_file(tmp_root, f):
+            raise ValueError(f"the work directory {tmp_root} is the file {f} ({role})")
+
+    indexes = [_dd.LSHIndex.load(a) for a in against_paths]
+    for a, ix in zip(against_paths, indexes, strict=True):
+        if ix.num_perm != num_perm:
+            raise ValueError(f"index {a} has num_perm={ix.num_perm}, but num_perm={num_perm}")
+
     tmp_root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".slimforge-dedup-", dir=tmp_root))
+    _remove_stale(
+        [tmp_root] + [w.parent for _, w in writes],
+        [(index_file.parent, index_file.name)] if index_file is not None else [],
+    )
+    work = Path(tempfile.mkdtemp(prefix=f"{_WORK_PREFIX}{owner_tag()}-", dir=tmp_root))
     try:
         # ---- pass 1: signatures, band hashes, exact hashes -------------------------------
         sig_path, band_path = work / "signatures.u32", work / "bands.u64"
+        work_rejects = work / "rejects.jsonl"
         exact_parts: list[np.ndarray] = []
         n = rejected = empty = 0
         input_bytes = 0
+        first_reject = None
         with sig_path.open("wb") as sig_f, band_path.open("wb") as band_f:
             rejects_out = None
             bar = tqdm(desc="dedup: hashing", unit="doc", disable=not progress)
             try:
                 for p in in_paths:
-                    for b in iter_batches(p, field, on_error, batch_size):
+                    for b in iter_batches(
+                        p, field, on_error, batch_size, max_line_bytes=max_line_bytes
+                    ):
                         if b.rejects:
                             rejected += len(b.rejects)
                             if rejects_out is None:
-                                rejects_out = rejects_file.open("wb")
+                                rejects_out = work_rejects.open("wb")
+                                r0 = b.rejects[0]
+                                first_reject = f"{r0.path}:{r0.line}: {r0.reason}"
                             rejects_out.write(
                                 b"".join(
                                     r.raw if r.raw.endswith(b"\n") else r.raw + b"\n"
@@ -201,7 +397,8 @@ def dedup_files(
                     rejects_out.close()
 
         if n == 0:
-            raise ValueError(f"no documents found in {', '.join(map(str, in_paths))}")
+            why = f" ({rejected} lines rejected, the first {first_reject})" if rejected else ""
+            raise ValueError(f"no documents found in {', '.join(map(str, in_paths))}{why}")
 
         # ---- pass 2: exact groups, then verified near-duplicate pairs --------------------
         rep = _dd._exact_representatives(np.concatenate(exact_parts))
@@ -211,28 +408,21 @@ def dedup_files(
 
         sigs_mm = np.memmap(sig_path, dtype=np.uint32, mode="r", shape=(n, num_perm))
         bands_mm = np.memmap(band_path, dtype=np.uint64, mode="r", shape=(n, bands))
-        per_chunk = max(1, min(bands, (memory_mb << 20) // max(1, len(reps) * 8 * 4)))
-        found: list[np.ndarray] = []
-        for b0 in tqdm(range(0, bands, per_chunk), desc="dedup: candidates", disable=not progress):
-            block = np.ascontiguousarray(bands_mm[reps, b0 : b0 + per_chunk])
-            local = _dd.candidate_pairs(block)
-            if len(local):
-                found.append(reps[local])
-        cand = np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), np.int64)
-        if verify == "exact" and len(cand):
-            need = np.unique(cand)
-            texts = _collect_texts(in_paths, field, need)
-            local_pairs = np.searchsorted(need, cand).astype(np.int64)
-            sim = _dd.exact_jaccard_pairs(texts, local_pairs, ngram, tokenizer)
-            near = cand[sim >= threshold]
-        elif len(cand):
-            sim = _dd.estimate_jaccard_pairs(sigs_mm, cand)
-            near = cand[sim >= _dd.verification_threshold(threshold, num_perm)]
-        else:
-            near = cand
+        cluster = _near_clusters(
+            n,
+            exact_pairs,
+            reps,
+            sigs_mm,
+            bands_mm,
+            verify=verify,
+            threshold=threshold,
+            ngram=ngram,
+            tokenizer=tokenizer,
+            memory_mb=memory_mb,
+            texts_of=lambda need: _collect_texts(in_paths, field, need, max_line_bytes),
+            progress=progress,
+        )
         del sigs_mm, bands_mm
-        pairs = np.ascontiguousarray(np.concatenate([exact_pairs, near]).astype(np.int64))
-        cluster = _dd.connected_components(n, pairs)
         external = _match_external(sig_path, n, num_perm, indexes, progress)
         keep = (cluster == idx) & ~external
         exact_dups = int(((rep != idx) & ~external).sum())
@@ -243,7 +433,11 @@ def dedup_files(
 
         # ---- pass 3: write kept documents and the clusters file -------------------------
         in_fmts = {detect_format(p) for p in in_paths}
-        with atomic_path(out) as tmp_out, atomic_path(clusters_file) as tmp_clusters:
+        with (
+            atomic_path(out) as tmp_out,
+            atomic_path(clusters_file) as tmp_clusters,
+            atomic_path(rejects_file) if rejected else contextlib.nullcontext() as tmp_rejects,
+        ):
             bar = tqdm(total=n, desc="dedup: writing", unit="doc", disable=not progress)
             try:
                 if out_fmt != "parquet" and "parquet" not in in_fmts:
@@ -256,6 +450,7 @@ def dedup_files(
                         out_fmt == "jsonl.gz",
                         tmp_clusters,
                         bar,
+                        max_line_bytes,
                     )
                 elif out_fmt == "parquet" and in_fmts == {"parquet"}:
                     written = _write_parquet(
@@ -263,7 +458,15 @@ def dedup_files(
                     )
                 else:
                     written = _write_mixed(
-                        in_paths, field, out_fmt, keep, cluster, tmp_out, tmp_clusters, bar
+                        in_paths,
+                        field,
+                        out_fmt,
+                        keep,
+                        cluster,
+                        tmp_out,
+                        tmp_clusters,
+                        bar,
+                        max_line_bytes,
                     )
             finally:
                 bar.close()
@@ -271,6 +474,8 @@ def dedup_files(
                 raise RuntimeError(
                     f"inputs changed while deduplicating: read {n} then {written} documents"
                 )
+            if tmp_rejects is not None:
+                shutil.move(work_rejects, tmp_rejects)
         # After pass 3 succeeded, so a failed run leaves no index behind.
         if save_index is not None:
             _save_kept_index(save_index, sig_path, n, num_perm, keep, threshold, bands, rows)
@@ -342,13 +547,14 @@ def _write_jsonl(
     gzip: bool,
     clusters: Path,
     bar: tqdm,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> int:
     """JSONL to JSONL: Rust copies the kept raw lines and writes the clusters rows."""
     writer = _native.JsonlKeptWriter(os.fspath(out), gzip, os.fspath(clusters))
     keep_b = np.ascontiguousarray(keep, dtype=bool)
     cluster_i = np.ascontiguousarray(cluster, dtype=np.int64)
     for p in paths:
-        writer.open_input(os.fspath(p), field, str(p))
+        writer.open_input(os.fspath(p), field, escape_tsv_field(str(p)), max_line_bytes)
         while (seen := writer.step(keep_b, cluster_i, 65536)) is not None:
             bar.update(seen)
     return int(writer.finish())
@@ -362,17 +568,22 @@ def _clusters_rows(
     import pyarrow.csv as pcsv
 
     m = len(lines)
+    # pyarrow refuses a quote in an unquoted value: write a placeholder for the file column (the
+    # same in every row) and put the escaped name in its place.
     table = pa.table(
         {
             "index": np.arange(start, start + m, dtype=np.int64),
-            "file": pa.array([str(path)] * m, type=pa.string()) if m else pa.array([], pa.string()),
+            "file": pa.array(["F"] * m, type=pa.string()),
             "line": lines.astype(np.int64),
             "cluster": cluster[start : start + m],
             "kept": keep[start : start + m].astype(np.int8),
         }
     )
     opts = pcsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
-    pcsv.write_csv(table, f, write_options=opts)
+    buf = pa.BufferOutputStream()
+    pcsv.write_csv(table, buf, write_options=opts)
+    name = escape_tsv_field(str(path)).encode("utf-8")
+    f.write(buf.getvalue().to_pybytes().replace(b"\tF\t", b"\t" + name + b"\t"))
 
 
 def _write_parquet(
@@ -434,6 +645,7 @@ def _write_mixed(
     out: Path,
     clusters: Path,
     bar: tqdm,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> int:
     """Other format combinations (JSONL <-> Parquet): converted document by document."""
     writer = open_writer(out, out_fmt, field)
@@ -442,14 +654,18 @@ def _write_mixed(
         with clusters.open("w", encoding="utf-8") as cf:
             cf.write("index\tfile\tline\tcluster\tkept\n")
             for p in paths:
-                for item in iter_records(p, field=field, on_error="skip"):
+                name = escape_tsv_field(str(p))
+                records = iter_records(
+                    p, field=field, on_error="skip", max_line_bytes=max_line_bytes
+                )
+                for item in records:
                     if not isinstance(item, Record):
                         continue
                     if i >= len(keep):
                         raise RuntimeError("inputs changed while deduplicating")
                     if keep[i]:
                         writer.write(item)
-                    cf.write(f"{i}\t{p}\t{item.line}\t{cluster[i]}\t{int(keep[i])}\n")
+                    cf.write(f"{i}\t{name}\t{item.line}\t{cluster[i]}\t{int(keep[i])}\n")
                     i += 1
                     bar.update(1)
     finally:
@@ -457,14 +673,104 @@ def _write_mixed(
     return i
 
 
-def _collect_texts(paths: Sequence[Path], field: str, wanted: np.ndarray) -> list[Any]:
+def _collect_texts(
+    paths: Sequence[Path],
+    field: str,
+    wanted: np.ndarray,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+) -> list[Any]:
     """Texts of the documents whose global indices are in sorted `wanted`."""
     out: list[Any] = []
     i = 0
     for p in paths:
-        for b in iter_batches(p, field, on_error="skip"):
+        for b in iter_batches(p, field, on_error="skip", max_line_bytes=max_line_bytes):
             m = len(b.texts)
             lo, hi = np.searchsorted(wanted, [i, i + m])
             out.extend(b.texts[j] for j in (wanted[lo:hi] - i).tolist())
             i += m
     return out
+
+
+# --- candidate stage ---------------------------------------------------------------------------
+
+#: Bytes the candidate stage holds per exact-unique document and band of a chunk: the band
+#: hashes read from the spill file (8) and, in `_native.CandidateBuckets`, the rows of buckets
+#: (4, only for rows that share a band hash) and bucket offsets (at most 4 amortised).
+_BYTES_PER_ROW_BAND = 16
+#: Bytes per unit of work of a piece (a pair of a small bucket, a row of a large one) while it
+#: is verified: packed and int64 pairs in Rust (24), the similarities (8), verdicts and the
+#: accepted pairs (17), and the leader rounds' per-row arrays (about as much).
+_BYTES_PER_UNIT = 64
+#: Pairs per call of exact verification: at most twice as many shingle sets are held at once.
+_EXACT_CHUNK = 16384
+
+
+def _near_clusters(
+    n: int,
+    exact_pairs: np.ndarray,
+    reps: np.ndarray,
+    sigs_mm: np.ndarray,
+    bands_mm: np.ndarray,
+    *,
+    verify: str,
+    threshold: float,
+    ngram: int,
+    tokenizer: str,
+    memory_mb: int,
+    texts_of: Any,
+    progress: bool,
+) -> np.ndarray:
+    """Cluster id `(n,)` of every document (the smallest index of its cluster): union-find over
+    `exact_pairs` and the verified near pairs among `reps` (first documents of exact groups).
+
+    Within `memory_mb`: half of it holds one chunk of bands (the band hashes of `reps` and the
+    buckets built from them, `_native.CandidateBuckets`), the other half one piece of
+    candidates at a time (pairs of small buckets, rows of large ones; `next_piece`), which is
+    verified like `deduplicate` does and folded into the cluster ids before the next piece.
+    Chunk and piece boundaries do not change the result. `texts_of(rows)`: the texts of sorted
+    global rows (exact verification only).
+    """
+    half = (memory_mb << 20) // 2
+    bands = bands_mm.shape[1]
+    per_chunk = max(1, min(bands, half // max(1, len(reps) * _BYTES_PER_ROW_BAND)))
+    max_units = max(1, half // _BYTES_PER_UNIT)
+    chunks = range(0, bands, per_chunk)
+    max_bucket, leaders = _dd.MAX_BUCKET, _dd.BUCKET_LEADERS
+
+    def buckets_of(b0: int) -> _native.CandidateBuckets:
+        block = np.ascontiguousarray(bands_mm[reps, b0 : b0 + per_chunk])
+        return _native.CandidateBuckets(block, max_bucket)
+
+    if verify == "exact":
+        # Texts of the documents that share a band hash with another, read once.
+        need = np.zeros(0, dtype=np.int64)
+        for b0 in chunks:
+            need = np.union1d(need, reps[buckets_of(b0).rows()])
+        texts = texts_of(need) if len(need) else []
+
+        def accept(p: np.ndarray) -> np.ndarray:
+            ok = np.empty(len(p), dtype=bool)
+            for s in range(0, len(p), _EXACT_CHUNK):
+                local = np.searchsorted(need, p[s : s + _EXACT_CHUNK]).astype(np.int64)
+                sim = _dd.exact_jaccard_pairs(texts, local, ngram, tokenizer)
+                ok[s : s + _EXACT_CHUNK] = sim >= threshold
+            return ok
+
+    else:
+        cut = _dd.verification_threshold(threshold, sigs_mm.shape[1])
+
+        def accept(p: np.ndarray) -> np.ndarray:
+            return _dd.estimate_jaccard_pairs(sigs_mm, p) >= cut
+
+    cluster = _dd.connected_components(n, exact_pairs)
+    idx = np.arange(n, dtype=np.int64)
+    for b0 in tqdm(chunks, desc="dedup: candidates", disable=not progress):
+        buckets = buckets_of(b0)
+        while (piece := buckets.next_piece(max_units)) is not None:
+            pairs, members, offsets = piece
+            near, _ = _dd._verify_piece(reps[pairs], reps[members], offsets, accept, leaders)
+            if len(near):
+                linked = np.flatnonzero(cluster != idx)
+                forest = np.stack([cluster[linked], linked], axis=1)
+                cluster = _dd.connected_components(n, np.concatenate([forest, near]))
+    return cluster

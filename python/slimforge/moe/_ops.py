@@ -15,6 +15,7 @@ size under torch.compile).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,20 @@ from slimforge import _native
 
 ROW_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 ROUTERS = ("softmax", "sigmoid")
+#: Most experts a dispatch plan may have (2^20; the Rust core rejects more).
+MAX_EXPERTS = int(_native.MOE_MAX_EXPERTS)
+
+
+def _count(name: str, value: Any) -> int:
+    """``value`` as an int (``operator.index``: no floats, no silent truncation), else TypeError."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got a bool")
+    if isinstance(value, int):  # the common case, and what torch.compile traces
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -170,6 +185,7 @@ def route_topk(
     if router not in ROUTERS:
         raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
     num_experts = logits.shape[1]
+    top_k = _count("top_k", top_k)
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in 1..{num_experts} (the number of experts), got {top_k}")
     if bias is not None and bias.shape != (num_experts,):
@@ -239,8 +255,15 @@ def dispatch_plan(
     """
     if idx.dim() != 2:
         raise ValueError(f"idx must be 2-D [tokens, top_k], got shape {tuple(idx.shape)}")
-    if capacity is not None and capacity < 0:
-        raise ValueError(f"capacity must be >= 0 or None, got {capacity}")
+    num_experts = _count("num_experts", num_experts)
+    if not 1 <= num_experts <= MAX_EXPERTS:
+        raise ValueError(f"num_experts must be in 1..{MAX_EXPERTS}, got {num_experts}")
+    if capacity is not None:
+        capacity = _count("capacity", capacity)
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0 or None, got {capacity}")
+        # No expert receives more than every slot: larger capacities mean the same (and fit int64).
+        capacity = min(capacity, 2**62)
     if torch.compiler.is_compiling():
         routed, counts, offsets, token_of, slot_of, pos = torch.ops.slimforge.moe_dispatch_plan(
             idx, num_experts, capacity, padded

@@ -273,6 +273,57 @@ class _QuantLinearFunction(torch.autograd.Function):
         return (g2 @ w).reshape(*grad_out.shape[:-1], module.in_features), None
 
 
+def _bad_values(where: str, name: str, t: torch.Tensor, ok: torch.Tensor, rule: str) -> None:
+    """ValueError naming the first element of ``t`` where ``ok`` is False, if any."""
+    if bool(ok.all()):
+        return
+    bad = (~ok).nonzero()
+    idx = tuple(int(i) for i in bad[0])
+    raise ValueError(
+        f"{where}: {name} must be {rule}; {bad.shape[0]} of {t.numel()} values are not "
+        f"(e.g. {t[idx].item()!r} at {list(idx)})"
+    )
+
+
+def _check_quant_buffers(
+    where: str,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    rows: int,
+    in_features: int,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> None:
+    """Checks loaded buffers against the documented layout: dtypes and shapes (so codes are
+    below ``2**bits``), scales finite and positive, zero points integers in
+    ``[0, 2**bits - 1]`` and a finite bias; raises ``ValueError`` starting with ``where``.
+    Temporary memory: a few copies of ``scales`` / ``zeros``, none of ``qweight``."""
+    cols = in_features if bits == 8 else in_features // 2
+    ng = in_features // group_size
+    want: dict[str, tuple[torch.Tensor, torch.dtype, tuple[int, ...]]] = {
+        "qweight": (qweight, torch.uint8, (rows, cols)),
+        "scales": (scales, torch.float32, (rows, ng)),
+        "zeros": (zeros, torch.float32, (rows, ng)),
+    }
+    if bias is not None:
+        want["bias"] = (bias, torch.float32, (rows,))
+    for name, (t, dtype, shape) in want.items():
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise ValueError(
+                f"{where}: {name} must be {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}"
+            )
+    qmax = 2**bits - 1
+    _bad_values(where, "scales", scales, torch.isfinite(scales) & (scales > 0), "finite and > 0")
+    zeros_ok = torch.isfinite(zeros) & (zeros == zeros.round()) & (zeros >= 0) & (zeros <= qmax)
+    _bad_values(where, "zeros", zeros, zeros_ok, f"integers in [0, {qmax}]")
+    # Codes: a uint8 qweight holds only codes below 2**bits (one per byte for INT8, two nibbles
+    # for INT4), so the dtype check above covers them without a pass over the weight.
+    if bias is not None:
+        _bad_values(where, "bias", bias, torch.isfinite(bias), "finite")
+
+
 class QuantLinear(nn.Module):
     """Linear layer with a frozen INT8 or INT4 weight (weight-only quantization).
 
@@ -444,6 +495,21 @@ class QuantLinear(nn.Module):
             "bias": self.bias is not None,
         }
 
+    def check_buffers(self, where: str = "QuantLinear") -> None:
+        """Validates the buffers (after loading an untrusted checkpoint); see
+        :func:`_check_quant_buffers`."""
+        _check_quant_buffers(
+            where,
+            self.qweight,
+            self.scales,
+            self.zeros,
+            self.bits,
+            self.out_features,
+            self.in_features,
+            self.group_size,
+            self.bias,
+        )
+
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> QuantLinear:
         return cls(
@@ -563,6 +629,20 @@ class QuantEmbedding(nn.Module):
             "group_size": self.group_size,
             "padding_idx": self.padding_idx,
         }
+
+    def check_buffers(self, where: str = "QuantEmbedding") -> None:
+        """Validates the buffers (after loading an untrusted checkpoint); see
+        :func:`_check_quant_buffers`."""
+        _check_quant_buffers(
+            where,
+            self.qweight,
+            self.scales,
+            self.zeros,
+            self.bits,
+            self.num_embeddings,
+            self.embedding_dim,
+            self.group_size,
+        )
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> QuantEmbedding:

@@ -73,6 +73,7 @@ class FakeQuantLinear(nn.Module):
         bits: int = 4,
         group_size: int | None = 32,
         symmetric: bool = False,
+        name: str | None = None,
     ) -> None:
         super().__init__()
         check_bits(bits)
@@ -81,17 +82,45 @@ class FakeQuantLinear(nn.Module):
         self.bias = bias
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        #: Dotted name in the model (set by ``prepare_qat``), for error messages.
+        self.name = name
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: QATConfig) -> FakeQuantLinear:
-        return cls(linear.weight, linear.bias, config.bits, config.group_size, config.symmetric)
+    def from_linear(
+        cls, linear: nn.Linear, config: QATConfig, name: str | None = None
+    ) -> FakeQuantLinear:
+        return cls(
+            linear.weight, linear.bias, config.bits, config.group_size, config.symmetric, name
+        )
 
-    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scales, zeros), each (out, in // group_size) float32, from the current weight."""
+    def _params(self, named: bool) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.weight.detach().float().reshape(-1, self.group_size)
         s, z = group_qparams(w, self.bits, self.symmetric)
+        # A NaN/Inf weight makes its group's scale non-finite (min/max propagate NaN), so checking
+        # the (out, in / group) scales finds it without a pass over the weight. Not while tracing
+        # (a data-dependent branch); the eager path and convert() always check.
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(s).all()):
+            raise ValueError(self._non_finite_message(named))
         ng = self.in_features // self.group_size
         return s.reshape(-1, ng), z.reshape(-1, ng)
+
+    def _non_finite_message(self, named: bool) -> str:
+        w = self.weight.detach()
+        bad = (~torch.isfinite(w)).nonzero()
+        where = ""
+        if len(bad):
+            r, c = (int(i) for i in bad[0])
+            where = f" ({float(w[r, c])} at row {r}, column {c})"
+        prefix = f"{self.name}: " if named and self.name else ""
+        return f"{prefix}weight contains NaN or Inf{where}; QAT cannot quantize it"
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scales, zeros), each (out, in // group_size) float32, from the current weight.
+
+        Raises ValueError (naming the module when ``prepare_qat`` created it) if the weight holds
+        NaN or Inf, as ``quantize_`` does: their scales would be NaN.
+        """
+        return self._params(named=True)
 
     def fake_quant_weight(self) -> torch.Tensor:
         """(out, in) fake-quantized weight (differentiable through the clipped STE)."""
@@ -100,12 +129,14 @@ class FakeQuantLinear(nn.Module):
         out = fake_quantize_ste(wg, s.reshape(-1, 1), z.reshape(-1, 1), self.bits)
         return out.reshape(self.weight.shape).to(self.weight.dtype)
 
-    def codes(self) -> torch.Tensor:
-        """(out, in) uint8 codes the fake quantizer uses now."""
-        s, z = self.qparams()
+    def _codes(self, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         wg = self.weight.detach().float().reshape(-1, self.group_size)
         q = torch.clamp(torch.round(wg / s.reshape(-1, 1)) + z.reshape(-1, 1), 0, 2**self.bits - 1)
         return q.reshape(self.weight.shape).to(torch.uint8)
+
+    def codes(self) -> torch.Tensor:
+        """(out, in) uint8 codes the fake quantizer uses now."""
+        return self._codes(*self.qparams())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.fake_quant_weight(), self.bias)
@@ -133,17 +164,21 @@ def prepare_qat(
             resolve_group_size(config.group_size, lin.in_features)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from e
-    return replace_modules(model, lambda m, n: FakeQuantLinear.from_linear(m, config), keep)
+    return replace_modules(model, lambda m, n: FakeQuantLinear.from_linear(m, config, n), keep)
 
 
 def convert(model: nn.Module) -> nn.Module:
-    """Replace every ``FakeQuantLinear`` with a ``QuantLinear`` of the same codes. Returns model."""
+    """Replace every ``FakeQuantLinear`` with a ``QuantLinear`` of the same codes. Returns model.
+
+    A weight holding NaN or Inf is a ValueError naming the module (as with ``quantize_``), not
+    a layer with NaN scales."""
 
     def to_quant(fq: nn.Module, _name: str) -> nn.Module:
         assert isinstance(fq, FakeQuantLinear)
-        s, z = fq.qparams()
+        # Unnamed: replace_modules puts the module's name in front of the ValueError.
+        s, z = fq._params(named=False)
         bias = None if fq.bias is None else fq.bias.detach()
-        return QuantLinear.from_quantized(fq.codes(), s, z, bias, fq.bits, fq.group_size)
+        return QuantLinear.from_quantized(fq._codes(s, z), s, z, bias, fq.bits, fq.group_size)
 
     if not any(isinstance(m, FakeQuantLinear) for m in model.modules()):
         raise ValueError("convert: the model has no FakeQuantLinear; call prepare_qat first")

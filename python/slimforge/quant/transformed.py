@@ -55,6 +55,35 @@ class InputTransformedLinear(nn.Module):
             pre_scale=torch.ones(n) if spec["pre_scale"] else None,
         )
 
+    def check_buffers(self, where: str = "InputTransformedLinear") -> None:
+        """Validates the buffers (after loading an untrusted checkpoint): ``perm`` a
+        permutation of ``range(in)``, ``pre_scale`` finite and positive; then the inner
+        module's own ``check_buffers``. Raises ``ValueError`` starting with ``where``."""
+        n = int(self.inner.in_features)  # type: ignore[arg-type]
+        p = self._buffers.get("perm")
+        if p is not None:
+            if p.dtype != torch.int64 or tuple(p.shape) != (n,):
+                raise ValueError(
+                    f"{where}: perm must be torch.int64 [{n}], got {p.dtype} {list(p.shape)}"
+                )
+            if n and (int(p.min()) < 0 or int(p.max()) >= n or p.unique().numel() != n):
+                raise ValueError(f"{where}: perm is not a permutation of range({n})")
+        s = self._buffers.get("pre_scale")
+        if s is not None:
+            if s.dtype != torch.float32 or tuple(s.shape) != (n,):
+                raise ValueError(
+                    f"{where}: pre_scale must be torch.float32 [{n}], got {s.dtype} {list(s.shape)}"
+                )
+            ok = torch.isfinite(s) & (s > 0)
+            if not bool(ok.all()):
+                i = int((~ok).nonzero()[0, 0])
+                raise ValueError(
+                    f"{where}: pre_scale must be finite and > 0, got {s[i].item()!r} at {i}"
+                )
+        check = getattr(self.inner, "check_buffers", None)
+        if callable(check):
+            check(f"{where} (inner)")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x.index_select(-1, self.perm)

@@ -5,7 +5,9 @@
 // Masks: key j is visible from query i iff
 //   (window_left < 0 || j >= i + off - window_left) && (window_right < 0 || j <= i + off + window_right)
 // with off = len_k - len_q (bottom-right alignment); causal is window_right = 0.
-// Fully masked rows give output 0 and LSE -inf. Compile-time: ELEM, HEAD_DIM, FWD_BLOCK_M,
+// Fully masked rows give output 0 and LSE -inf. A NaN score (NaN in q, or in a visible key) makes its
+// row's output and LSE NaN, as plain softmax attention does: the running max propagates NaN
+// (fmaxf would drop it) and expf(NaN) = NaN does the rest. Compile-time: ELEM, HEAD_DIM, FWD_BLOCK_M,
 // FWD_BLOCK_N, FWD_RPT, BWD_BLOCK_M, BWD_BLOCK_N.
 
 #ifndef HEAD_DIM
@@ -89,6 +91,9 @@ SF_DEVICE SeqInfo seq_info(const AttnParams& p, int b) {
     }
     return s;
 }
+
+// max(a, b) that propagates NaN from either side (fmaxf returns the other operand).
+SF_DEVICE float sf_fmax_nan(float a, float b) { return (a != a || a > b) ? a : b; }
 
 SF_DEVICE bool visible(const AttnParams& p, int i, int j, int off) {
     return (p.window_left < 0 || j >= i + off - p.window_left) &&
@@ -208,14 +213,14 @@ extern "C" __global__ void SF_LAUNCH_BOUNDS(FWD_THREADS) attn_fwd(AttnParams p) 
         }
         SF_SYNC();
         // Online softmax: a row whose keys are all masked so far keeps m = -inf and adds nothing,
-        // so -inf - -inf is never evaluated.
+        // so -inf - -inf is never evaluated. A NaN score makes m, and so alpha, p, l and acc, NaN.
         float m_new[FWD_RPT];
 #pragma unroll
         for (int k = 0; k < FWD_RPT; ++k) {
             const float* srow = ss + (g + FWD_GROUPS * k) * (FWD_BLOCK_N + 1);
             float mx = SF_NEG_INF;
-            for (int jj = 0; jj < FWD_BLOCK_N; ++jj) mx = fmaxf(mx, srow[jj]);
-            m_new[k] = fmaxf(m[k], mx);
+            for (int jj = 0; jj < FWD_BLOCK_N; ++jj) mx = sf_fmax_nan(mx, srow[jj]);
+            m_new[k] = sf_fmax_nan(m[k], mx);
             const float alpha = m_new[k] != SF_NEG_INF ? expf(m[k] - m_new[k]) : 1.0f;
             l[k] *= alpha;
 #pragma unroll
@@ -243,13 +248,14 @@ extern "C" __global__ void SF_LAUNCH_BOUNDS(FWD_THREADS) attn_fwd(AttnParams p) 
     for (int k = 0; k < FWD_RPT; ++k) {
         const int i = i0 + g + FWD_GROUPS * k;
         if (i >= s.len_q) continue;
-        const float inv = l[k] > 0.0f ? 1.0f / l[k] : 0.0f;
+        // l is 0 (no visible key), >= 1, or NaN (a NaN score): NaN stays NaN in out and LSE.
+        const float inv = l[k] != 0.0f ? 1.0f / l[k] : 0.0f;
         elem_t* o = p.out + row_offset(s.q_start + i, p.heads_q, h);
 #pragma unroll
         for (int d = 0; d < DPT; ++d) o[t + TPR * d] = store_elem(acc[k][d] * inv);
         if (t == 0) {
             p.lse[(sf_i64)b * p.lse_batch_stride + (sf_i64)h * p.lse_head_stride + s.lse_start + i] =
-                l[k] > 0.0f ? m[k] + logf(l[k]) : SF_NEG_INF;
+                l[k] != 0.0f ? m[k] + logf(l[k]) : SF_NEG_INF;
         }
     }
 }
@@ -268,7 +274,8 @@ extern "C" __global__ void SF_LAUNCH_BOUNDS(BWD_BLOCK_M) attn_bwd_delta(AttnPara
     p.delta[(sf_i64)b * p.lse_batch_stride + (sf_i64)h * p.lse_head_stride + s.lse_start + i] = acc;
 }
 
-// Probability and d(raw score) of one (query, key) pair from raw = q.k and dp = dout.v.
+// Probability and d(raw score) of one (query, key) pair from raw = q.k and dp = dout.v. A NaN lse
+// (a row with a NaN score) gives NaN here, so NaN reaches dq, dk and dv as in the reference.
 SF_DEVICE void prob_and_dscore(const AttnParams& p, float raw, float dp, float lse, float delta, float* prob,
                                float* dscore) {
     float th;

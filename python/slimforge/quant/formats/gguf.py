@@ -34,6 +34,8 @@ dequantization is vectorised NumPy in float32.
 
 from __future__ import annotations
 
+import math
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +45,7 @@ import numpy as np
 
 __all__ = ["GGUFFile", "GGUFTensor", "GGML_TYPES", "dequantize_gguf_tensor", "read_gguf"]
 
-# ggml type id -> (name, block size in elements, bytes per block)
+# ggml type id -> (name, block size in elements, bytes per block): the types this module decodes.
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
     0: ("F32", 1, 4),
     1: ("F16", 1, 2),
@@ -59,6 +61,48 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     14: ("Q6_K", 256, 210),
     30: ("BF16", 1, 2),
 }
+
+# Every type ggml knows (gguf 0.19's GGML_QUANT_SIZES): a file may hold types that are not
+# decoded here; their data ranges are still checked, and ``dequantize`` raises.
+_GGML_LAYOUTS: dict[int, tuple[str, int, int]] = {
+    **GGML_TYPES,
+    9: ("Q8_1", 32, 40),
+    15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66),
+    17: ("IQ2_XS", 256, 74),
+    18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18),
+    21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82),
+    23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1),
+    25: ("I16", 1, 2),
+    26: ("I32", 1, 4),
+    27: ("I64", 1, 8),
+    28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56),
+    34: ("TQ1_0", 256, 54),
+    35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17),
+    40: ("NVFP4", 64, 36),
+    41: ("Q1_0", 128, 18),
+}
+
+# Limits on what a header may declare (module attributes: raise them for unusual files). Every
+# count is also checked against the bytes left in the file before anything is allocated, so
+# the parsed header never holds more objects than the file has bytes.
+#: Longest string (metadata key or value, tensor name) in bytes.
+MAX_STRING_BYTES = 1 << 26
+#: Most elements in one metadata array (the largest vocabularies have ~256k tokens).
+MAX_ARRAY_LEN = 1 << 24
+#: Deepest nesting of metadata arrays (arrays of arrays).
+MAX_ARRAY_DEPTH = 4
+#: Most metadata key/value pairs, and most tensors.
+MAX_KV = 1 << 20
+MAX_TENSORS = 1 << 20
+#: Most dimensions of a tensor (ggml's GGML_MAX_DIMS).
+MAX_DIMS = 4
 
 _SCALAR = {
     0: "<B",
@@ -76,6 +120,14 @@ _SCALAR = {
 _STRING, _ARRAY = 8, 9
 _ARRAY_NP = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
              10: "<u8", 11: "<i8", 12: "<f8"}  # fmt: skip
+# Fewest bytes a value of each metadata type takes (a string: its u64 length; an array: its
+# u32 element type and u64 count).
+_MIN_VALUE_BYTES = {**{t: struct.calcsize(f) for t, f in _SCALAR.items()}, _STRING: 8, _ARRAY: 12}
+# Fewest bytes of a key/value pair (empty key, u32 type, a one-byte value) and of a tensor info
+# (empty name, u32 n_dims = 0, u32 type, u64 offset).
+_MIN_KV_BYTES = 8 + 4 + 1
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8
+_HEADER_BYTES = 4 + 4 + 8 + 8  # magic, version, tensor count, metadata count
 
 
 @dataclass
@@ -89,7 +141,7 @@ class GGUFTensor:
 
     @property
     def type_name(self) -> str:
-        return GGML_TYPES.get(self.ggml_type, (f"type{self.ggml_type}", 0, 0))[0]
+        return _GGML_LAYOUTS.get(self.ggml_type, (f"type{self.ggml_type}", 0, 0))[0]
 
     def dequantize(self) -> np.ndarray:
         """float32 array of ``shape``."""
@@ -106,77 +158,181 @@ class GGUFFile:
 
 
 class _Cursor:
+    """Reads the header; every length is checked against the bytes left before it is used."""
+
     def __init__(self, buf: np.ndarray, path: str) -> None:
         self.buf, self.pos, self.path = buf, 0, path
 
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.buf):
-            raise ValueError(f"{self.path}: truncated GGUF (needed {n} bytes at {self.pos})")
+    @property
+    def left(self) -> int:
+        return len(self.buf) - self.pos
+
+    def fail(self, what: str, msg: str) -> ValueError:
+        return ValueError(f"{self.path}: invalid GGUF (corrupt or truncated): {what}: {msg}")
+
+    def take(self, n: int, what: str = "header") -> bytes:
+        if n > self.left:
+            raise ValueError(
+                f"{self.path}: truncated GGUF: {what} needs {n} bytes at offset {self.pos}, "
+                f"the file has {self.left} left"
+            )
         b = self.buf[self.pos : self.pos + n].tobytes()
         self.pos += n
         return b
 
-    def scalar(self, fmt: str) -> Any:
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+    def scalar(self, fmt: str, what: str = "header") -> Any:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
 
-    def string(self) -> str:
-        n = self.scalar("<Q")
-        return self.take(n).decode("utf-8", errors="replace")
+    def count(self, what: str, per_item: int, limit: int) -> int:
+        """A u64 count of items of at least ``per_item`` bytes each, checked against ``limit``
+        and against the bytes left in the file."""
+        n = self.scalar("<Q", what)
+        if n > limit:
+            raise self.fail(what, f"{n} exceeds the limit of {limit}")
+        if n * per_item > self.left:
+            raise self.fail(
+                what,
+                f"{n} items of at least {per_item} bytes each do not fit in the "
+                f"{self.left} bytes left in the file",
+            )
+        return n
 
-    def value(self, vtype: int) -> Any:
+    def string(self, what: str) -> str:
+        n = self.scalar("<Q", f"{what} length")
+        if n > MAX_STRING_BYTES:
+            raise self.fail(what, f"string length {n} exceeds the limit of {MAX_STRING_BYTES}")
+        return self.take(n, what).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         if vtype in _SCALAR:
-            return self.scalar(_SCALAR[vtype])
+            return self.scalar(_SCALAR[vtype], what)
         if vtype == _STRING:
-            return self.string()
+            return self.string(what)
         if vtype == _ARRAY:
-            etype, n = self.scalar("<I"), self.scalar("<Q")
+            if depth >= MAX_ARRAY_DEPTH:
+                raise self.fail(what, f"arrays nested deeper than {MAX_ARRAY_DEPTH}")
+            etype = self.scalar("<I", f"{what} element type")
+            if etype not in _MIN_VALUE_BYTES:
+                raise self.fail(what, f"unknown array element type {etype}")
+            n = self.count(f"{what} array length", _MIN_VALUE_BYTES[etype], MAX_ARRAY_LEN)
             if etype in _ARRAY_NP:
                 dt = np.dtype(_ARRAY_NP[etype])
-                arr = np.frombuffer(self.take(dt.itemsize * n), dtype=dt)
-                return arr.tolist()
-            return [self.value(etype) for _ in range(n)]
-        raise ValueError(f"{self.path}: unknown GGUF metadata type {vtype}")
+                return np.frombuffer(self.take(dt.itemsize * n, what), dtype=dt).tolist()
+            return [self.value(etype, what, depth + 1) for _ in range(n)]
+        raise self.fail(what, f"unknown metadata value type {vtype}")
+
+
+def _alignment(metadata: dict[str, Any], cur: _Cursor) -> int:
+    align = metadata.get("general.alignment", 32)
+    if isinstance(align, bool) or not isinstance(align, int):
+        raise cur.fail("general.alignment", f"must be an integer, got {align!r}")
+    if align <= 0 or align & (align - 1):
+        raise cur.fail("general.alignment", f"must be a positive power of two, got {align}")
+    return align
 
 
 def read_gguf(path: str | Path) -> GGUFFile:
-    """Parse a GGUF file (memory-mapped; tensor data are not copied until dequantized)."""
+    """Parse a GGUF file (memory-mapped; tensor data are not copied until dequantized).
+
+    The file may be untrusted: a malformed one raises ``ValueError`` naming the file and the
+    field, before anything the header declares is allocated. Checked: magic and version; every
+    count, string length and array length against the module limits (``MAX_*``) and against
+    the bytes left in the file; metadata value types and array nesting; duplicate keys and
+    tensor names; ``general.alignment`` (a positive power of two); each tensor's dimension
+    count, its type id (one ggml knows), that its first dimension is a whole number of blocks,
+    that its offset is aligned, and that its data lie inside the file after the header without
+    overlapping another tensor's. Memory: the metadata objects (bounded by the header's size)
+    plus the memory map; tensor data are views of the map.
+    """
     path = str(path)
+    size = os.path.getsize(path)
+    if size < _HEADER_BYTES:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if head != b"GGUF"[: len(head)] or not head:
+            raise ValueError(f"{path}: not a GGUF file (bad magic)")
+        raise ValueError(
+            f"{path}: truncated GGUF: {size} bytes, the fixed header alone needs {_HEADER_BYTES}"
+        )
     buf = np.memmap(path, dtype=np.uint8, mode="r")
     cur = _Cursor(buf, path)
-    if cur.take(4) != b"GGUF":
+    if cur.take(4, "magic") != b"GGUF":
         raise ValueError(f"{path}: not a GGUF file (bad magic)")
-    version = cur.scalar("<I")
+    version = cur.scalar("<I", "version")
     if version not in (2, 3):
         raise ValueError(f"{path}: GGUF version {version} not supported (expected 2 or 3)")
-    n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+    n_tensors = cur.scalar("<Q", "tensor count")
+    n_kv = cur.scalar("<Q", "metadata count")
+    for what, n, limit in (
+        ("tensor count", n_tensors, MAX_TENSORS),
+        ("metadata count", n_kv, MAX_KV),
+    ):
+        if n > limit:
+            raise cur.fail(what, f"{n} exceeds the limit of {limit}")
+    if n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES > cur.left:
+        raise cur.fail(
+            "tensor count / metadata count",
+            f"{n_tensors} tensors and {n_kv} key/value pairs cannot fit in {size} bytes",
+        )
     metadata: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key = cur.string()
-        metadata[key] = cur.value(cur.scalar("<I"))
-    infos = []
-    for _ in range(n_tensors):
-        name = cur.string()
-        n_dims = cur.scalar("<I")
-        dims = [cur.scalar("<Q") for _ in range(n_dims)]
-        infos.append((name, dims, cur.scalar("<I"), cur.scalar("<Q")))
-    align = int(metadata.get("general.alignment", 32))
+    for i in range(n_kv):
+        key = cur.string(f"metadata key {i}")
+        if key in metadata:
+            raise cur.fail(f"metadata key {key!r}", "duplicate key")
+        vtype = cur.scalar("<I", f"metadata {key!r} type")
+        metadata[key] = cur.value(vtype, f"metadata {key!r}")
+    if n_tensors * _MIN_TENSOR_INFO_BYTES > cur.left:
+        raise cur.fail(
+            "tensor count", f"{n_tensors} tensor infos do not fit in the {cur.left} bytes left"
+        )
+    infos: list[tuple[str, list[int], int, int]] = []
+    seen: set[str] = set()
+    for i in range(n_tensors):
+        name = cur.string(f"tensor {i} name")
+        if name in seen:
+            raise cur.fail(f"tensor {name!r}", "duplicate tensor name")
+        seen.add(name)
+        n_dims = cur.scalar("<I", f"tensor {name!r} n_dims")
+        if n_dims > MAX_DIMS:
+            raise cur.fail(f"tensor {name!r} n_dims", f"{n_dims} exceeds {MAX_DIMS}")
+        dims = [cur.scalar("<Q", f"tensor {name!r} dims") for _ in range(n_dims)]
+        ttype = cur.scalar("<I", f"tensor {name!r} type")
+        offset = cur.scalar("<Q", f"tensor {name!r} offset")
+        infos.append((name, dims, ttype, offset))
+    align = _alignment(metadata, cur)
     start = (cur.pos + align - 1) // align * align
     tensors = {}
+    ranges: list[tuple[int, int, str]] = []
     for name, dims, ttype, offset in infos:
-        n = int(np.prod(dims)) if dims else 1
-        if ttype in GGML_TYPES:
-            _, block, nbytes = GGML_TYPES[ttype]
-            if n % block:
-                raise ValueError(
-                    f"{path}: tensor {name} has {n} elements, not a multiple of {block}"
-                )
-            size = n // block * nbytes
-        else:
-            size = 0  # unsupported type: kept as an empty view, dequantize() raises
+        if ttype not in _GGML_LAYOUTS:
+            raise cur.fail(f"tensor {name!r} type", f"unknown ggml type id {ttype}")
+        tname, block, nbytes = _GGML_LAYOUTS[ttype]
+        n = math.prod(dims)  # Python ints: no overflow
+        if dims and dims[0] % block:
+            raise cur.fail(
+                f"tensor {name!r} dims",
+                f"first dimension {dims[0]} is not a multiple of the {tname} block of {block}",
+            )
+        if n % block:
+            raise cur.fail(
+                f"tensor {name!r} dims", f"{n} elements are not a multiple of {block} ({tname})"
+            )
+        nbytes_total = n // block * nbytes
+        if offset % align:
+            raise cur.fail(f"tensor {name!r} offset", f"{offset} is not a multiple of {align}")
         lo = start + offset
-        if lo + size > len(buf):
-            raise ValueError(f"{path}: tensor {name} runs past the end of the file")
-        tensors[name] = GGUFTensor(name, tuple(reversed(dims)), ttype, buf[lo : lo + size])
+        if lo + nbytes_total > size:
+            raise cur.fail(
+                f"tensor {name!r} offset/dims",
+                f"data [{lo}, {lo + nbytes_total}) run past the end of the file ({size} bytes)",
+            )
+        ranges.append((lo, lo + nbytes_total, name))
+        tensors[name] = GGUFTensor(name, tuple(reversed(dims)), ttype, buf[lo : lo + nbytes_total])
+    reach, last = start, ""  # the furthest end of the data seen so far, and whose it is
+    for lo, hi, name in sorted(r for r in ranges if r[1] > r[0]):
+        if lo < reach:
+            raise cur.fail(f"tensor {name!r} offset", f"its data overlap those of tensor {last!r}")
+        reach, last = hi, name
     return GGUFFile(version, metadata, tensors)
 
 
@@ -193,10 +349,19 @@ def dequantize_gguf_tensor(
             f"GGML type {ggml_type} is not supported; supported: "
             + ", ".join(v[0] for v in GGML_TYPES.values())
         )
-    name, _, nbytes = GGML_TYPES[ggml_type]
+    name, block, nbytes = GGML_TYPES[ggml_type]
     if raw.size % nbytes:
         raise ValueError(f"{name} data of {raw.size} bytes is not a whole number of blocks")
-    if name == "F32":
+    n = raw.size // nbytes * block
+    if shape is not None:
+        shape = tuple(shape)
+        if not all(isinstance(d, int | np.integer) and d >= 0 for d in shape):
+            raise ValueError(f"shape {shape} must hold non-negative integers")
+        if math.prod(int(d) for d in shape) != n:
+            raise ValueError(f"shape {shape} does not match {n} elements")
+    if raw.size == 0:
+        out = np.zeros(0, np.float32)
+    elif name == "F32":
         out = raw.view("<f4").astype(np.float32)
     elif name == "F16":
         out = raw.view("<f2").astype(np.float32)
@@ -204,11 +369,7 @@ def dequantize_gguf_tensor(
         out = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
     else:
         out = _DECODERS[name](raw.reshape(-1, nbytes)).reshape(-1)
-    if shape is not None:
-        if int(np.prod(shape)) != out.size:
-            raise ValueError(f"shape {shape} does not match {out.size} elements")
-        out = out.reshape(shape)
-    return out
+    return out if shape is None else out.reshape(shape)
 
 
 def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
