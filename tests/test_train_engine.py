@@ -130,17 +130,20 @@ def test_mixed_precision_trains(precision: str, tokens: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------- LAMB
 
 
-def _lamb_pair(shapes, dtype, **kw):  # type: ignore[no-untyped-def]
+def _lamb_pair(shapes, dtype, fused=None, **kw):  # type: ignore[no-untyped-def]
     from timm.optim import Lamb as TimmLamb
 
     ps = [torch.randn(*s, dtype=dtype) for s in shapes]
     a = [p.clone().requires_grad_() for p in ps]
     b = [p.clone().requires_grad_() for p in ps]
-    return a, b, Lamb(a, **kw), TimmLamb(b, **kw)
+    return a, b, Lamb(a, fused=fused, **kw), TimmLamb(b, **kw)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_lamb_matches_timm_on_every_flag_combination(dtype: torch.dtype) -> None:
+LAMB_PATHS = [(torch.float64, None), (torch.float32, True), (torch.float32, False)]
+
+
+@pytest.mark.parametrize(("dtype", "fused"), LAMB_PATHS)
+def test_lamb_matches_timm_on_every_flag_combination(dtype: torch.dtype, fused: bool) -> None:
     pytest.importorskip("timm")
     torch.manual_seed(0)
     shapes = [(7, 5), (3,), (4, 4, 2), (1,), (64, 48)]
@@ -149,7 +152,7 @@ def test_lamb_matches_timm_on_every_flag_combination(dtype: torch.dtype) -> None
     for bc, ga, mgn, tc, aa, wd in flags:
         kw = dict(lr=1e-2, bias_correction=bc, grad_averaging=ga, max_grad_norm=mgn,
                   trust_clip=tc, always_adapt=aa, weight_decay=wd)  # fmt: skip
-        a, b, oa, ob = _lamb_pair(shapes, dtype, **kw)
+        a, b, oa, ob = _lamb_pair(shapes, dtype, fused=fused, **kw)
         for _ in range(10):
             for x, y in zip(a, b, strict=True):
                 g = torch.randn_like(x)
@@ -172,7 +175,7 @@ def test_lamb_rosenbrock_and_state_dict_round_trip() -> None:
         opt.zero_grad()
         f(xy).backward()
         opt.step()
-    assert float(f(xy)) < 1e-3, xy
+    assert float(f(xy).detach()) < 1e-3, xy
     model = _tiny()
     opt = Lamb(param_groups(model, 0.01), lr=1e-3)
     ids = torch.randint(0, 256, (2, 16))
@@ -190,14 +193,157 @@ def test_lamb_rosenbrock_and_state_dict_round_trip() -> None:
         assert torch.equal(p, q)
 
 
-def test_lamb_bf16_params_keep_an_fp32_master() -> None:
-    p = torch.nn.Parameter(torch.randn(64, 64).bfloat16())
-    opt = Lamb([p], lr=1e-3)
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lamb_low_precision_params_keep_an_fp32_master(dtype: torch.dtype, fused: bool) -> None:
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 64).to(dtype))
+    opt = Lamb([p], lr=1e-3, fused=fused)
     for _ in range(3):
         p.grad = torch.randn_like(p)
         opt.step()
     master = opt.state[p]["master"]
-    assert master.dtype == torch.float32 and torch.equal(master.bfloat16(), p.detach())
+    assert master.dtype == torch.float32 and torch.equal(master.to(dtype), p.detach())
+
+
+def _lamb_steps(opt: Lamb, params: list[torch.Tensor], grads: list[list[torch.Tensor]]) -> None:
+    for gs in grads:
+        for p, g in zip(params, gs, strict=True):
+            p.grad = g.to(p.dtype)
+        opt.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lamb_state_dicts_move_between_the_fused_and_foreach_paths(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    shapes = [(33, 17), (5,), (300, 7)]
+    init = [torch.randn(*s).to(dtype) for s in shapes]
+    grads = [[torch.randn(*s) for s in shapes] for _ in range(6)]
+
+    def run(first: bool, second: bool) -> list[torch.Tensor]:
+        ps = [torch.nn.Parameter(w.clone()) for w in init]
+        opt = Lamb([{"params": ps[:2]}, {"params": ps[2:], "weight_decay": 0.0}], lr=1e-2,
+                   fused=first)  # fmt: skip
+        _lamb_steps(opt, ps, grads[:3])
+        saved = copy.deepcopy(opt.state_dict())
+        qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+        opt2 = Lamb([{"params": qs[:2]}, {"params": qs[2:], "weight_decay": 0.0}], lr=1e-2,
+                    fused=second)  # fmt: skip
+        opt2.load_state_dict(saved)
+        for p, q in zip(ps, qs, strict=True):
+            for key, value in opt.state[p].items():
+                assert value.dtype == torch.float32 and torch.equal(value, opt2.state[q][key])
+        _lamb_steps(opt2, qs, grads[3:])
+        return [q.detach().float() for q in qs]
+
+    ref = run(False, False)
+    for first, second in [(True, False), (False, True), (True, True)]:
+        for x, y in zip(run(first, second), ref, strict=True):
+            # bf16 parameters round the same fp32 masters: at most one bf16 step apart.
+            tol = 1e-6 if dtype == torch.float32 else 1e-2
+            assert float((x - y).abs().max() / y.abs().max()) < tol, (first, second)
+
+
+def test_lamb_fused_results_do_not_depend_on_the_thread_count() -> None:
+    import slimforge
+
+    torch.manual_seed(0)
+    shapes = [(300, 257), (3,), (1000, 100)]
+    init = [torch.randn(*s) for s in shapes]
+    grads = [[torch.randn(*s) for s in shapes] for _ in range(3)]
+    before = slimforge.get_num_threads()
+    out = []
+    try:
+        for threads in (1, 2, 3):
+            slimforge.set_num_threads(threads)
+            ps = [torch.nn.Parameter(w.clone()) for w in init]
+            opt = Lamb(ps, lr=1e-2, max_grad_norm=0.5, fused=True)
+            _lamb_steps(opt, ps, grads)
+            out.append([p.detach() for p in ps])
+    finally:
+        slimforge.set_num_threads(before)
+    for other in out[1:]:
+        assert all(torch.equal(x, y) for x, y in zip(out[0], other, strict=True))
+
+
+def test_lamb_fused_handles_mixed_and_strided_params() -> None:
+    torch.manual_seed(0)
+    # A transposed float32 parameter, a float64 one (foreach path under fused=None) and a bf16
+    # one in the same group: all updated as by the foreach path alone.
+    init = [torch.randn(40, 30).t(), torch.randn(20, dtype=torch.float64),
+            torch.randn(8, 8).bfloat16()]  # fmt: skip
+    grads = [[torch.randn(w.shape, dtype=torch.float64) for w in init] for _ in range(4)]
+    res = []
+    for fused in (None, False):
+        ps = [torch.nn.Parameter(w.clone()) for w in init]
+        assert not ps[0].is_contiguous()
+        opt = Lamb(ps, lr=1e-2, fused=fused)
+        _lamb_steps(opt, ps, grads)
+        res.append(ps)
+    for x, y in zip(*res, strict=True):
+        x, y = x.detach(), y.detach()
+        assert x.dtype == y.dtype and x.stride() == y.stride()
+        assert float((x - y).abs().max() / y.abs().max()) < 1e-6
+    with pytest.raises(ValueError, match="fused=True"):
+        Lamb([torch.nn.Parameter(torch.randn(3, dtype=torch.float64))], fused=True)
+    # The kernel writes through NumPy views; autograd still sees the in-place change.
+    p = torch.nn.Parameter(torch.randn(4))
+    loss = (p * p).sum()
+    p.grad = torch.ones(4)
+    Lamb([p], fused=True).step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_lamb_native_kernel_rejects_bad_arguments() -> None:
+    from slimforge import _native
+
+    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01,
+                 bias_correction1=0.1, bias_correction2=0.001, grad_averaging=True,
+                 trust_clip=False, always_adapt=False)  # fmt: skip
+
+    def arrays(*sizes: int) -> list[np.ndarray]:
+        return [np.zeros(n, np.float32) for n in sizes]
+
+    ok = (arrays(4, 3), arrays(4, 3), arrays(4, 3), arrays(4, 3))
+    _native.lamb_step(*ok, **hyper)
+    with pytest.raises(ValueError, match="one array per tensor"):
+        _native.lamb_step(arrays(4, 3), arrays(4), arrays(4, 3), arrays(4, 3), **hyper)
+    with pytest.raises(ValueError, match=r"exp_avg_sqs\[1\] has 2 elements but params\[1\] has 3"):
+        _native.lamb_step(arrays(4, 3), arrays(4, 3), arrays(4, 3), arrays(4, 2), **hyper)
+    with pytest.raises(ValueError, match="beta1"):
+        _native.lamb_step(*ok, **{**hyper, "beta1": 1.0})
+    with pytest.raises(ValueError, match="lr"):
+        _native.lamb_step(*ok, **{**hyper, "lr": float("nan")})
+    with pytest.raises(ValueError, match="bias_correction2"):
+        _native.lamb_step(*ok, **{**hyper, "bias_correction2": 0.0})
+    with pytest.raises(ValueError, match="dtype"):
+        _native.lamb_step(*ok, **hyper, dtype="float64")
+    with pytest.raises(ValueError, match="half_params"):
+        _native.lamb_step(*ok, **hyper, half_params=[None, None])
+    strided = np.zeros((4, 6), np.float32)[:, ::2]
+    with pytest.raises(TypeError, match=r"params\[0\] must be a C-contiguous"):
+        _native.lamb_step([strided], arrays(12), arrays(12), arrays(12), **hyper)
+    with pytest.raises(TypeError, match=r"grads\[0\] must be a float32 NumPy array, got a float64"):
+        _native.lamb_step(arrays(3), [np.zeros(3)], arrays(3), arrays(3), **hyper)
+    with pytest.raises(TypeError, match="list or tuple"):
+        _native.lamb_step(np.zeros((2, 3), np.float32), *ok[1:], **hyper)
+    with pytest.raises(TypeError, match="read-only"):
+        frozen = np.zeros(3, np.float32)
+        frozen.flags.writeable = False
+        _native.lamb_step([frozen], arrays(3), arrays(3), arrays(3), **hyper)
+    # Aliasing: the same array twice, and two views of one torch storage (different bases).
+    w = np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match="overlaps|share memory"):
+        _native.lamb_step([w], arrays(3), [w], arrays(3), **hyper)
+    t = torch.zeros(6)
+    with pytest.raises(ValueError, match="share memory"):
+        _native.lamb_step([t[:4].numpy()], arrays(4), [t[2:].numpy()], arrays(4), **hyper)
+    g = np.zeros(3, np.float32)  # one gradient read twice is fine
+    _native.lamb_step(arrays(3, 3), [g, g], arrays(3, 3), arrays(3, 3), **hyper)
+    with pytest.raises(TypeError, match="uint16"):
+        _native.lamb_grad_sq_norm(arrays(3), "bfloat16")
+    assert _native.lamb_grad_sq_norm([np.full(4, 2.0, np.float32)]) == 16.0
 
 
 # --------------------------------------------------------------------------------- data
@@ -242,3 +388,21 @@ def test_two_process_torchrun_matches_one_process(tmp_path: Path) -> None:
     a, b = _params(one), _params(two)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_trainer_trains_a_classifier_through_its_loss_fn() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+    x = torch.randn(256, 8)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    batches = list(zip(x.split(32), y.split(32), strict=True))
+
+    def loss_fn(model, batch):  # type: ignore[no-untyped-def]
+        xb, yb = batch
+        return torch.nn.functional.cross_entropy(model(xb), yb)
+
+    cfg = TrainConfig(steps=200, lr=2e-2, weight_decay=0.0, progress=False)
+    res = Trainer(net, batches, None, cfg, loss_fn=loss_fn).fit()
+    assert res.tokens == 200 * 32  # examples
+    acc = float((net(x).argmax(1) == y).float().mean())
+    assert res.losses[-1] < 0.5 * res.losses[0] and acc > 0.9, acc

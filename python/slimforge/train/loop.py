@@ -253,8 +253,10 @@ class Trainer:
 
     train_data: 1-D tokens (an int64 tensor, an integer NumPy array or a
         :class:`~slimforge.data.tokens.TokenFile`: random windows of ``seq_len`` are drawn from a
-        seeded generator whose state is the data position) or a sequence of
-        ``(batch, seqlen)`` id batches (cycled in order).
+        seeded generator whose state is the data position) or a sequence of batches (cycled in
+        order): ``(batch, seqlen)`` id tensors for language models, or anything ``loss_fn``
+        takes, e.g. ``(images, labels)`` tuples for a classifier (throughput then counts
+        examples).
     eval_data: 1-D tokens (``eval_windows`` evenly spaced windows), an ``(n, length)`` tensor of
         windows, or None.
     loss_fn: ``loss_fn(model, batch) -> scalar``; default the causal-LM loss.
@@ -374,7 +376,7 @@ class Trainer:
                 else:
                     scaled.backward()
             total += float(loss.detach())
-            tokens += batch.numel() * self.world
+            tokens += _batch_tokens(batch) * self.world
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if c.grad_clip is not None:
@@ -530,6 +532,14 @@ class Trainer:
         self._log({"step": step, "eval_nll": ev.nll, "eval_ppl": ev.perplexity})
         for cb in self.callbacks:
             cb.on_eval(self, step, ev)
+
+
+def _batch_tokens(batch: Any) -> int:
+    """Tokens (ids of an LM batch) or examples (first tensor's rows) in a batch, for throughput."""
+    if isinstance(batch, torch.Tensor):
+        return batch.numel() if batch.dtype in (torch.int64, torch.int32) else batch.shape[0]
+    first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+    return _batch_tokens(first) if isinstance(first, torch.Tensor) else 1
 
 
 def _plain(obj: Any) -> Any:
