@@ -7,6 +7,7 @@ pub mod attention;
 pub mod dedup;
 pub mod error;
 pub mod moe;
+pub mod optim;
 pub mod parallel;
 pub mod quant;
 

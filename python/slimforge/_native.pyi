@@ -265,6 +265,34 @@ def moe_rowdot(
     dy: npt.NDArray[Any], ys: npt.NDArray[Any], pos: npt.NDArray[np.int64]
 ) -> npt.NDArray[np.float32] | npt.NDArray[np.float64]: ...
 
+# --- optim ---
+# One array per parameter tensor, C-contiguous; bfloat16 / float16 cross as their uint16 bits.
+
+def lamb_step(
+    params: Sequence[NDArray[np.float32]],
+    grads: Sequence[NDArray[np.float32]] | Sequence[NDArray[np.uint16]],
+    exp_avgs: Sequence[NDArray[np.float32]],
+    exp_avg_sqs: Sequence[NDArray[np.float32]],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    bias_correction1: float,
+    bias_correction2: float,
+    grad_averaging: bool,
+    trust_clip: bool,
+    always_adapt: bool,
+    clip_divisor: float = 1.0,
+    dtype: str = "float32",
+    half_params: Sequence[NDArray[np.uint16] | None] | None = None,
+) -> list[float]: ...
+def lamb_grad_sq_norm(
+    grads: Sequence[NDArray[np.float32]] | Sequence[NDArray[np.uint16]], dtype: str = "float32"
+) -> float: ...
+def lamb_kernel_isa() -> str: ...
+
 # --- cuda ---
 # Always present; without the `cuda` feature every function raises RuntimeError. Pointers are
 # `tensor.data_ptr()`, `stream` is `torch.cuda.current_stream().cuda_stream`; use slimforge._cuda.

@@ -11,6 +11,7 @@ mod attention;
 mod cuda;
 mod dedup;
 mod moe;
+mod optim;
 mod quant;
 
 impl From<Error> for PyErr {
@@ -125,6 +126,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     quant::register(m)?;
     attention::register(m)?;
     moe::register(m)?;
+    optim::register(m)?;
     cuda::register(m)?;
     Ok(())
 }
