@@ -9,6 +9,7 @@ pub mod error;
 pub mod moe;
 pub mod optim;
 pub mod parallel;
+pub mod prune;
 pub mod quant;
 
 #[cfg(feature = "cuda")]

@@ -12,6 +12,7 @@ mod cuda;
 mod dedup;
 mod moe;
 mod optim;
+mod prune;
 mod quant;
 
 impl From<Error> for PyErr {
@@ -127,6 +128,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     attention::register(m)?;
     moe::register(m)?;
     optim::register(m)?;
+    prune::register(m)?;
     cuda::register(m)?;
     Ok(())
 }
