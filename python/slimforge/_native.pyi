@@ -223,6 +223,21 @@ def flash_attn_bwd(
     num_global: int,
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]: ...
 
+# One decode step: qkv (batch, (heads_q + 2 heads_kv) * head_dim) float32 stacked [q; k; v];
+# k_cache / v_cache (batch, heads_kv, capacity, head_dim) float32, written in place at position
+# lengths[b] (int64, batch); cos / sin (positions, head_dim // 2) float32 rotary tables or None.
+# Returns the attention output (batch, heads_q * head_dim) float32.
+def attention_decode_step(
+    qkv: npt.NDArray[np.float32],
+    k_cache: npt.NDArray[np.float32],
+    v_cache: npt.NDArray[np.float32],
+    lengths: npt.NDArray[np.int64],
+    heads_q: int,
+    cos: npt.NDArray[np.float32] | None,
+    sin: npt.NDArray[np.float32] | None,
+    softmax_scale: float,
+) -> npt.NDArray[np.float32]: ...
+
 # --- moe ---
 # bfloat16 rows cross as their uint16 bits; weights/scales are float64 for float64 rows, else float32.
 
@@ -398,3 +413,72 @@ def cuda_quant_gemv(
     k: int,
     group_size: int,
 ) -> None: ...
+
+# prune (rust/prune, rust/py/prune.rs)
+def prune_select(
+    tensors: Sequence[npt.NDArray[np.float32]], k: int, absolute: bool
+) -> tuple[float, int]: ...
+def prune_global_masks(
+    tensors: Sequence[npt.NDArray[np.float32]],
+    masks: Sequence[npt.NDArray[np.bool_]],
+    k: int,
+    absolute: bool,
+) -> float: ...
+def prune_row_masks(
+    scores: npt.NDArray[np.float32],
+    k: int,
+    absolute: bool,
+    scale: npt.NDArray[np.float32] | None = None,
+) -> npt.NDArray[np.bool_]: ...
+def prune_nm_masks(
+    scores: npt.NDArray[np.float32],
+    n: int,
+    m: int,
+    absolute: bool,
+    scale: npt.NDArray[np.float32] | None = None,
+) -> npt.NDArray[np.bool_]: ...
+def prune_group_norms(
+    w: npt.NDArray[np.float32],
+    axis: int,
+    group: int,
+    p: int,
+    scale: npt.NDArray[np.float32] | None = None,
+) -> npt.NDArray[np.float32]: ...
+def prune_sparse24_compress(
+    codes: npt.NDArray[np.uint8], keep: npt.NDArray[np.bool_], bits: int
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]: ...
+def prune_sparse24_decompress(
+    values: npt.NDArray[np.uint8],
+    meta: npt.NDArray[np.uint8],
+    scales: npt.NDArray[np.float32],
+    zeros: npt.NDArray[np.float32],
+    in_features: int,
+    bits: int,
+    group_size: int,
+) -> npt.NDArray[np.uint8]: ...
+def prune_sparse24_linear(
+    x: npt.NDArray[np.float32],
+    values: npt.NDArray[np.uint8],
+    meta: npt.NDArray[np.uint8],
+    scales: npt.NDArray[np.float32],
+    zeros: npt.NDArray[np.float32],
+    bias: npt.NDArray[np.float32] | None,
+    bits: int,
+    group_size: int,
+) -> npt.NDArray[np.float32]: ...
+def prune_sparsegpt_block(
+    w: npt.NDArray[np.float32],
+    hinv: npt.NDArray[np.float32],
+    mask: npt.NDArray[np.uint8] | None,
+    n: int,
+    m: int,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+) -> tuple[
+    npt.NDArray[np.uint8],
+    npt.NDArray[np.float32],
+    npt.NDArray[np.uint8],
+    npt.NDArray[np.float32],
+    npt.NDArray[np.float32],
+]: ...

@@ -317,7 +317,60 @@ fn flash_attn_bwd<'py>(
     }
 }
 
+/// One decode step against a key/value cache (rotary, append, attend). See `slimforge._native.pyi`.
+#[pyfunction]
+#[pyo3(signature = (qkv, k_cache, v_cache, lengths, heads_q, cos, sin, softmax_scale))]
+#[allow(clippy::too_many_arguments)]
+fn attention_decode_step<'py>(
+    py: Python<'py>,
+    qkv: numpy::PyReadonlyArray2<'py, f32>,
+    mut k_cache: numpy::PyReadwriteArray4<'py, f32>,
+    mut v_cache: numpy::PyReadwriteArray4<'py, f32>,
+    lengths: PyReadonlyArray1<'py, i64>,
+    heads_q: &Bound<'py, PyAny>,
+    cos: Option<numpy::PyReadonlyArray2<'py, f32>>,
+    sin: Option<numpy::PyReadonlyArray2<'py, f32>>,
+    softmax_scale: f64,
+) -> PyResult<Bound<'py, PyAny>> {
+    let heads_q = size_arg(heads_q, "heads_q")?;
+    let kd = k_cache.shape().to_vec();
+    if v_cache.shape() != kd.as_slice() {
+        return Err(PyValueError::new_err(format!(
+            "k_cache {kd:?} and v_cache {:?} must have one shape",
+            v_cache.shape()
+        )));
+    }
+    let [batch, heads_kv, capacity, head_dim] = [kd[0], kd[1], kd[2], kd[3]];
+    let shape = attention::DecodeShape {
+        batch,
+        heads_q,
+        heads_kv,
+        head_dim,
+        capacity,
+    };
+    if qkv.shape()[0] != batch {
+        return Err(PyValueError::new_err(format!(
+            "qkv has {} rows, the caches {batch} sequences",
+            qkv.shape()[0]
+        )));
+    }
+    if cos.is_some() != sin.is_some() {
+        return Err(PyValueError::new_err("cos and sin go together"));
+    }
+    let qs = c_slice(&qkv, "qkv")?;
+    let ls = c_slice(&lengths, "lengths")?;
+    let cs = cos.as_ref().map(|c| c_slice(c, "cos")).transpose()?;
+    let ss = sin.as_ref().map(|s| c_slice(s, "sin")).transpose()?;
+    let kc = super::c_slice_mut(&mut k_cache, "k_cache")?;
+    let vc = super::c_slice_mut(&mut v_cache, "v_cache")?;
+    let rotary = cs.zip(ss).map(|(cos, sin)| attention::Rotary { cos, sin });
+    let out =
+        py.detach(|| attention::decode_step(qs, kc, vc, ls, &shape, rotary, softmax_scale as f32))?;
+    to_array(py, out, &[batch, heads_q * head_dim])
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(attention_decode_step, m)?)?;
     m.add_function(wrap_pyfunction!(flash_attn_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(flash_attn_bwd, m)?)?;
     m.add("ATTENTION_MAX_HEAD_DIM", attention::MAX_HEAD_DIM)?;

@@ -16,8 +16,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from slimforge.attention import ATTN_IMPLS, Attention, rotary_cos_sin
+from slimforge.attention import (
+    ATTN_IMPLS,
+    Attention,
+    apply_rotary,
+    flash_attention,
+    rotary_cos_sin,
+)
 from slimforge.config import Config
+from slimforge.models.generation import GenerationOutput, KVCache, generate, packed_positions
 from slimforge.models.protocol import (
     CausalLMOutput,
     causal_lm_loss,
@@ -272,25 +279,98 @@ class GPT(nn.Module):
             loss = loss + aux
         return CausalLMOutput(logits, loss, aux)
 
+    # ------------------------------------------------------------------ generation (KV cache)
+
+    def make_cache(self, batch: int, capacity: int) -> KVCache:
+        """A preallocated `KVCache` for ``batch`` sequences of up to ``capacity`` tokens."""
+        c = self.config
+        w = self.norm.weight  # the embedding may be quantized (no .weight)
+        dtype = (
+            w.dtype if w.dtype in (torch.float32, torch.bfloat16, torch.float64) else torch.float32
+        )
+        theta = c.rope_theta if c.position == "rope" else None
+        return KVCache(
+            c.num_layers, batch, c.kv_heads, c.head_dim, capacity, dtype, w.device, theta
+        )
+
     @torch.no_grad()
-    def generate(
+    def forward_cached(
         self,
         input_ids: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
+        cache: KVCache,
+        cu_seqlens: torch.Tensor | None = None,
+        plan: object = None,
     ) -> torch.Tensor:
-        """Sample ``max_new_tokens`` tokens after ``input_ids (B, T)``; returns
-        ``(B, T + max_new_tokens)``. Re-runs the window each step (no KV cache)."""
-        idx = input_ids
-        for _ in range(max_new_tokens):
-            context = idx[:, -self.config.max_seq_len :]
-            logits = self(context).logits[:, -1, :] / max(temperature, 1e-8)
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator)
-            idx = torch.cat([idx, nxt], dim=1)
-        return idx
+        """Logits ``(batch, vocab)`` of each sequence's newest token, filling ``cache``.
+
+        Prefill (``cu_seqlens`` int32 ``(batch + 1,)`` given): ``input_ids (total,)`` holds the
+        prompts packed one after another, the cache must be empty; attention runs through the
+        tiled kernel on the pack. Decode: ``input_ids (batch,)``, one new token per sequence,
+        through `decode_attention`. Dropout is not applied (inference). ``plan`` is unused (the
+        q/k/v projection is already one fused linear).
+        """
+        c = self.config
+        hq, hkv, d = c.num_heads, c.kv_heads, c.head_dim
+        x = self.tok_emb(input_ids)
+        if cu_seqlens is not None:
+            if bool((cache.lengths != 0).any()):
+                raise ValueError("prefill needs an empty cache (cache.reset() first)")
+            seq, pos, lengths = packed_positions(cu_seqlens.cpu())
+            seq, pos = seq.to(x.device), pos.to(x.device)
+            n = input_ids.shape[0]
+            cos_sin = None
+            if self.pos_emb is not None:
+                x = x + self.pos_emb(pos)
+            else:
+                cos_sin = rotary_cos_sin(pos, d, c.rope_theta)
+            max_seqlen = int(lengths.max())
+            for i, block in enumerate(self.blocks):
+                at = block.attn
+                qkv = at.qkv(block.norm1(x)).view(n, hq + 2 * hkv, d)
+                q, k, v = qkv.split([hq, hkv, hkv], dim=1)
+                if cos_sin is not None:
+                    q, k = apply_rotary(q, cos_sin=cos_sin), apply_rotary(k, cos_sin=cos_sin)
+                cache.write_prefill(i, k, v, seq, pos)
+                dtype = q.dtype
+                if dtype == torch.float16:
+                    q, k, v = q.float(), k.float(), v.float()
+                y = flash_attention(
+                    q, k, v, causal=True, window=at.window, softcap=at.softcap,
+                    cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                ).to(dtype)  # fmt: skip
+                x = x + at.proj(y.reshape(n, hq * d))
+                x = x + block.mlp(block.norm2(x))
+            cache.lengths.copy_(lengths.to(cache.lengths.device))
+            x = x[cu_seqlens[1:].long().to(x.device) - 1]
+            return tied_logits(self.norm(x), self.tok_emb)
+        lengths = cache.lengths
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(lengths)
+        for i, block in enumerate(self.blocks):
+            at = block.attn
+            if at.window != (-1, -1) or at.softcap:
+                raise ValueError("cached decoding does not support attention windows or softcap")
+            y = cache.attend(i, at.qkv(block.norm1(x)), hq, rotary=at.rotary)
+            x = x + at.proj(y.to(x.dtype))
+            x = x + block.mlp(block.norm2(x))
+        lengths += 1
+        return tied_logits(self.norm(x), self.tok_emb)
+
+    def generate(
+        self,
+        input_ids: torch.Tensor | list[list[int]] | list[int],
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int | None = None,
+        repetition_penalty: float = 1.0,
+        stop: int | list[int | list[int]] | None = None,
+        seed: int | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor | GenerationOutput:
+        """KV-cache generation (`slimforge.models.generation.generate` on this model): returns
+        ``(B, T + max_new_tokens)`` ids, or a `GenerationOutput` with ``return_dict=True``."""
+        return generate(
+            self, input_ids, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+            stop, seed, **kwargs,  # type: ignore[arg-type]
+        )  # fmt: skip

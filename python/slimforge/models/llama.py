@@ -13,13 +13,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimforge.attention import ATTN_IMPLS, apply_rotary, attend, rotary_cos_sin
+from slimforge.attention import (
+    ATTN_IMPLS,
+    apply_rotary,
+    attend,
+    flash_attention,
+    rotary_cos_sin,
+)
 from slimforge.config import Config
+from slimforge.models.generation import (
+    GenerationOutput,
+    KVCache,
+    fuse_projections,
+    generate,
+    packed_positions,
+)
 from slimforge.models.protocol import (
     CausalLMOutput,
     causal_lm_loss,
@@ -83,6 +97,12 @@ class LlamaRMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.to(x.dtype) * self.weight
+
+    def fast(self, x: torch.Tensor) -> torch.Tensor:
+        """The same norm as one fused op for float32 input (decode steps), else ``forward``."""
+        if x.dtype != torch.float32 or self.weight.dtype != torch.float32:
+            return self(x)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class LlamaAttention(nn.Module):
@@ -174,6 +194,114 @@ class LlamaForCausalLM(nn.Module):
             return CausalLMOutput(logits)
         return CausalLMOutput(logits, causal_lm_loss(logits, labels))
 
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return tied_logits(x, self.embed_tokens) if self.lm_head is None else self.lm_head(x)
+
+    # ------------------------------------------------------------------ generation (KV cache)
+
+    def make_cache(self, batch: int, capacity: int) -> KVCache:
+        """A preallocated `KVCache` for ``batch`` sequences of up to ``capacity`` tokens."""
+        c = self.cfg
+        w = self.norm.weight
+        dtype = (
+            w.dtype if w.dtype in (torch.float32, torch.bfloat16, torch.float64) else torch.float32
+        )
+        return KVCache(
+            c.num_layers, batch, c.num_kv_heads, c.head_dim, capacity, dtype, w.device, c.rope_theta
+        )
+
+    def decode_plan(self) -> list[tuple[Any, Any, Any, Any]]:
+        """Per layer, the projections of a decode step: fused q/k/v, o, fused gate/up, down
+        (`fuse_projections`: stacked copies of the weights, taken now, so build the plan again
+        after changing them)."""
+        plan = []
+        for layer in self.layers:
+            at, mlp = layer.self_attn, layer.mlp
+            plan.append(
+                (
+                    fuse_projections([at.q_proj, at.k_proj, at.v_proj]),
+                    fuse_projections([at.o_proj]),
+                    fuse_projections([mlp.gate_proj, mlp.up_proj]),
+                    fuse_projections([mlp.down_proj]),
+                )
+            )
+        return plan
+
+    @torch.no_grad()
+    def forward_cached(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache,
+        cu_seqlens: torch.Tensor | None = None,
+        plan: list[tuple[Any, Any, Any, Any]] | None = None,
+    ) -> torch.Tensor:
+        """Logits ``(batch, vocab)`` of each sequence's newest token, filling ``cache``.
+
+        Prefill (``cu_seqlens`` int32 ``(batch + 1,)`` given): ``input_ids (total,)`` holds the
+        prompts packed one after another, the cache must be empty; attention runs through the
+        tiled kernel on the pack. Decode: ``input_ids (batch,)``, one new token per sequence,
+        attending through `decode_attention`; ``plan`` is `decode_plan` (built when omitted).
+        """
+        c = self.cfg
+        nh, nkv, hd = c.num_heads, c.num_kv_heads, c.head_dim
+        if cu_seqlens is not None:
+            if bool((cache.lengths != 0).any()):
+                raise ValueError("prefill needs an empty cache (cache.reset() first)")
+            seq, pos, lengths = packed_positions(cu_seqlens.cpu())
+            seq, pos = seq.to(input_ids.device), pos.to(input_ids.device)
+            n = input_ids.shape[0]
+            cos_sin = rotary_cos_sin(pos, hd, c.rope_theta)
+            x = self.embed_tokens(input_ids)
+            max_seqlen = int(lengths.max())
+            for i, layer in enumerate(self.layers):
+                at = layer.self_attn
+                h = layer.input_layernorm(x)
+                q = apply_rotary(at.q_proj(h).view(n, nh, hd), cos_sin=cos_sin)
+                k = apply_rotary(at.k_proj(h).view(n, nkv, hd), cos_sin=cos_sin)
+                v = at.v_proj(h).view(n, nkv, hd)
+                cache.write_prefill(i, k, v, seq, pos)
+                if q.dtype == torch.float16:
+                    q, k, v = q.float(), k.float(), v.float()
+                y = flash_attention(
+                    q, k, v, causal=True, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen
+                ).to(h.dtype)
+                x = x + at.o_proj(y.reshape(n, nh * hd))
+                x = x + layer.mlp(layer.post_attention_layernorm(x))
+            cache.lengths.copy_(lengths.to(cache.lengths.device))
+            last = cu_seqlens[1:].long().to(x.device) - 1
+            return self._logits(self.norm(x[last]))
+        if plan is None:
+            plan = self.decode_plan()
+        x = self.embed_tokens(input_ids)
+        inter = c.intermediate_size
+        for i, (layer, (qkv_fn, o_fn, gate_up_fn, down_fn)) in enumerate(
+            zip(self.layers, plan, strict=False)
+        ):
+            y = cache.attend(i, qkv_fn(layer.input_layernorm.fast(x)), nh)
+            x = x + o_fn(y.to(x.dtype))
+            gu = gate_up_fn(layer.post_attention_layernorm.fast(x))
+            x = x + down_fn(F.silu(gu[:, :inter]) * gu[:, inter:])
+        cache.lengths += 1
+        return self._logits(self.norm.fast(x))
+
+    def generate(
+        self,
+        input_ids: torch.Tensor | list[list[int]] | list[int],
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int | None = None,
+        repetition_penalty: float = 1.0,
+        stop: int | list[int | list[int]] | None = None,
+        seed: int | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor | GenerationOutput:
+        """KV-cache generation: `slimforge.models.generation.generate` on this model."""
+        return generate(
+            self, input_ids, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+            stop, seed, **kwargs,  # type: ignore[arg-type]
+        )  # fmt: skip
+
     @classmethod
     def from_gguf(
         cls, path: str | Path, num_layers: int | None = None, attn_impl: str = "flash"
@@ -238,9 +366,8 @@ class LlamaForCausalLM(nn.Module):
 
 @torch.no_grad()
 def greedy_generate(model: nn.Module, ids: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy continuation (no KV cache: recomputes the prefix each step)."""
-    out = list(ids)
-    for _ in range(max_new_tokens):
-        logits = model(torch.tensor([out])).logits
-        out.append(int(logits[0, -1].argmax()))
-    return out[len(ids) :]
+    """Greedy continuation of one list of ids (the new ids only): with a KV cache for models
+    that have one (`generate`), else recomputing the sequence each step."""
+    out = generate(model, [list(ids)], max_new_tokens, temperature=0.0, return_dict=True)
+    assert isinstance(out, GenerationOutput)
+    return out.new_tokens[0, : int(out.num_new[0])].tolist()

@@ -33,6 +33,7 @@ __all__ = [
     "QuantEmbedding",
     "QuantLinear",
     "dequantize_packed",
+    "fuse_quant_linears",
 ]
 
 #: Batches of at most this many rows use the fused int8-activation kernel; larger ones
@@ -659,3 +660,94 @@ class QuantEmbedding(nn.Module):
             f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, "
             f"group_size={self.group_size}"
         )
+
+
+# --- decode helpers ---------------------------------------------------------------------------
+
+
+class FusedQuantLinear:
+    """Several quantized linears that read one input (q/k/v, gate/up) as one kernel call.
+
+    Their buffers are stacked along the output rows once (a copy of the packed weights, taken
+    when the fusion is built: build it again after changing the layers), so a decode step streams
+    them in one trip through the fused kernel, and the thread pool is woken once instead of once
+    per layer. ``__call__(x (m, in)) -> (m, sum of out_features)``, float32 on the CPU; other
+    inputs (bfloat16, CUDA, more than the fused kernel's rows) call the layers one by one and
+    concatenate, so the result never depends on which path ran beyond kernel rounding.
+    """
+
+    def __init__(self, layers: list[nn.Module], inner: list[QuantLinear]) -> None:
+        self.layers = layers
+        first = inner[0]
+        self.bits, self.group_size, self.route = first.bits, first.group_size, first.route
+        self.in_features = first.in_features
+        self.out_features = sum(m.out_features for m in inner)
+        self.max_tokens = first.fused_max_tokens()
+        wrapper = layers[0]
+        self.perm = getattr(wrapper, "perm", None)
+        self.pre_scale = getattr(wrapper, "pre_scale", None)
+        biases = [m.bias for m in inner]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat(
+                [
+                    torch.zeros(m.out_features) if b is None else b
+                    for m, b in zip(inner, biases, strict=False)
+                ]
+            )
+        self.native = tuple(
+            None if t is None else t.contiguous().numpy()
+            for t in (
+                torch.cat([m.qweight for m in inner]),
+                torch.cat([m.scales for m in inner]),
+                torch.cat([m.zeros for m in inner]),
+                bias,
+            )
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not (x.dtype == torch.float32 and x.is_cpu and x.dim() == 2):
+            return torch.cat([m(x) for m in self.layers], dim=-1)
+        if x.shape[0] > self.max_tokens:
+            return torch.cat([m(x) for m in self.layers], dim=-1)
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        if self.pre_scale is not None:
+            x = x / self.pre_scale
+        y = _native.quant_linear(
+            x.detach().contiguous().numpy(), *self.native, self.bits, self.group_size, self.route
+        )
+        return torch.from_numpy(y)
+
+
+def fuse_quant_linears(layers: list[nn.Module]) -> FusedQuantLinear | None:
+    """A `FusedQuantLinear` over ``layers`` when they can share one kernel call, else None.
+
+    They can when each is a CPU `QuantLinear` (or each an ``InputTransformedLinear`` around one,
+    all with the same ``perm`` and ``pre_scale``: GPTQ's act-order quantizes q/k/v and gate/up
+    together, so they share it) of one input size, bit width, group size and route.
+    """
+    from slimforge.quant.transformed import InputTransformedLinear
+
+    if not layers:
+        return None
+    inner: list[QuantLinear] = []
+    for m in layers:
+        if type(m) is InputTransformedLinear:
+            first = layers[0]
+            if not isinstance(first, InputTransformedLinear):
+                return None
+            for name in ("perm", "pre_scale"):
+                a, b = getattr(m, name), getattr(first, name)
+                if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
+                    return None
+            m = m.inner
+        elif isinstance(layers[0], InputTransformedLinear):
+            return None
+        if type(m) is not QuantLinear or not m.qweight.is_cpu:
+            return None
+        inner.append(m)
+    key = {(m.in_features, m.bits, m.group_size, m.route) for m in inner}
+    if len(key) != 1:
+        return None
+    return FusedQuantLinear(list(layers), inner)

@@ -150,11 +150,14 @@ class GGUFTensor:
 
 @dataclass
 class GGUFFile:
-    """Parsed GGUF: ``metadata`` {key: value} and ``tensors`` {name: GGUFTensor}."""
+    """Parsed GGUF: ``metadata`` {key: value} and ``tensors`` {name: GGUFTensor};
+    ``metadata_types`` {key: GGUF value type id, or ``(9, element type id)`` for an array}, so
+    a writer can reproduce the file's types."""
 
     version: int
     metadata: dict[str, Any]
     tensors: dict[str, GGUFTensor]
+    metadata_types: dict[str, int | tuple[int, int]] = field(default_factory=dict)
 
 
 class _Cursor:
@@ -275,11 +278,17 @@ def read_gguf(path: str | Path) -> GGUFFile:
             f"{n_tensors} tensors and {n_kv} key/value pairs cannot fit in {size} bytes",
         )
     metadata: dict[str, Any] = {}
+    metadata_types: dict[str, int | tuple[int, int]] = {}
     for i in range(n_kv):
         key = cur.string(f"metadata key {i}")
         if key in metadata:
             raise cur.fail(f"metadata key {key!r}", "duplicate key")
         vtype = cur.scalar("<I", f"metadata {key!r} type")
+        if vtype == _ARRAY and cur.left >= 4:  # the element type, read again by value()
+            elem = int.from_bytes(cur.buf[cur.pos : cur.pos + 4].tobytes(), "little")
+            metadata_types[key] = (vtype, elem)
+        else:
+            metadata_types[key] = vtype
         metadata[key] = cur.value(vtype, f"metadata {key!r}")
     if n_tensors * _MIN_TENSOR_INFO_BYTES > cur.left:
         raise cur.fail(
@@ -333,7 +342,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
         if lo < reach:
             raise cur.fail(f"tensor {name!r} offset", f"its data overlap those of tensor {last!r}")
         reach, last = hi, name
-    return GGUFFile(version, metadata, tensors)
+    return GGUFFile(version, metadata, tensors, metadata_types)
 
 
 def dequantize_gguf_tensor(
