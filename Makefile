@@ -9,7 +9,7 @@ ASSETS ?= $(HOME)/.cache/slimforge/assets
 export SLIMFORGE_ASSETS := $(ASSETS)
 
 .PHONY: demo test test-rust test-python lint build assets bench bench-quick gpu-check gpu-check-run clean \
-	fuzz
+	fuzz wheel wheel-check
 
 $(STAMP): requirements-dev.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -43,7 +43,20 @@ test-python: build assets
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating as a failure"; exit 1; fi; \
 	  exit $$rc
 
-test: lint test-rust test-python
+test: lint test-rust test-python wheel-check
+
+# The abi3 wheel (cuda feature on: one wheel for CPU and GPU machines) and the sdist, in dist/.
+wheel: $(STAMP)
+	rm -f dist/slimforge-*.whl dist/slimforge-*.tar.gz
+	$(VENV)/bin/maturin build --release --strip -o dist
+	$(VENV)/bin/maturin sdist -o dist
+	@ls -l dist
+
+# The wheel as a user gets it: fresh venvs, no dev dependencies, from outside the tree
+# (docs/release.md). WHEEL_CHECK_TORCH=0 skips the second venv with torch and the examples.
+WHEEL_CHECK_TORCH ?= 1
+wheel-check: wheel assets
+	$(PY) scripts/check_wheel.py dist/slimforge-*.whl $(if $(filter 1,$(WHEEL_CHECK_TORCH)),--torch)
 
 BENCH_STAMP := $(VENV)/.bench-stamp
 $(BENCH_STAMP): $(STAMP) requirements-bench.txt

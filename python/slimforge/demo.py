@@ -16,8 +16,11 @@ from slimforge.dedup.files import FileDedupReport, dedup_files
 __all__ = ["run_demo"]
 
 
-def run_demo(out_dir: str | Path = "slimforge-demo", progress: bool = True) -> FileDedupReport:
-    """Deduplicate the bundled corpus into `out_dir` and print the report."""
+def run_demo(
+    out_dir: str | Path = "slimforge-demo", progress: bool = True, quick: bool = False
+) -> FileDedupReport:
+    """Deduplicate the bundled corpus into `out_dir` and print the report (`quick`: without the
+    spelling-variant analysis)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     print(f"== slimforge demo: deduplicating the bundled corpus ({corpus_path().name})")
@@ -42,7 +45,8 @@ def run_demo(out_dir: str | Path = "slimforge-demo", progress: bool = True) -> F
     print("\nmost duplicated work pairs (kept work <- removed work: documents):")
     for (kept, gone), count in sorted(twins.items(), key=lambda kv: -kv[1])[:10]:
         print(f"  {kept} <- {gone}: {count}")
-    _spelling_twins(records)
+    if not quick:
+        _spelling_twins(records)
     return report
 
 

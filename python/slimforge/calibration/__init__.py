@@ -7,6 +7,10 @@ an observer (``HessianObserver``, ``InputStats``) to each selected linear and ha
 of linears that share an input to the algorithm.
 """
 
+from slimforge._optional import require
+
+require("torch", "slimforge.calibration")
+
 from slimforge.calibration.capture import FeatureCapture
 from slimforge.calibration.driver import (
     Batch,

@@ -13,7 +13,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import torch
+
+from slimforge._optional import require
+
+require("torch", "slimforge.data.windows")
+
+import torch  # noqa: E402
 
 __all__ = ["byte_tokens", "chunk_windows", "random_windows", "spaced_windows"]
 

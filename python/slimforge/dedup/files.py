@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from slimforge import _native
 from slimforge import dedup as _dd
+from slimforge._optional import require
 from slimforge.io import (
     DEFAULT_MAX_LINE_BYTES,
     MAX_BATCH_SIZE,
@@ -564,6 +565,7 @@ def _clusters_rows(
     f: Any, start: int, path: Path, lines: np.ndarray, cluster: np.ndarray, keep: np.ndarray
 ) -> None:
     """Append clusters-TSV rows for documents `start..start+len(lines)` (written by pyarrow)."""
+    require("pyarrow", "Parquet and CSV files")
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
@@ -597,6 +599,7 @@ def _write_parquet(
     bar: tqdm,
 ) -> int:
     """Parquet to Parquet: kept rows selected with pyarrow filters, batch by batch."""
+    require("pyarrow", "Parquet and CSV files")
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -6,6 +6,9 @@ Every bench, test and CLI verb measures with these, over windows from
 
 from __future__ import annotations
 
+from slimforge._optional import require
+
+require("torch", "slimforge.eval")
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass

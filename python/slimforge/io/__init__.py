@@ -47,6 +47,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from slimforge import _native
+from slimforge._optional import require
 
 __all__ = [
     "DEFAULT_MAX_LINE_BYTES",
@@ -251,6 +252,7 @@ def iter_records(
 def _parquet_errors(p: Path, where: list[int]) -> Iterator[None]:
     """pyarrow's errors on a bad Parquet file as `InputError` at row ``where[0]`` (its I/O
     errors stay `OSError`, memory errors `MemoryError`)."""
+    require("pyarrow", "Parquet files")
     import pyarrow as pa
 
     try:
@@ -278,6 +280,7 @@ def _parquet_batches(p: Path, field: str, on_error: str, batch_size: int) -> Ite
 
 
 def _parquet_doc_batch(p: Path, field: str, on_error: str, batch: Any, row: int) -> DocBatch:
+    require("pyarrow", "Parquet files")
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -446,6 +449,7 @@ class _ParquetWriter:
     ``file:line`` naming the field."""
 
     def __init__(self, path: Path, field: str) -> None:
+        require("pyarrow", "Parquet files")
         import pyarrow as pa
         import pyarrow.parquet as pq
 

@@ -6,6 +6,10 @@ structure as a `ModelSpec` (``model.spec()``, or `model_spec(model)` for Hugging
 Llama-style modules).
 """
 
+from slimforge._optional import require
+
+require("torch", "slimforge.models")
+
 from slimforge.models.gpt import GPT, GPTConfig
 from slimforge.models.llama import ByteLevelBPETokenizer, LlamaConfig, LlamaForCausalLM
 from slimforge.models.protocol import IGNORE_INDEX, CausalLMOutput, causal_lm_loss

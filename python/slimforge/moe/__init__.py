@@ -6,6 +6,10 @@ it is built from (Rust kernels on CPU, `slimforge._cuda` kernels on CUDA);
 the plain per-expert loop used as the correctness oracle.
 """
 
+from slimforge._optional import require
+
+require("torch", "slimforge.moe")
+
 from slimforge.moe._ops import DispatchPlan, combine, dispatch_plan, permute, route_topk
 from slimforge.moe.layer import MoE, MoELoad
 from slimforge.moe.parallel import ExpertParallelMoE

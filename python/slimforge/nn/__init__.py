@@ -1,5 +1,9 @@
 """Shared building blocks: module surgery (select and swap submodules in place)."""
 
+from slimforge._optional import require
+
+require("torch", "slimforge.nn")
+
 from slimforge.nn.surgery import (
     ModuleFilter,
     all_of,

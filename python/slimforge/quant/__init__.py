@@ -9,6 +9,10 @@ Layout: codes ``q`` (uint8, ``[0, 2**bits - 1]``), float32 ``scales`` and intege
 See docs/quant.md.
 """
 
+from slimforge._optional import require
+
+require("torch", "slimforge.quant")
+
 from slimforge.quant.api import (
     Int4WeightOnly,
     Int8WeightOnly,

@@ -12,6 +12,10 @@ fake-quantized student, for example); ``precision="bf16"``, ``checkpointing=True
 several processes (:mod:`slimforge.train.distributed`).
 """
 
+from slimforge._optional import require
+
+require("torch", "slimforge.train")
+
 from slimforge.train.loop import (
     Callback,
     TrainConfig,
