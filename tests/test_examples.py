@@ -49,7 +49,9 @@ def run_python(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedPr
     [
         ("dedup_corpus.py", r"^2000 documents: \d+ exact and \d+ near duplicates removed"),
         ("quantize_gpt.py", r"^INT4 GPTQ g32 +perplexity \d+\.\d+"),
+        ("lora_finetune.py", r"^qlora .*held-out Milton perplexity \d+\.\d+ -> \d+\.\d+"),
         ("train_moe_gpt.py", r"^moe .*active per token.*val perplexity \d+\.\d+"),
+        ("prune_gpt.py", r"^sparsegpt 2:4 +perplexity \d+\.\d+ \(50% of the block weights zero\)"),
     ],
 )
 def test_example_quick(script: str, expected: str, tmp_path: Path) -> None:
@@ -70,6 +72,16 @@ def test_smollm2_example_finds_the_assets(
     assert re.search(r"^INT8 perplexity \d", proc.stdout, re.M), proc.stdout
 
 
+@pytest.mark.assets
+def test_generate_export_example(assets: Path, smollm2_gguf_path: Path, tmp_path: Path) -> None:
+    proc = run_python(
+        [str(EXAMPLES / "generate_export.py"), "--quick"], tmp_path, SLIMFORGE_ASSETS=str(assets)
+    )
+    assert re.search(r"^INT4: \d+ tokens in", proc.stdout, re.M), proc.stdout
+    assert re.search(r"\d+ copied code for code", proc.stdout), proc.stdout
+    assert (tmp_path / "smollm2-int4-q4_1.gguf").is_file()
+
+
 def test_smollm2_example_without_the_gguf_says_what_it_needs(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -86,6 +98,9 @@ def test_every_example_is_tested_and_short() -> None:
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py"))
     assert scripts == [
         "dedup_corpus.py",
+        "generate_export.py",
+        "lora_finetune.py",
+        "prune_gpt.py",
         "quantize_gpt.py",
         "smollm2_perplexity.py",
         "train_moe_gpt.py",

@@ -4,6 +4,8 @@ slimforge dedup INPUT... -o OUTPUT [--threshold 0.8] [--field text] ...
 slimforge demo [--out DIR]
 slimforge prepare INPUT... -o DIR [--tokenizer byte|smollm2|GGUF]
 slimforge train --data DIR --out RUN [--model gpt|gpt-moe|llama] [--resume] ...
+slimforge generate MODEL (--prompt TEXT | --ids IDS) [--max-new-tokens N] ...
+slimforge export MODEL --format gguf --type q4_1 -o OUT.gguf
 
 Exit status: 0 on success; 2 for a user error (bad arguments, out-of-range values, malformed
 or unreadable input, an output that would overwrite an input), with a one-line message and no
@@ -19,6 +21,8 @@ import sys
 from collections.abc import Sequence
 
 from slimforge import __version__
+from slimforge.cli.generate import add_export, add_generate
+from slimforge.cli.lora import add_lora
 from slimforge.cli.train import add_prepare, add_train
 from slimforge.io import DEFAULT_MAX_LINE_BYTES, MAX_LINE_BYTES_LIMIT
 
@@ -159,6 +163,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         description="Deduplicate the bundled public-domain corpus and print the report.",
     )
     p.add_argument("--out", default="slimforge-demo", help="output directory")
+    p.add_argument("--quick", action="store_true", help="the smallest run (for checks)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_demo)
 
@@ -166,7 +171,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from slimforge.demo import run_demo
 
-    run_demo(args.out, progress=not args.quiet)
+    run_demo(args.out, progress=not args.quiet, quick=args.quick)
     return 0
 
 
@@ -183,14 +188,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_demo(sub)
     add_prepare(sub)
     add_train(sub)
+    add_lora(sub)
+    add_generate(sub)
+    add_export(sub)
     args = parser.parse_args(argv)
     # The library logs through `logging`; the command line shows warnings, or more with -v.
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (ValueError, TypeError, OverflowError, OSError) as e:
-        # User errors: bad values, malformed or unreadable inputs, refused outputs.
+    except (ValueError, TypeError, OverflowError, OSError, ImportError) as e:
+        # User errors: bad values, malformed or unreadable inputs, refused outputs, a missing
+        # optional dependency (the message names the extra to install).
         print(f"slimforge {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:
