@@ -449,3 +449,27 @@ def _vocab_size(model: nn.Module) -> int:
     if vocab is None:
         raise ValueError("repetition_penalty needs the model's config.vocab_size")
     return int(vocab)
+
+
+class GenerationMixin:
+    """`model.generate(...)` for the causal LMs of the protocol (`GPT`, `LlamaForCausalLM`): the
+    model supplies `make_cache` and `decode_step`; this forwards to `generate`."""
+
+    def generate(
+        self,
+        input_ids: torch.Tensor | list[list[int]] | list[int],
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int | None = None,
+        repetition_penalty: float = 1.0,
+        stop: int | list[int | list[int]] | None = None,
+        seed: int | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor | GenerationOutput:
+        """KV-cache generation (`slimforge.models.generation.generate` on this model): returns
+        ``(B, T + max_new_tokens)`` ids, or a `GenerationOutput` with ``return_dict=True``."""
+        return generate(
+            self, input_ids, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+            stop, seed, **kwargs,  # type: ignore[arg-type]
+        )  # fmt: skip

@@ -24,7 +24,7 @@ from slimforge.attention import (
     rotary_cos_sin,
 )
 from slimforge.config import Config
-from slimforge.models.generation import GenerationOutput, KVCache, generate, packed_positions
+from slimforge.models.generation import GenerationMixin, KVCache, packed_positions
 from slimforge.models.protocol import (
     CausalLMOutput,
     causal_lm_loss,
@@ -174,7 +174,7 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.norm2(x)))
 
 
-class GPT(nn.Module):
+class GPT(GenerationMixin, nn.Module):
     """Decoder-only LM following the causal-LM protocol.
 
     ``forward(input_ids (B, T) int64, labels (B, T) | None) -> CausalLMOutput``: logits
@@ -355,22 +355,3 @@ class GPT(nn.Module):
             x = x + block.mlp(block.norm2(x))
         lengths += 1
         return tied_logits(self.norm(x), self.tok_emb)
-
-    def generate(
-        self,
-        input_ids: torch.Tensor | list[list[int]] | list[int],
-        max_new_tokens: int = 32,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int | None = None,
-        repetition_penalty: float = 1.0,
-        stop: int | list[int | list[int]] | None = None,
-        seed: int | None = None,
-        **kwargs: object,
-    ) -> torch.Tensor | GenerationOutput:
-        """KV-cache generation (`slimforge.models.generation.generate` on this model): returns
-        ``(B, T + max_new_tokens)`` ids, or a `GenerationOutput` with ``return_dict=True``."""
-        return generate(
-            self, input_ids, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-            stop, seed, **kwargs,  # type: ignore[arg-type]
-        )  # fmt: skip

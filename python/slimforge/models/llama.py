@@ -28,6 +28,7 @@ from slimforge.attention import (
 )
 from slimforge.config import Config
 from slimforge.models.generation import (
+    GenerationMixin,
     GenerationOutput,
     KVCache,
     fuse_projections,
@@ -149,7 +150,7 @@ class LlamaBlock(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(GenerationMixin, nn.Module):
     """Llama-architecture causal LM following the causal-LM protocol:
     ``forward(input_ids (B, T), labels=None) -> CausalLMOutput`` with logits ``(B, T, vocab)``.
 
@@ -283,24 +284,6 @@ class LlamaForCausalLM(nn.Module):
             x = x + down_fn(F.silu(gu[:, :inter]) * gu[:, inter:])
         cache.lengths += 1
         return self._logits(self.norm.fast(x))
-
-    def generate(
-        self,
-        input_ids: torch.Tensor | list[list[int]] | list[int],
-        max_new_tokens: int = 32,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int | None = None,
-        repetition_penalty: float = 1.0,
-        stop: int | list[int | list[int]] | None = None,
-        seed: int | None = None,
-        **kwargs: object,
-    ) -> torch.Tensor | GenerationOutput:
-        """KV-cache generation: `slimforge.models.generation.generate` on this model."""
-        return generate(
-            self, input_ids, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-            stop, seed, **kwargs,  # type: ignore[arg-type]
-        )  # fmt: skip
 
     @classmethod
     def from_gguf(
