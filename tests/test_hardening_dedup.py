@@ -602,12 +602,15 @@ def test_escaping_round_trips() -> None:
     assert os.fsencode(unescape_tsv_field(escape_tsv_field(os.fsdecode(b"n\xffm")))) == b"n\xffm"
 
 
-def test_the_demo_reads_its_tsv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from slimforge.demo import run_demo
+def test_the_demo_reads_its_tsv(tmp_path: Path) -> None:
+    from slimforge.pipeline import demo_config, run_pipeline
 
-    report = run_demo(tmp_path / "demo", progress=False)
-    out = capsys.readouterr().out
-    assert "removed documents by collection" in out and report.documents > 0
+    config = demo_config("quick")
+    config["run"]["stages"] = ["dedup"]
+    m = run_pipeline(str(tmp_path / "demo"), config, progress=False)["dedup"]["metrics"]
+    assert m["documents"] > 0 and m["exact_duplicates"] > 0
+    # The removed examples come from the clusters TSV, paired with their kept twins.
+    assert m["examples"] and all(e["removed"] and e["kept"] for e in m["examples"])
 
 
 def test_jsonl_to_parquet_type_change_names_file_line_and_field(tmp_path: Path) -> None:

@@ -1,0 +1,180 @@
+"""Pipeline configurations: the demo's three sizes and user TOML files on top of them."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from slimforge.data import DEFAULT_VAL_WORKS
+
+__all__ = ["MODES", "demo_config", "load_config"]
+
+MODES = ("quick", "default", "full")
+
+_BASE: dict[str, Any] = {
+    "run": {"threads": 0, "seed": 0},
+    "data": {
+        "inputs": None,
+        "field": "text",
+        "val_works": list(DEFAULT_VAL_WORKS),
+        "val_fraction": 0.02,
+    },
+    "dedup": {"threshold": 0.8},
+    "teacher": {
+        "layers": 4,
+        "hidden": 128,
+        "heads": 4,
+        "experts": 4,
+        "top_k": 2,
+        "seq_len": 256,
+        "batch": 8,
+        "steps": 400,
+        "lr": 2e-2,
+        "optimizer": "lamb",
+        "precision": "fp32",
+        "checkpointing": False,
+        "save_every": 50,
+    },
+    "synth": {
+        "prompts": 48,
+        "prompt_chars": 48,
+        "max_new_tokens": 192,
+        "temperature": 0.8,
+        "top_p": 0.95,
+        "repetition_penalty": 1.1,
+        "batch": 16,
+        "min_chars": 64,
+    },
+    "distill": {
+        "layers": 2,
+        "hidden": 128,
+        "heads": 4,
+        "steps": 300,
+        "batch": 8,
+        "lr": 3e-3,
+        "temperature": 2.0,
+        "alpha": 0.5,
+        "synth_repeat": 1,
+        "save_every": 50,
+    },
+    "prune": {
+        "mlp_neurons": 0.3,
+        "wanda": 0.5,
+        "recovery_steps": 60,
+        "lr": 1e-3,
+        "calibration_batches": 8,
+    },
+    "quantize": {"group_size": 32, "calibration_batches": 8},
+    "evaluate": {"windows": 64, "gen_tokens": 128, "prompt_tokens": 32},
+}
+
+_OVERRIDES: dict[str, dict[str, Any]] = {
+    "quick": {
+        "teacher": {
+            "layers": 2,
+            "hidden": 64,
+            "heads": 2,
+            "experts": 4,
+            "seq_len": 64,
+            "batch": 8,
+            "steps": 30,
+            "save_every": 10,
+        },
+        "synth": {
+            "prompts": 8,
+            "prompt_chars": 16,
+            "max_new_tokens": 48,
+            "batch": 8,
+            "min_chars": 16,
+        },
+        "distill": {
+            "layers": 1,
+            "hidden": 64,
+            "heads": 2,
+            "steps": 30,
+            "batch": 8,
+            "save_every": 10,
+        },
+        "prune": {"recovery_steps": 5, "calibration_batches": 2},
+        "quantize": {"calibration_batches": 2},
+        "evaluate": {"windows": 16, "gen_tokens": 32, "prompt_tokens": 16},
+    },
+    "default": {},
+    "full": {
+        "teacher": {
+            "layers": 6,
+            "hidden": 192,
+            "heads": 6,
+            "experts": 8,
+            "seq_len": 256,
+            "batch": 16,
+            "steps": 1500,
+            "save_every": 100,
+        },
+        "synth": {"prompts": 256, "max_new_tokens": 256},
+        "distill": {
+            "layers": 3,
+            "hidden": 160,
+            "heads": 5,
+            "batch": 16,
+            "steps": 1500,
+            "save_every": 100,
+        },
+        "prune": {"recovery_steps": 300},
+        "evaluate": {"windows": 256},
+    },
+}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def demo_config(mode: str = "default") -> dict[str, Any]:
+    """The demo's configuration: ``quick`` (a smoke run, under 90 s on 2 cores), ``default``
+    (under 10 minutes) or ``full`` (longer, better models)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return _merge(_BASE, _OVERRIDES[mode])
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """A TOML pipeline file: ``[run] base = "default"`` picks the demo size it starts from
+    (``stages = [...]`` a subset, ``threads``, ``seed``), and each ``[stage]`` table overrides
+    that stage's parameters; ``[data] inputs = ["docs.jsonl"]`` points at the user's documents.
+    Unknown sections or keys are errors (a typo must not be silently ignored)."""
+    p = Path(path)
+    try:
+        user = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{p}: not valid TOML ({e})") from e
+    base = demo_config(str(user.get("run", {}).get("base", "default")))
+    for section, values in user.items():
+        if section not in base:
+            raise ValueError(f"{p}: unknown section [{section}] (known: {', '.join(base)})")
+        if not isinstance(values, dict):
+            raise ValueError(f"{p}: [{section}] must be a table")
+        allowed = set(base[section]) | (
+            {"base", "stages", "command"} if section == "run" else set()
+        )
+        bad = sorted(set(values) - allowed)
+        if bad:
+            raise ValueError(f"{p}: unknown keys {bad} in [{section}] (known: {sorted(allowed)})")
+    cfg = _merge(base, user)
+    inputs = cfg["data"].get("inputs")
+    if inputs:
+        resolved = [(p.parent / x) if not Path(x).is_absolute() else Path(x) for x in inputs]
+        missing = [str(x) for x in resolved if not x.is_file()]
+        if missing:
+            raise ValueError(f"{p}: input files not found: {missing}")
+        cfg["data"]["inputs"] = [str(x) for x in resolved]
+    return cfg
