@@ -51,6 +51,7 @@ def run_python(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedPr
         ("quantize_gpt.py", r"^INT4 GPTQ g32 +perplexity \d+\.\d+"),
         ("lora_finetune.py", r"^qlora .*held-out Milton perplexity \d+\.\d+ -> \d+\.\d+"),
         ("train_moe_gpt.py", r"^moe .*active per token.*val perplexity \d+\.\d+"),
+        ("distill_student.py", r"^student \(distilled, \d+% of the teacher\) \d+\.\d+ bits/byte"),
         ("prune_gpt.py", r"^sparsegpt 2:4 +perplexity \d+\.\d+ \(50% of the block weights zero\)"),
     ],
 )
@@ -98,6 +99,7 @@ def test_every_example_is_tested_and_short() -> None:
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py"))
     assert scripts == [
         "dedup_corpus.py",
+        "distill_student.py",
         "generate_export.py",
         "lora_finetune.py",
         "prune_gpt.py",

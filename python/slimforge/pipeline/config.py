@@ -68,7 +68,7 @@ _BASE: dict[str, Any] = {
         "calibration_batches": 8,
     },
     "quantize": {"group_size": 32, "calibration_batches": 8},
-    "evaluate": {"windows": 64, "gen_tokens": 128, "prompt_tokens": 32},
+    "evaluate": {"windows": 64, "gen_tokens": 128, "prompt_tokens": 32, "gen_threads": 1},
 }
 
 _OVERRIDES: dict[str, dict[str, Any]] = {

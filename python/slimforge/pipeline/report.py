@@ -191,7 +191,7 @@ def write_report(
         "editions were kept out of training too). Tokens per second: greedy generation of "
         f"{config.get('evaluate', {}).get('gen_tokens', 128)} tokens after a "
         f"{config.get('evaluate', {}).get('prompt_tokens', 32)}-token prompt, batch 1, best of "
-        f"two, on {threads} threads. Training compute: 6 x active non-embedding parameters x "
+        f"two, on {ev.get('gen_threads', threads)} thread(s). Training compute: 6 x active non-embedding parameters x "
         "tokens plus attention (forward passes of a teacher count 2 x). Energy: wall time x "
         f"threads x {WATTS_PER_THREAD:.0f} W, an assumption, not a measurement."
     )

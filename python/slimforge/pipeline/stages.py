@@ -553,6 +553,10 @@ def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
                    ("student INT4 (GPTQ)", ctx.output("quantize", "int4"))]  # fmt: skip
     rows, samples = [], {}
     codec = ByteCodec()
+    # Decoding one token at a time with these small models is bound by per-operation overhead,
+    # which extra threads only add to: speeds are measured on `gen_threads` threads.
+    gen_threads = int(p.get("gen_threads", 1))
+    eval_threads = torch.get_num_threads()
     for name, path in models:
         model = load_stage_model(path)
         ev = evaluate_lm(model, val)
@@ -563,7 +567,11 @@ def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
 
         fm = GPT(GPTConfig.from_dict({k: v for k, v in float_cfg.items() if k != "model"}))
         params, active = fm.num_params(), fm.num_params(active=True)
-        speed = generation_speed(model, prompt, new)
+        torch.set_num_threads(gen_threads)
+        try:
+            speed = generation_speed(model, prompt, new)
+        finally:
+            torch.set_num_threads(eval_threads)
         torch.manual_seed(0)
         out = model.generate(prompt, max_new_tokens=new, temperature=0.0)
         samples[name] = codec.decode(out[0, prompt_len:].tolist())
@@ -575,7 +583,8 @@ def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
                 f"{speed:7.1f} tokens/s")  # fmt: skip
     return {"outputs": {}, "metrics": {"rows": rows, "samples": samples,
                                        "prompt": codec.decode(prompt[0].tolist()),
-                                       "threads": torch.get_num_threads()}}  # fmt: skip
+                                       "threads": eval_threads,
+                                       "gen_threads": gen_threads}}  # fmt: skip
 
 
 # ------------------------------------------------------------------ 9. report
