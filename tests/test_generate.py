@@ -519,3 +519,13 @@ def test_fast_norm_matches_forward() -> None:
         norm(x).detach().numpy(),
         atol=1e-6,
     )
+
+
+@pytest.mark.assets
+def test_cli_generate_accepts_the_smollm2_name(
+    smollm2_gguf_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SLIMFORGE_ASSETS", str(smollm2_gguf_path.parent.parent))
+    assert cli_main(["generate", "smollm2", "--prompt", "The capital of France is",
+                     "--max-new-tokens", "3"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.strip()

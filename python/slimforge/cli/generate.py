@@ -23,12 +23,16 @@ __all__ = ["add_export", "add_generate", "load_model"]
 
 
 def load_model(path: str | Path) -> tuple[Any, Any]:
-    """``(model, tokenizer or None)`` from a GGUF file or a model directory (see the module
-    docstring); ValueError when ``path`` is neither."""
+    """``(model, tokenizer or None)`` from a GGUF file, a model directory (see the module
+    docstring) or ``"smollm2"`` (the pinned asset); ValueError when ``path`` is none of them."""
     from slimforge.models import GPT, GPTConfig, LlamaConfig, LlamaForCausalLM
     from slimforge.models.tokenizer import ByteLevelBPETokenizer
 
     p = Path(path)
+    if str(path) == "smollm2" and not p.exists():
+        from slimforge.data.assets import smollm2_gguf
+
+        p = smollm2_gguf()  # the pinned SmolLM2-135M asset (`make assets`)
     if p.is_file():
         model = LlamaForCausalLM.from_gguf(p)
         return model, ByteLevelBPETokenizer.from_gguf(p)
