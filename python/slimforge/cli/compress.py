@@ -209,9 +209,11 @@ def add_synth(sub: argparse._SubParsersAction) -> None:
 
 
 def _texts(paths: list[str], field: str) -> list[str]:
-    from slimforge.io import iter_records
+    from slimforge.io import Record, iter_records
 
-    return [r.text for path in paths for r in iter_records(path, field=field)]
+    return [
+        r.text for path in paths for r in iter_records(path, field=field) if isinstance(r, Record)
+    ]
 
 
 def run_synth(args: argparse.Namespace) -> int:

@@ -227,13 +227,13 @@ def write_report(
         ("Configuration", f"```json\n{cfg_json}\n```", f"<pre>{html.escape(cfg_json)}</pre>")
     )
 
-    md = ["# slimforge pipeline report", "", summary, ""]
+    lines = ["# slimforge pipeline report", "", summary, ""]
     for name, p in plots.items():
-        md.append(f"![{name}]({p.name})")
+        lines.append(f"![{name}]({p.name})")
     if not plots:
-        md.append("(no plots: install the `plots` extra, matplotlib)")
-    for title, body, _ in sections:
-        md += ["", f"## {title}", "", body]
+        lines.append("(no plots: install the `plots` extra, matplotlib)")
+    for title, text, _ in sections:
+        lines += ["", f"## {title}", "", text]
     style = ("body{font-family:system-ui,sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
              "padding:.25em .6em;text-align:right}td:first-child,th:first-child{text-align:left}"
@@ -246,7 +246,7 @@ def write_report(
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>")  # fmt: skip
     out = {"markdown": root / "report.md", "html": root / "report.html", **plots}
     with atomic_path(out["markdown"]) as tmp:
-        tmp.write_text("\n".join(md) + "\n", encoding="utf-8")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with atomic_path(out["html"]) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return out

@@ -188,7 +188,7 @@ def stage_dedup(ctx: StageContext) -> dict[str, Any]:
 
     from slimforge.data import corpus_path
     from slimforge.dedup.files import dedup_files
-    from slimforge.io import iter_records
+    from slimforge.io import Record, iter_records
 
     p, data = ctx.params, ctx.config["data"]
     inputs = [Path(x) for x in (data.get("inputs") or [corpus_path()])]
@@ -201,8 +201,12 @@ def stage_dedup(ctx: StageContext) -> dict[str, Any]:
     # Examples: removed documents with the document they duplicate.
     texts: list[str] = []
     for path in inputs:
-        texts += [r.text for r in iter_records(path, field=data.get("field", "text"))]
-    examples = []
+        texts += [
+            r.text
+            for r in iter_records(path, field=data.get("field", "text"))
+            if isinstance(r, Record)
+        ]
+    examples: list[dict[str, str]] = []
     with open(report.clusters_path, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
             if row["kept"] == "0" and len(examples) < 3:
@@ -503,7 +507,8 @@ def stage_quantize(ctx: StageContext) -> dict[str, Any]:
     float_config = json.loads((src / "model_config.json").read_text())
     cal = _calibration(ctx, int(p.get("calibration_batches", 8)))
     val = _val_windows(ctx)
-    outputs, metrics = {}, {}
+    outputs: dict[str, str] = {}
+    metrics: dict[str, Any] = {}
     for bits in (8, 4):
         model = load_stage_model(src)
         start = time.perf_counter()
