@@ -15,7 +15,7 @@ import pytest
 
 import slimforge
 import slimforge.dedup as dd
-import slimforge.dedup.files as ddf
+import slimforge.dedup.stages as dds
 from slimforge import _native
 from slimforge.data import load_texts
 from slimforge.dedup import band_hashes, deduplicate, signatures
@@ -176,9 +176,10 @@ def test_files_path_pieces_match_in_memory(
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     mem = deduplicate(docs, threshold=0.8, verify=verify)
     # One band per chunk and one bucket per piece: boundaries must not change the result.
-    monkeypatch.setattr(ddf, "_BYTES_PER_ROW_BAND", 1 << 40)
-    monkeypatch.setattr(ddf, "_BYTES_PER_UNIT", 1 << 40)
-    monkeypatch.setattr(ddf, "_EXACT_CHUNK", 7)
+    monkeypatch.setattr(dds, "_BYTES_PER_ROW_BAND", 1 << 40)
+    monkeypatch.setattr(dds, "_BYTES_PER_UNIT", 1 << 40)
+    monkeypatch.setattr(dds, "_EXACT_CHUNK", 7)
+    monkeypatch.setattr(dds, "_ESTIMATE_CHUNK", 5)
     report = dedup_files([src], tmp_path / "o.jsonl", verify=verify, progress=False)
     rows = [r.split("\t") for r in (tmp_path / "o.clusters.tsv").read_text().splitlines()[1:]]
     np.testing.assert_array_equal([int(r[3]) for r in rows], mem.cluster)

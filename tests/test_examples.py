@@ -48,6 +48,7 @@ def run_python(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedPr
     ("script", "expected"),
     [
         ("dedup_corpus.py", r"^2000 documents: \d+ exact and \d+ near duplicates removed"),
+        ("dedup_ray.py", r"^  ray: 2000 documents, kept \d+.*\nidentical outputs: True$"),
         ("quantize_gpt.py", r"^INT4 GPTQ g32 +perplexity \d+\.\d+"),
         ("lora_finetune.py", r"^qlora .*held-out Milton perplexity \d+\.\d+ -> \d+\.\d+"),
         ("train_moe_gpt.py", r"^moe .*active per token.*val perplexity \d+\.\d+"),
@@ -99,6 +100,7 @@ def test_every_example_is_tested_and_short() -> None:
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py"))
     assert scripts == [
         "dedup_corpus.py",
+        "dedup_ray.py",
         "distill_student.py",
         "generate_export.py",
         "lora_finetune.py",

@@ -17,6 +17,7 @@ EXTRAS = {
     "pyarrow": "parquet",
     "peft": "lora",
     "matplotlib": "plots",
+    "ray": "ray",
 }
 
 

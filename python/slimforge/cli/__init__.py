@@ -1,6 +1,6 @@
 """The `slimforge` command line.
 
-slimforge dedup INPUT... -o OUTPUT [--threshold 0.8] [--field text] ...
+slimforge dedup INPUT... -o OUTPUT [--threshold 0.8] [--field text] [--engine local|ray] ...
 slimforge demo [--out DIR]
 slimforge prepare INPUT... -o DIR [--tokenizer byte|smollm2|GGUF]
 slimforge train --data DIR --out RUN [--model gpt|gpt-moe|llama] [--resume] ...
@@ -114,6 +114,30 @@ def _add_dedup(sub: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="write an LSHIndex of the kept documents (keys: global document index)",
     )
+    p.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="run the stages in this process (local) or as Ray tasks (ray; docs/scale-out.md)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join: auto or HOST:PORT (default: start a local one)",
+    )
+    p.add_argument(
+        "--run-dir",
+        default=None,
+        metavar="DIR",
+        help="keep the stages' files here; re-running with the same DIR resumes the job",
+    )
+    p.add_argument(
+        "--partitions",
+        type=_int,
+        default=None,
+        help="band-key partitions of the candidate stage (1 to 4096; default: one per GiB "
+        "of input, at least one per worker); they never change the result",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_dedup)
@@ -152,6 +176,10 @@ def _run_dedup(args: argparse.Namespace) -> int:
         save_index=args.save_index,
         progress=not args.quiet,
         max_line_bytes=_max_line_bytes(args.max_line_mb),
+        engine=args.engine,
+        address=args.address,
+        run_dir=args.run_dir,
+        partitions=args.partitions,
     )
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.summary())
     return 0

@@ -1,16 +1,23 @@
 """Streaming deduplication of document files (JSONL, gzip JSONL, Parquet).
 
-Three passes, with memory bounded by the batch size and `memory_mb`, not by the corpus:
+The job runs as the stages of `slimforge.dedup.stages`, one shard per input file, with memory
+per unit bounded by the shard, the batch size and `memory_mb`, not by the corpus (two single
+units hold a few tens of bytes per document):
 
-1. read documents in batches; Rust computes MinHash signatures, band hashes and exact-text
-   hashes; signatures and band hashes spill to files in a work directory;
-2. exact duplicates are grouped by hash; the remaining documents' band hashes are read a few
-   bands at a time, candidate pairs are verified (estimated Jaccard from the spilled
-   signatures, or exact Jaccard of shingle sets) and clustered with union-find;
-3. the inputs are read again and the kept documents written, with a clusters file, to
-   temporary files that are renamed into place at the end. Inputs are never modified.
+1. each shard is read in batches; Rust computes MinHash signatures, band hashes and exact-text
+   hashes, written to the run folder (band hashes grouped by band key);
+2. exact duplicates are grouped by hash; each band-key partition's buckets are built and their
+   candidate pairs verified (estimated Jaccard from the signatures, or exact Jaccard of
+   shingle sets);
+3. the exact and verified pairs are clustered with union-find;
+4. each shard is read again and its kept documents written, with its clusters rows; the
+   shards' outputs are joined into temporary files that are renamed into place at the end.
+   Inputs are never modified.
 
-JSONL is read, parsed and (pass 3) copied byte for byte in Rust, and Parquet is filtered with
+The local engine runs the stages in this process, the Ray engine as tasks on a cluster, with
+the same outputs (`slimforge.dedup.engines`, docs/scale-out.md).
+
+JSONL is read, parsed and (stage 4) copied byte for byte in Rust, and Parquet is filtered with
 pyarrow, so Python only handles batches. Documents may also be checked against `LSHIndex` files
 of earlier shards (`against`), and the kept documents' signatures saved as one (`save_index`).
 
@@ -42,6 +49,8 @@ from tqdm.auto import tqdm
 from slimforge import _native
 from slimforge import dedup as _dd
 from slimforge._optional import require
+from slimforge.dedup import stages as _stages
+from slimforge.dedup.engines import make_engine
 from slimforge.io import (
     DEFAULT_MAX_LINE_BYTES,
     MAX_BATCH_SIZE,
@@ -49,7 +58,6 @@ from slimforge.io import (
     Record,
     atomic_path,
     detect_format,
-    iter_batches,
     iter_records,
     open_writer,
     owner_is_dead,
@@ -273,6 +281,10 @@ def dedup_files(
     save_index: str | os.PathLike[str] | None = None,
     progress: bool = True,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    engine: str | Any = "local",
+    address: str | None = None,
+    run_dir: str | os.PathLike[str] | None = None,
+    partitions: int | None = None,
 ) -> FileDedupReport:
     """Deduplicate the documents of `inputs` into `output`.
 
@@ -295,6 +307,19 @@ def dedup_files(
     `memory_mb` in [16, 2**24], `max_line_bytes` in [1, 2**34] (a longer JSONL line stops the
     run with `InputError` at its line). Every written path must differ from every input,
     `against` index and other written path (see the module docstring).
+
+    The job runs as the stages of `slimforge.dedup.stages`, one input file per shard and
+    `partitions` band-key partitions (1 to 4096; more bound the candidate stage's memory per
+    unit and let more workers share it, fewer verify a pair found in several bands fewer
+    times; never the result; default one per GiB of input and at least one per worker), on
+    `engine`: ``"local"`` (this process), ``"ray"`` (Ray tasks on the cluster
+    at `address`, ``"auto"`` or ``"HOST:PORT"``, or on a local ``ray.init()`` without one;
+    see `slimforge.dedup.engines.RayEngine`) or an engine object. Every engine gives the same
+    outputs. `run_dir`: a run folder kept after the run; a job interrupted or killed with the
+    same `run_dir` and the same inputs and settings resumes there, skipping finished shards.
+    Without it the stages work in a temporary folder under `work_dir` that is removed at the
+    end. With the Ray engine the run folder, inputs and outputs must be on storage that every
+    node sees at the same paths.
     """
     t0 = time.perf_counter()
     in_paths = _paths(inputs, "inputs")
@@ -353,190 +378,78 @@ def dedup_files(
         [tmp_root] + [w.parent for _, w in writes],
         [(index_file.parent, index_file.name)] if index_file is not None else [],
     )
-    work = Path(tempfile.mkdtemp(prefix=f"{_WORK_PREFIX}{owner_tag()}-", dir=tmp_root))
+    runner = make_engine(engine, address)
+    if partitions is None:
+        workers = runner.workers() if callable(getattr(runner, "workers", None)) else 1
+        size = sum(os.stat(p).st_size for p in in_paths)
+        partitions = _stages.default_partitions(size, workers)
+    partitions = _check_int("partitions", partitions, 1, _stages.MAX_PARTITIONS)
+    plan = _stages.make_plan(
+        in_paths,
+        out_fmt,
+        against_paths,
+        field=field,
+        threshold=threshold,
+        num_perm=num_perm,
+        ngram=hasher.ngram,
+        tokenizer=hasher.tokenizer,
+        seed=hasher.seed,
+        bands=bands,
+        rows=rows,
+        verify=verify,
+        on_error=on_error,
+        batch_size=batch_size,
+        memory_mb=memory_mb,
+        max_line_bytes=max_line_bytes,
+        partitions=partitions,
+    )
+    keep_run = run_dir is not None
+    if keep_run:
+        work = Path(run_dir)  # type: ignore[arg-type]
+        for role, f in [*reads, *writes]:
+            if _same_file(work, f):
+                raise ValueError(f"the run folder {work} is the file {f} ({role})")
+        _remove_stale([work / name for name, _, _ in _stages.STAGES], [])
+    else:
+        work = Path(tempfile.mkdtemp(prefix=f"{_WORK_PREFIX}{owner_tag()}-", dir=tmp_root))
     try:
-        # ---- pass 1: signatures, band hashes, exact hashes -------------------------------
-        sig_path, band_path = work / "signatures.u32", work / "bands.u64"
-        work_rejects = work / "rejects.jsonl"
-        exact_parts: list[np.ndarray] = []
-        n = rejected = empty = 0
-        input_bytes = 0
-        first_reject = None
-        with sig_path.open("wb") as sig_f, band_path.open("wb") as band_f:
-            rejects_out = None
-            bar = tqdm(desc="dedup: hashing", unit="doc", disable=not progress)
-            try:
-                for p in in_paths:
-                    for b in iter_batches(
-                        p, field, on_error, batch_size, max_line_bytes=max_line_bytes
-                    ):
-                        if b.rejects:
-                            rejected += len(b.rejects)
-                            if rejects_out is None:
-                                rejects_out = work_rejects.open("wb")
-                                r0 = b.rejects[0]
-                                first_reject = f"{r0.path}:{r0.line}: {r0.reason}"
-                            rejects_out.write(
-                                b"".join(
-                                    r.raw if r.raw.endswith(b"\n") else r.raw + b"\n"
-                                    for r in b.rejects
-                                )
-                            )
-                        if not b.texts:
-                            continue
-                        sigs = hasher.signatures(b.texts)
-                        sig_f.write(sigs.tobytes())
-                        band_f.write(_dd.band_hashes(sigs, bands, rows).tobytes())
-                        exact_parts.append(_dd.exact_hashes(b.texts))
-                        n += len(b.texts)
-                        input_bytes += b.text_bytes
-                        empty += b.empty
-                        bar.update(len(b.texts))
-            finally:
-                bar.close()
-                if rejects_out is not None:
-                    rejects_out.close()
-
-        if n == 0:
-            why = f" ({rejected} lines rejected, the first {first_reject})" if rejected else ""
-            raise ValueError(f"no documents found in {', '.join(map(str, in_paths))}{why}")
-
-        # ---- pass 2: exact groups, then verified near-duplicate pairs --------------------
-        rep = _dd._exact_representatives(np.concatenate(exact_parts))
-        idx = np.arange(n, dtype=np.int64)
-        exact_pairs = np.stack([rep[rep != idx], idx[rep != idx]], axis=1).astype(np.int64)
-        reps = np.flatnonzero(rep == idx).astype(np.int64)
-
-        sigs_mm = np.memmap(sig_path, dtype=np.uint32, mode="r", shape=(n, num_perm))
-        bands_mm = np.memmap(band_path, dtype=np.uint64, mode="r", shape=(n, bands))
-        cluster = _near_clusters(
-            n,
-            exact_pairs,
-            reps,
-            sigs_mm,
-            bands_mm,
-            verify=verify,
-            threshold=threshold,
-            ngram=ngram,
-            tokenizer=tokenizer,
-            memory_mb=memory_mb,
-            texts_of=lambda need: _collect_texts(in_paths, field, need, max_line_bytes),
-            progress=progress,
-        )
-        del sigs_mm, bands_mm
-        external = _match_external(sig_path, n, num_perm, indexes, progress)
-        keep = (cluster == idx) & ~external
-        exact_dups = int(((rep != idx) & ~external).sum())
-        removed = int(n - keep.sum())
-        sizes = np.bincount(cluster, minlength=n)
-        dup_clusters = int((sizes > 1).sum())
-        cluster[external] = -1
-
-        # ---- pass 3: write kept documents and the clusters file -------------------------
-        in_fmts = {detect_format(p) for p in in_paths}
+        _stages.open_run(work, plan)
+        head, tail = _stages.STAGES[:-1], _stages.STAGES[-1:]
+        summary = _stages.run_stages(work, plan, runner, progress, head)
         with (
             atomic_path(out) as tmp_out,
             atomic_path(clusters_file) as tmp_clusters,
-            atomic_path(rejects_file) if rejected else contextlib.nullcontext() as tmp_rejects,
+            atomic_path(rejects_file)
+            if summary["rejected"]
+            else contextlib.nullcontext() as tmp_rejects,
         ):
-            bar = tqdm(total=n, desc="dedup: writing", unit="doc", disable=not progress)
-            try:
-                if out_fmt != "parquet" and "parquet" not in in_fmts:
-                    written = _write_jsonl(
-                        in_paths,
-                        field,
-                        keep,
-                        cluster,
-                        tmp_out,
-                        out_fmt == "jsonl.gz",
-                        tmp_clusters,
-                        bar,
-                        max_line_bytes,
-                    )
-                elif out_fmt == "parquet" and in_fmts == {"parquet"}:
-                    written = _write_parquet(
-                        in_paths, field, keep, cluster, tmp_out, tmp_clusters, batch_size, bar
-                    )
-                else:
-                    written = _write_mixed(
-                        in_paths,
-                        field,
-                        out_fmt,
-                        keep,
-                        cluster,
-                        tmp_out,
-                        tmp_clusters,
-                        bar,
-                        max_line_bytes,
-                    )
-            finally:
-                bar.close()
-            if written != n:
-                raise RuntimeError(
-                    f"inputs changed while deduplicating: read {n} then {written} documents"
-                )
-            if tmp_rejects is not None:
-                shutil.move(work_rejects, tmp_rejects)
-        # After pass 3 succeeded, so a failed run leaves no index behind.
-        if save_index is not None:
-            _save_kept_index(save_index, sig_path, n, num_perm, keep, threshold, bands, rows)
+            _stages.run_stages(work, plan, runner, progress, tail)
+            _stages.merge_outputs(work, plan, tmp_out, tmp_clusters, tmp_rejects, move=not keep_run)
+        # After the outputs are in place, so a failed run leaves no index behind.
+        if index_file is not None:
+            _stages.save_kept_index(work, plan, index_file)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not keep_run:
+            shutil.rmtree(work, ignore_errors=True)
 
+    n = int(summary["documents"])
     return FileDedupReport(
         documents=n,
-        kept=int(keep.sum()),
-        exact_duplicates=exact_dups,
-        near_duplicates=removed - exact_dups - int(external.sum()),
-        external_duplicates=int(external.sum()),
-        clusters=dup_clusters,
-        rejected=rejected,
-        empty=int(empty),
-        input_bytes=input_bytes,
+        kept=int(summary["kept"]),
+        exact_duplicates=int(summary["exact_duplicates"]),
+        near_duplicates=int(summary["near_duplicates"]),
+        external_duplicates=int(summary["external_duplicates"]),
+        clusters=int(summary["clusters"]),
+        rejected=int(summary["rejected"]),
+        empty=int(summary["empty"]),
+        input_bytes=int(summary["input_bytes"]),
         bands=bands,
         rows=rows,
         seconds=time.perf_counter() - t0,
         output=str(out),
         clusters_path=str(clusters_file),
-        rejects_path=str(rejects_file) if rejected else None,
+        rejects_path=str(rejects_file) if summary["rejected"] else None,
     )
-
-
-def _match_external(
-    sig_path: Path, n: int, num_perm: int, indexes: Sequence[_dd.LSHIndex], progress: bool
-) -> np.ndarray:
-    """Which documents match an entry of one of `indexes` (queried a chunk at a time)."""
-    external = np.zeros(n, dtype=bool)
-    if not indexes:
-        return external
-    sigs_mm = np.memmap(sig_path, dtype=np.uint32, mode="r", shape=(n, num_perm))
-    chunk = 65536
-    for ix in indexes:
-        for s0 in tqdm(range(0, n, chunk), desc="dedup: external", disable=not progress):
-            pairs, _ = ix.query_pairs(np.ascontiguousarray(sigs_mm[s0 : s0 + chunk]))
-            external[s0 + pairs[:, 0]] = True
-    del sigs_mm
-    return external
-
-
-def _save_kept_index(
-    path: str | os.PathLike[str],
-    sig_path: Path,
-    n: int,
-    num_perm: int,
-    keep: np.ndarray,
-    threshold: float,
-    bands: int,
-    rows: int,
-) -> None:
-    """An `LSHIndex` of the kept documents' signatures, keyed by global document index."""
-    sigs_mm = np.memmap(sig_path, dtype=np.uint32, mode="r", shape=(n, num_perm))
-    kept = np.flatnonzero(keep).astype(np.int64)
-    index = _dd.LSHIndex(threshold, num_perm, bands, rows)
-    index.insert(np.ascontiguousarray(sigs_mm[kept]), kept)
-    del sigs_mm
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    index.save(path)
 
 
 def _write_jsonl(
@@ -674,106 +587,3 @@ def _write_mixed(
     finally:
         writer.close()
     return i
-
-
-def _collect_texts(
-    paths: Sequence[Path],
-    field: str,
-    wanted: np.ndarray,
-    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
-) -> list[Any]:
-    """Texts of the documents whose global indices are in sorted `wanted`."""
-    out: list[Any] = []
-    i = 0
-    for p in paths:
-        for b in iter_batches(p, field, on_error="skip", max_line_bytes=max_line_bytes):
-            m = len(b.texts)
-            lo, hi = np.searchsorted(wanted, [i, i + m])
-            out.extend(b.texts[j] for j in (wanted[lo:hi] - i).tolist())
-            i += m
-    return out
-
-
-# --- candidate stage ---------------------------------------------------------------------------
-
-#: Bytes the candidate stage holds per exact-unique document and band of a chunk: the band
-#: hashes read from the spill file (8) and, in `_native.CandidateBuckets`, the rows of buckets
-#: (4, only for rows that share a band hash) and bucket offsets (at most 4 amortised).
-_BYTES_PER_ROW_BAND = 16
-#: Bytes per unit of work of a piece (a pair of a small bucket, a row of a large one) while it
-#: is verified: packed and int64 pairs in Rust (24), the similarities (8), verdicts and the
-#: accepted pairs (17), and the leader rounds' per-row arrays (about as much).
-_BYTES_PER_UNIT = 64
-#: Pairs per call of exact verification: at most twice as many shingle sets are held at once.
-_EXACT_CHUNK = 16384
-
-
-def _near_clusters(
-    n: int,
-    exact_pairs: np.ndarray,
-    reps: np.ndarray,
-    sigs_mm: np.ndarray,
-    bands_mm: np.ndarray,
-    *,
-    verify: str,
-    threshold: float,
-    ngram: int,
-    tokenizer: str,
-    memory_mb: int,
-    texts_of: Any,
-    progress: bool,
-) -> np.ndarray:
-    """Cluster id `(n,)` of every document (the smallest index of its cluster): union-find over
-    `exact_pairs` and the verified near pairs among `reps` (first documents of exact groups).
-
-    Within `memory_mb`: half of it holds one chunk of bands (the band hashes of `reps` and the
-    buckets built from them, `_native.CandidateBuckets`), the other half one piece of
-    candidates at a time (pairs of small buckets, rows of large ones; `next_piece`), which is
-    verified like `deduplicate` does and folded into the cluster ids before the next piece.
-    Chunk and piece boundaries do not change the result. `texts_of(rows)`: the texts of sorted
-    global rows (exact verification only).
-    """
-    half = (memory_mb << 20) // 2
-    bands = bands_mm.shape[1]
-    per_chunk = max(1, min(bands, half // max(1, len(reps) * _BYTES_PER_ROW_BAND)))
-    max_units = max(1, half // _BYTES_PER_UNIT)
-    chunks = range(0, bands, per_chunk)
-    max_bucket, leaders = _dd.MAX_BUCKET, _dd.BUCKET_LEADERS
-
-    def buckets_of(b0: int) -> _native.CandidateBuckets:
-        block = np.ascontiguousarray(bands_mm[reps, b0 : b0 + per_chunk])
-        return _native.CandidateBuckets(block, max_bucket)
-
-    if verify == "exact":
-        # Texts of the documents that share a band hash with another, read once.
-        need = np.zeros(0, dtype=np.int64)
-        for b0 in chunks:
-            need = np.union1d(need, reps[buckets_of(b0).rows()])
-        texts = texts_of(need) if len(need) else []
-
-        def accept(p: np.ndarray) -> np.ndarray:
-            ok = np.empty(len(p), dtype=bool)
-            for s in range(0, len(p), _EXACT_CHUNK):
-                local = np.searchsorted(need, p[s : s + _EXACT_CHUNK]).astype(np.int64)
-                sim = _dd.exact_jaccard_pairs(texts, local, ngram, tokenizer)
-                ok[s : s + _EXACT_CHUNK] = sim >= threshold
-            return ok
-
-    else:
-        cut = _dd.verification_threshold(threshold, sigs_mm.shape[1])
-
-        def accept(p: np.ndarray) -> np.ndarray:
-            return _dd.estimate_jaccard_pairs(sigs_mm, p) >= cut
-
-    cluster = _dd.connected_components(n, exact_pairs)
-    idx = np.arange(n, dtype=np.int64)
-    for b0 in tqdm(chunks, desc="dedup: candidates", disable=not progress):
-        buckets = buckets_of(b0)
-        while (piece := buckets.next_piece(max_units)) is not None:
-            pairs, members, offsets = piece
-            near, _ = _dd._verify_piece(reps[pairs], reps[members], offsets, accept, leaders)
-            if len(near):
-                linked = np.flatnonzero(cluster != idx)
-                forest = np.stack([cluster[linked], linked], axis=1)
-                cluster = _dd.connected_components(n, np.concatenate([forest, near]))
-    return cluster
