@@ -44,7 +44,7 @@ def _plots(root: Path, m: dict[str, dict[str, Any]]) -> dict[str, Path]:
                          ("prune", "pruned student recovery")):  # fmt: skip
         losses = m.get(stage, {}).get("metrics", {}).get("losses") or []
         if losses:
-            ax.plot(range(1, len(losses) + 1), losses, label=label)
+            ax.plot([x[0] for x in losses], [x[1] for x in losses], label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.legend()
@@ -144,7 +144,7 @@ def _model_table(rows: list[dict[str, Any]]) -> list[list[str]]:
     for r in rows:
         out.append([
             r["model"], f"{r['params']:,}", f"{r['active_params']:,}", _fmt_bytes(r["bytes"]),
-            f"{base['bytes'] / r['bytes']:.1f}x", f"{r['val_bpb']:.3f}",
+            f"{base['bytes'] / r['bytes']:.1f}x", f"{r['val_bpb']:.4f}",
             f"{(r['val_bpb'] / base['val_bpb'] - 1) * 100:+.1f} %", f"{r['tokens_per_s']:.1f}",
             f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x",
         ])  # fmt: skip
@@ -210,10 +210,13 @@ def write_report(
     samples = ev.get("samples", {})
     if samples:
         prompt = ev.get("prompt", "")
-        md = f"Prompt: `{prompt!r}`\n\n" + "\n\n".join(
-            f"**{k}**:\n\n```\n{v}\n```"
-            for k, v in samples.items()
-            if "teacher" in k or "INT4" in k
+        md = (
+            f"Prompt: `{prompt!r}`; sampled at temperature 0.8, top-p 0.95, seed 0.\n\n"
+            + "\n\n".join(
+                f"**{k}**:\n\n```\n{v}\n```"
+                for k, v in samples.items()
+                if "teacher" in k or "INT4" in k
+            )
         )
         hs = f"<p>Prompt: <code>{html.escape(prompt)}</code></p>" + "".join(
             f"<h3>{html.escape(k)}</h3><pre>{html.escape(v)}</pre>"

@@ -148,15 +148,15 @@ def _train_flops(model: Any, tokens: int, seq_len: int, forward_only: bool = Fal
     return float((6 * n + attn) * tokens)
 
 
-def _losses(run_dir: Path) -> list[float]:
-    """Per-step training losses from a Trainer's metrics.jsonl."""
-    out: list[float] = []
+def _losses(run_dir: Path) -> list[list[float]]:
+    """``[step, training loss]`` pairs from a Trainer's metrics.jsonl (every ``log_every``)."""
+    out: list[list[float]] = []
     p = run_dir / "metrics.jsonl"
     if p.is_file():
         for line in p.read_text(encoding="utf-8").splitlines():
             rec = json.loads(line)
             if "loss" in rec and "step" in rec:
-                out.append(float(rec["loss"]))
+                out.append([int(rec["step"]), float(rec["loss"])])
     return out
 
 
@@ -577,8 +577,8 @@ def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
             speed = generation_speed(model, prompt, new)
         finally:
             torch.set_num_threads(eval_threads)
-        torch.manual_seed(0)
-        out = model.generate(prompt, max_new_tokens=new, temperature=0.0)
+        out = model.generate(prompt, max_new_tokens=new, temperature=0.8, top_p=0.95,
+                             repetition_penalty=1.1, seed=0)  # fmt: skip
         samples[name] = codec.decode(out[0, prompt_len:].tolist())
         rows.append({
             "model": name, "path": str(path), "params": int(params), "active_params": int(active),
