@@ -44,7 +44,9 @@ def _plots(root: Path, m: dict[str, dict[str, Any]]) -> dict[str, Path]:
                          ("prune", "pruned student recovery")):  # fmt: skip
         losses = m.get(stage, {}).get("metrics", {}).get("losses") or []
         if losses:
-            ax.plot([x[0] for x in losses], [x[1] for x in losses], label=label)
+            # [step, loss] pairs (plain lists of losses from older run folders: by position)
+            pts = [x if isinstance(x, list) else [i + 1, x] for i, x in enumerate(losses)]
+            ax.plot([x[0] for x in pts], [x[1] for x in pts], label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.legend()
