@@ -17,6 +17,10 @@ EXTRAS = {
     "pyarrow": "parquet",
     "peft": "lora",
     "matplotlib": "plots",
+    "onnx": "vision",
+    "onnxruntime": "vision",
+    "skimage": "vision",
+    "sklearn": "vision",
 }
 
 
