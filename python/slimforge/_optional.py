@@ -18,6 +18,10 @@ EXTRAS = {
     "peft": "lora",
     "matplotlib": "plots",
     "ray": "ray",
+    "onnx": "vision",
+    "onnxruntime": "vision",
+    "skimage": "vision",
+    "sklearn": "vision",
 }
 
 

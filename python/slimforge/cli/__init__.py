@@ -6,6 +6,7 @@ slimforge prepare INPUT... -o DIR [--tokenizer byte|smollm2|GGUF]
 slimforge train --data DIR --out RUN [--model gpt|gpt-moe|llama] [--resume] ...
 slimforge generate MODEL (--prompt TEXT | --ids IDS) [--max-new-tokens N] ...
 slimforge export MODEL --format gguf --type q4_1 -o OUT.gguf
+slimforge vision {classify,prune,quantize,export} ...
 
 Exit status: 0 on success; 2 for a user error (bad arguments, out-of-range values, malformed
 or unreadable input, an output that would overwrite an input), with a one-line message and no
@@ -25,6 +26,7 @@ from slimforge.cli.compress import add_distill, add_eval, add_prune, add_quantiz
 from slimforge.cli.generate import add_export, add_generate
 from slimforge.cli.lora import add_lora
 from slimforge.cli.train import add_prepare, add_train
+from slimforge.cli.vision import add_vision
 from slimforge.io import DEFAULT_MAX_LINE_BYTES, MAX_LINE_BYTES_LIMIT
 
 __all__ = ["main"]
@@ -266,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_quantize(sub)
     add_eval(sub)
     add_export(sub)
+    add_vision(sub)
     args = parser.parse_args(argv)
     # The library logs through `logging`; the command line shows warnings, or more with -v.
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]

@@ -7,7 +7,8 @@
 - 2:4 compressed storage with INT8 / INT4 values and a CPU kernel: :class:`Sparse24Linear`,
   :func:`to_sparse24`.
 - Structured: :func:`prune_structured` with :class:`MLPNeurons`, :class:`AttentionHeads`
-  (GQA-aware), :class:`Blocks`: a smaller dense model.
+  (GQA-aware), :class:`Blocks`, and for CNNs :class:`ExpansionChannels` (BatchNorm-aware): a
+  smaller dense model.
 - Lottery tickets: :class:`LotteryTicket` (iterative magnitude pruning with rewinding).
 - Primitives: :func:`global_masks`, :func:`row_masks`, :func:`nm_masks`, :func:`group_norms`,
   :func:`sparsegpt_prune_weight`; plain PyTorch references in :mod:`slimforge.prune.reference`.
@@ -43,6 +44,7 @@ from slimforge.prune.sparsegpt import SparseGPTResult, sparsegpt_prune_weight
 from slimforge.prune.structured import (
     AttentionHeads,
     Blocks,
+    ExpansionChannels,
     MLPNeurons,
     StructuredResult,
     prune_structured,
@@ -52,6 +54,7 @@ __all__ = [
     "NM",
     "AttentionHeads",
     "Blocks",
+    "ExpansionChannels",
     "LayerSparsity",
     "LotteryRound",
     "LotteryTicket",

@@ -4,6 +4,7 @@ into a smaller dense one that runs faster in plain PyTorch.
     result = prune_structured(model, MLPNeurons(0.3), calibration=batches)
     result = prune_structured(model, AttentionHeads(0.25), calibration=batches)
     result = prune_structured(model, Blocks(2), calibration=batches)
+    result = prune_structured(cnn, ExpansionChannels(0.3), calibration=images)
 
 The model's :class:`~slimforge.models.spec.ModelSpec` says where the MLP and attention
 projections are; a model without one is a ValueError. Every block loses the same number of
@@ -21,6 +22,15 @@ Importance (``importance="auto"``: ``"activation"`` with calibration batches, el
   ``||W_out[:, j]||_2 * ||X_j||_2``, summed in squares over a head's columns.
 - blocks: ``1 - cos(x_in, x_out)`` averaged over calibration tokens (ShortGPT's Block
   Influence); the blocks that change their input least go.
+
+CNNs of inverted residuals (``slimforge.models.vision``; their ``conv_spec()`` or a
+``ConvNetSpec`` passed as ``spec``): :class:`ExpansionChannels` removes channels of each block's
+expansion, BatchNorm-aware: the expansion convolution's output channels, its BatchNorm, the
+depthwise convolution's channels and BatchNorm and the projection's input channels go together.
+``"magnitude"`` scores a channel by the L2 norm of that whole group with each BatchNorm folded
+into its convolution (``gamma / sqrt(var + eps)`` scales the rows), so a channel the BatchNorm
+silences scores low; ``"activation"`` by ``||W_proj[:, j]||_2 * ||X_j||_2`` over the calibration
+images' projection inputs.
 
 Heads are GQA-aware: with ``num_kv_heads == num_heads`` whole heads (q, k, v and output
 columns) go; with grouped queries every KV group loses the same number of query heads (its shared
@@ -46,6 +56,7 @@ __all__ = [
     "AttentionHeads",
     "AttentionShape",
     "Blocks",
+    "ExpansionChannels",
     "MLPNeurons",
     "StructuredResult",
     "prune_structured",
@@ -96,6 +107,22 @@ class Blocks(Config):
     def __post_init__(self) -> None:
         if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
             raise ValueError(f"count must be a positive int, got {self.count!r}")
+
+
+@dataclass(frozen=True)
+class ExpansionChannels(Config):
+    """Remove ``round(amount * hidden)`` channels of every inverted residual's expansion (the
+    kept width rounded up to a multiple of ``round_to``) in a CNN with a ``ConvNetSpec``."""
+
+    amount: float = 0.3
+    importance: str = "auto"
+    round_to: int = 1
+
+    def __post_init__(self) -> None:
+        check_amount(self.amount)
+        _check_importance(self.importance)
+        if self.round_to < 1:
+            raise ValueError(f"round_to must be >= 1, got {self.round_to}")
 
 
 @dataclass(frozen=True)
@@ -175,10 +202,19 @@ def _input_norms(
     model: nn.Module, modules: dict[str, nn.Module], batches: list[Batch]
 ) -> dict[str, torch.Tensor]:
     """``||X_j||_2`` per input channel of each module over every calibration batch."""
-    stats = {n: InputStats(getattr(m, "in_features", 0), max_rows=1) for n, m in modules.items()}
+    stats = {
+        n: InputStats(int(getattr(m, "in_features", 0) or getattr(m, "in_channels", 0)), max_rows=1)
+        for n, m in modules.items()
+    }
     handles = []
     for n, m in modules.items():
-        handles.append(m.register_forward_pre_hook(lambda _m, a, s=stats[n]: s.update(a[0])))
+        # convolutions see (batch, channels, h, w): channels last makes rows of channels
+        cl = isinstance(m, nn.Conv2d)
+        handles.append(
+            m.register_forward_pre_hook(
+                lambda _m, a, s=stats[n], cl=cl: s.update(a[0].movedim(1, -1) if cl else a[0])
+            )
+        )
     was = model.training
     model.eval()
     try:
@@ -191,7 +227,7 @@ def _input_norms(
     return {n: s.sq_norm.sqrt() for n, s in stats.items()}
 
 
-def _update_config(model: nn.Module, **changes: int) -> None:
+def _update_config(model: nn.Module, **changes: Any) -> None:
     for attr in ("config", "cfg"):
         cfg = getattr(model, attr, None)
         if isinstance(cfg, Config) and is_dataclass(cfg):
@@ -202,14 +238,20 @@ def _update_config(model: nn.Module, **changes: int) -> None:
 
 def prune_structured(
     model: nn.Module,
-    config: MLPNeurons | AttentionHeads | Blocks,
+    config: MLPNeurons | AttentionHeads | Blocks | ExpansionChannels,
     calibration: Iterable[Batch] | None = None,
     *,
     spec: Any = "auto",
 ) -> StructuredResult:
-    """Removes MLP neurons, attention heads or blocks of ``model`` in place (see the module
-    docs) and returns what was kept. ValueError for a model without a spec, an MoE MLP, or an
-    amount that removes nothing or everything."""
+    """Removes MLP neurons, attention heads, blocks or CNN expansion channels of ``model`` in
+    place (see the module docs) and returns what was kept. ValueError for a model without a
+    spec, an MoE MLP, or an amount that removes nothing or everything."""
+    if isinstance(config, ExpansionChannels):
+        batches = None if calibration is None else prepare_calibration(calibration)
+        before = _params(model)
+        res = _prune_expansions(model, spec, config, batches)
+        res.params_before, res.params_after = before, _params(model)
+        return res
     sp = resolve_spec(model, spec)
     if sp is None:
         raise ValueError(
@@ -228,13 +270,16 @@ def prune_structured(
         res = _prune_blocks(model, sp, config, batches)
     else:
         raise TypeError(
-            f"config must be MLPNeurons, AttentionHeads or Blocks, got {type(config).__name__}"
+            "config must be MLPNeurons, AttentionHeads, Blocks or ExpansionChannels, got "
+            f"{type(config).__name__}"
         )
     res.params_before, res.params_after = before, _params(model)
     return res
 
 
-def _importance(cfg: MLPNeurons | AttentionHeads, batches: list[Batch] | None) -> str:
+def _importance(
+    cfg: MLPNeurons | AttentionHeads | ExpansionChannels, batches: list[Batch] | None
+) -> str:
     if cfg.importance == "auto":
         return "magnitude" if batches is None else "activation"
     if cfg.importance == "activation" and batches is None:
@@ -445,4 +490,112 @@ def _prune_blocks(
     setattr(model.get_submodule(parent) if parent else model, child, new)
     _update_config(model, num_layers=len(new))
     res = StructuredResult("blocks", {sp.blocks: kept.tolist()}, cfg.count, n)
+    return res
+
+
+# ---------------------------------------------------------------------- CNN expansion channels
+
+
+def _bn_scale(bn: nn.Module, channels: int) -> torch.Tensor:
+    """Per-channel scale a BatchNorm applies (``gamma / sqrt(var + eps)``); ones once folded."""
+    if isinstance(bn, nn.BatchNorm2d):
+        assert bn.running_var is not None
+        return (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().float()
+    return torch.ones(channels)
+
+
+def _sliced_conv(
+    conv: nn.Conv2d, rows: torch.Tensor | None, cols: torch.Tensor | None
+) -> nn.Conv2d:
+    """``conv`` keeping output channels ``rows`` and input channels ``cols`` (a depthwise
+    convolution keeps ``rows`` of both: its groups follow its channels)."""
+    w = conv.weight.detach()
+    depthwise = conv.groups > 1 and conv.groups == conv.in_channels
+    if rows is not None:
+        w = w[rows]
+    if cols is not None and not depthwise:
+        w = w[:, cols]
+    out_ch = w.shape[0]
+    in_ch = out_ch if depthwise else w.shape[1] * conv.groups
+    new = nn.Conv2d(
+        in_ch,
+        out_ch,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        dilation=conv.dilation,
+        groups=out_ch if depthwise else conv.groups,
+        bias=conv.bias is not None,
+    ).to(device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if conv.bias is not None and new.bias is not None:
+            b = conv.bias.detach()
+            new.bias.copy_(b if rows is None else b[rows])
+    new.train(conv.training)
+    return new
+
+
+def _sliced_bn(bn: nn.Module, idx: torch.Tensor) -> nn.Module:
+    if not isinstance(bn, nn.BatchNorm2d):
+        return bn  # folded: an Identity
+    assert bn.running_mean is not None and bn.running_var is not None
+    new = nn.BatchNorm2d(idx.numel(), eps=bn.eps, momentum=bn.momentum)
+    new = new.to(device=bn.weight.device, dtype=bn.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(bn.weight.detach()[idx])
+        new.bias.copy_(bn.bias.detach()[idx])
+        assert new.running_mean is not None and new.running_var is not None
+        new.running_mean.copy_(bn.running_mean[idx])
+        new.running_var.copy_(bn.running_var[idx])
+        if bn.num_batches_tracked is not None and new.num_batches_tracked is not None:
+            new.num_batches_tracked.copy_(bn.num_batches_tracked)
+    new.train(bn.training)
+    return new
+
+
+def _prune_expansions(
+    model: nn.Module, spec: Any, cfg: ExpansionChannels, batches: list[Batch] | None
+) -> StructuredResult:
+    if spec == "auto":
+        own = getattr(model, "conv_spec", None)
+        if not callable(own):
+            raise ValueError(
+                "ExpansionChannels needs a CNN spec: a model with conv_spec() (the models of "
+                "slimforge.models.vision) or spec=ConvNetSpec(...)"
+            )
+        spec = own()
+    if not hasattr(spec, "expansions"):
+        raise TypeError(f"spec must be a ConvNetSpec for ExpansionChannels, got {type(spec)}")
+    groups = spec.expansions(model)
+    if not groups:
+        raise ValueError("the model has no inverted residual with an expansion to prune")
+    how = _importance(cfg, batches)
+    names = {f"{spec.blocks}.{i}.{spec.project}": p.conv for i, _, _, p in groups}
+    norms = _input_norms(model, names, batches) if how == "activation" and batches else {}
+    res = StructuredResult("expansion_channels")
+    for i, e, d, p in groups:
+        hidden = e.conv.out_channels
+        keep = hidden - round(cfg.amount * hidden)
+        keep = min(hidden, max(cfg.round_to, -(-keep // cfg.round_to) * cfg.round_to))
+        if keep >= hidden:
+            raise ValueError(f"ExpansionChannels({cfg.amount}) removes no channel of {hidden}")
+        pw = p.conv.weight.detach().float().flatten(1)  # (out, hidden)
+        if how == "activation":
+            scores = group_norms(pw, 1, scale=norms[f"{spec.blocks}.{i}.{spec.project}"])
+        else:
+            ew = e.conv.weight.detach().float().flatten(1) * _bn_scale(e.bn, hidden)[:, None]
+            dw = d.conv.weight.detach().float().flatten(1) * _bn_scale(d.bn, hidden)[:, None]
+            sq = group_norms(ew, 0).double() ** 2 + group_norms(dw, 0).double() ** 2
+            scores = (sq + group_norms(pw, 1).double() ** 2).sqrt().float()
+        idx = _top(scores, keep)
+        e.conv, e.bn = _sliced_conv(e.conv, idx, None), _sliced_bn(e.bn, idx)
+        d.conv, d.bn = _sliced_conv(d.conv, idx, idx), _sliced_bn(d.bn, idx)
+        p.conv = _sliced_conv(p.conv, None, idx)
+        res.kept[f"{spec.blocks}.{i}.{spec.expand}"] = idx.tolist()
+        res.removed += hidden - keep
+        res.total += hidden
+    widths = getattr(model, "hidden_widths", None)
+    if callable(widths):
+        _update_config(model, hidden=widths())
     return res
