@@ -66,7 +66,7 @@ $(BENCH_STAMP): $(STAMP) requirements-bench.txt
 # Side-by-side benchmarks with their peers (minutes to an hour on 2 cores; see docs/benchmarks.md).
 # `make bench-quick` runs every Python bench in its --quick mode (a few minutes).
 PY_BENCHES := dedup_bench dedup_verify quant_gemv gptq_bench quant_quality gguf_dequant \
-	attention_bench moe_bench moe_lm gpt_train dedup_templated train_engine lamb_bench
+	attention_bench moe_bench moe_lm gpt_train dedup_templated train_engine lamb_bench distill_bench
 bench: build assets $(BENCH_STAMP)
 	cargo bench
 	@for b in $(PY_BENCHES); do echo "== $$b"; $(PY) benches/python/$$b.py || exit 1; done
