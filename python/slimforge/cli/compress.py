@@ -85,7 +85,7 @@ def add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", type=int, default=None, help="fresh dense GPT student: blocks")
     p.add_argument("--hidden", type=int, default=None, help="fresh dense GPT student: width")
     p.add_argument("--heads", type=int, default=4, help="fresh dense GPT student: heads")
-    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the soft-target term")
     p.add_argument("--divergence", choices=["forward", "reverse", "jsd"], default="forward")
     p.add_argument("--hidden-weight", type=float, default=0.0, help="hidden-state MSE weight")

@@ -4,7 +4,7 @@
 
     student = init_student(teacher)                 # every other block, like DistilBERT
     Distiller(student, teacher, train_tokens, val_tokens,
-              DistillConfig(temperature=2.0, alpha=0.5),
+              DistillConfig(temperature=1.0, alpha=0.5),
               TrainConfig(steps=300)).fit()
 
 Losses (:mod:`slimforge.distill.losses`): Hinton's soft-target loss with forward, reverse or

@@ -1,7 +1,7 @@
 """`Distiller`: a student trained on a frozen teacher's outputs, on the shared `Trainer`.
 
 d = Distiller(student, teacher, train_tokens, val_tokens,
-              DistillConfig(temperature=2.0, alpha=0.5),
+              DistillConfig(temperature=1.0, alpha=0.5),
               TrainConfig(steps=300, lr=2e-3), out_dir="runs/student")
 result = d.fit()
 """
@@ -34,9 +34,13 @@ class DistillConfig(Config):
     labels), divergence ("forward" KL, "reverse" KL or "jsd" with ``beta``), hidden_weight
     (hidden-state loss on paired blocks, ``hidden_kind`` "mse" or "cosine"; 0: off),
     attention_weight (attention-map KL on the last paired blocks; 0: off), teacher_precision
-    ("fp32" or "bf16": the teacher's forward under bf16 autocast)."""
+    ("fp32" or "bf16": the teacher's forward under bf16 autocast).
 
-    temperature: float = 2.0
+    The defaults (T = 1, half soft and half hard targets) are the best of the settings measured
+    for byte-level GPT students in docs/benchmarks.md; T = 2 with a short training budget did
+    worse than no teacher there."""
+
+    temperature: float = 1.0
     alpha: float = 0.5
     divergence: str = "forward"
     beta: float = 0.5

@@ -1,6 +1,6 @@
 """Distillation losses as plain functions of tensors.
 
-    kd_loss(student_logits, teacher_logits, labels, temperature=2.0, alpha=0.5)
+    kd_loss(student_logits, teacher_logits, labels, temperature=1.0, alpha=0.5)
     hidden_loss(student_h, teacher_h, kind="cosine", projection=proj)
     attention_loss(student_maps, teacher_maps)
 
@@ -77,7 +77,7 @@ def kd_loss(
     teacher_logits: Tensor,
     labels: Tensor | None = None,
     *,
-    temperature: float = 2.0,
+    temperature: float = 1.0,
     alpha: float = 0.5,
     kind: str = "forward",
     beta: float = 0.5,
@@ -130,7 +130,7 @@ def topk_kd_loss(
     teacher_topk_logits: Tensor,
     teacher_topk_ids: Tensor,
     *,
-    temperature: float = 2.0,
+    temperature: float = 1.0,
     mask: Tensor | None = None,
 ) -> Tensor:
     """Forward KL against a teacher stored as its top-k logits per position (cached targets):

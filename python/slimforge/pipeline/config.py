@@ -55,7 +55,7 @@ _BASE: dict[str, Any] = {
         "steps": 300,
         "batch": 8,
         "lr": 3e-3,
-        "temperature": 2.0,
+        "temperature": 1.0,
         "alpha": 0.5,
         "synth_repeat": 1,
         "save_every": 50,

@@ -409,7 +409,7 @@ def stage_distill(ctx: StageContext) -> dict[str, Any]:
     share = 1.0 - len(real) / len(train)
     run_dir = ctx.dir / "run"
     dc = DistillConfig(
-        temperature=float(p.get("temperature", 2.0)), alpha=float(p.get("alpha", 0.5))
+        temperature=float(p.get("temperature", 1.0)), alpha=float(p.get("alpha", 0.5))
     )
     tc = _train_config(p, ctx, int(p["steps"]), float(p["lr"]))
     d = Distiller(student, teacher, train, _val_windows(ctx), dc, tc, out_dir=run_dir)
@@ -467,7 +467,7 @@ def stage_prune(ctx: StageContext) -> dict[str, Any]:
         {**ctx.config["distill"], **p}, ctx, int(p["recovery_steps"]), float(p["lr"])
     )
     d = Distiller(student, teacher, _tokens(ctx.output("prepare", "train")), val,
-                  DistillConfig(temperature=2.0, alpha=0.5), tc, out_dir=run_dir)  # fmt: skip
+                  DistillConfig(temperature=1.0, alpha=0.5), tc, out_dir=run_dir)  # fmt: skip
     result = _fit(d.trainer, run_dir)
     recovered = evaluate_lm(student, val).nll / math.log(2)
     save_model(student, ctx.dir / "model")
