@@ -7,10 +7,11 @@
    and the bundled corpus are in the wheel, and nothing else of the tree is (tests, .venv, ...).
 2. A fresh virtual environment with the wheel and no extras: only the core dependencies are
    installed; from a directory outside the tree `slimforge --version` prints the wheel's version,
-   `slimforge dedup` removes the duplicates of a small file, `slimforge demo --quick` runs on the
-   bundled corpus, and importing a torch-facing area fails with an ImportError naming the extra.
+   `slimforge dedup` removes the duplicates of a small file, and `slimforge demo` and importing a
+   torch-facing area fail with an error naming the extra.
 3. With `--torch`: `pip install 'slimforge[torch,llm]'` into a second fresh environment (torch
-   pinned to the version of requirements-dev.txt) and every `examples/*.py --quick` runs there.
+   pinned to the version of requirements-dev.txt); `slimforge demo --quick` writes its report and
+   every `examples/*.py --quick` runs there.
 
 Exit status 0 when everything holds, 1 otherwise (each failure printed). Standard library only.
 """
@@ -91,7 +92,8 @@ def make_venv(where: Path) -> tuple[Path, dict[str, str]]:
 
 
 def core_env(wheel: Path, tmp: Path) -> None:
-    """Fresh venv, wheel without extras: core dependencies only, dedup and demo work."""
+    """Fresh venv, wheel without extras: core dependencies only, dedup works, torch areas name
+    their extra."""
     bin_, env = make_venv(tmp / "venv-core")
     t0 = time.perf_counter()
     run([str(bin_ / "pip"), "install", "-q", str(wheel)], tmp, env)
@@ -127,16 +129,17 @@ def core_env(wheel: Path, tmp: Path) -> None:
     kept = (work / "out.jsonl").read_text().count("\n")
     if kept != 50:
         raise Failure(f"dedup kept {kept} of 60 documents, expected 50")
-    run([str(bin_ / "slimforge"), "demo", "--quick", "-q", "--out", "demo"], work, env)
-    if not any((work / "demo").iterdir()):
-        raise Failure("slimforge demo --quick wrote nothing")
+    # The demo trains models: without torch it must stop at once and name the extra.
+    msg = run([str(bin_ / "slimforge"), "demo", "--quick", "-q", "--out", "demo"], work, env, 2)
+    if "slimforge[torch]" not in msg:
+        raise Failure(f"slimforge demo without torch does not name the extra:\n{msg}")
     msg = run([py, "-c", "import slimforge.quant"], work, env, expect=1)
     if "slimforge[torch]" not in msg:
         raise Failure(f"importing slimforge.quant without torch does not name the extra:\n{msg}")
     run([str(bin_ / "slimforge"), "train", "--help"], work, env)
     print(
-        "  core install: --version, dedup, demo --quick, train --help, the extra-naming "
-        "ImportError: ok"
+        "  core install: --version, dedup, train --help, the extra-naming errors of demo and "
+        "import: ok"
     )
 
 
@@ -157,6 +160,12 @@ def torch_env(wheel: Path, tmp: Path) -> None:
         env,
     )
     print(f"  pip install of the wheel with [torch,llm]: {time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
+    run([str(bin_ / "slimforge"), "demo", "--quick", "-q", "--out", "demo"], tmp, env)
+    report = tmp / "demo" / "report.md"
+    if not report.is_file() or "## What each stage bought" not in report.read_text():
+        raise Failure("slimforge demo --quick wrote no report")
+    print(f"  slimforge demo --quick: ok ({time.perf_counter() - t0:.0f} s)")
     work = tmp / "examples"
     shutil.copytree(ROOT / "examples", work)
     for script in sorted(work.glob("*.py")):
