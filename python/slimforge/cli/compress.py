@@ -46,14 +46,9 @@ def _data_tokens(data: str, split: str) -> Any:
 
 
 def _calibration(data: str, seq_len: int, batches: int, seed: int = 0) -> list[Any]:
-    import torch
+    from slimforge.pipeline.stages import calibration_batches
 
-    from slimforge.data.windows import random_windows
-
-    it = random_windows(
-        _data_tokens(data, "train"), seq_len, 8, torch.Generator().manual_seed(seed)
-    )
-    return [next(it) for _ in range(batches)]
+    return calibration_batches(_data_tokens(data, "train"), seq_len, batches, seed)
 
 
 def _max_len(model: Any) -> int:

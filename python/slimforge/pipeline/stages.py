@@ -18,6 +18,7 @@ from slimforge.pipeline.runner import Stage, StageContext
 
 __all__ = [
     "STAGES",
+    "calibration_batches",
     "dir_bytes",
     "generation_speed",
     "load_stage_model",
@@ -111,15 +112,21 @@ def _val_windows(ctx: StageContext) -> Any:
     return spaced_windows(_tokens(ctx.output("prepare", "val")), seq, int(ev.get("windows", 64)))
 
 
-def _calibration(ctx: StageContext, n: int, batch: int = 8) -> list[Any]:
+def calibration_batches(tokens: Any, seq_len: int, n: int, seed: int, batch: int = 8) -> list[Any]:
+    """``n`` batches of ``batch`` random ``seq_len`` windows of 1-D ``tokens`` (seeded), the
+    calibration data of pruning and quantization."""
     import torch
 
     from slimforge.data.windows import random_windows
 
-    seq = int(ctx.config["teacher"]["seq_len"])
-    gen = torch.Generator().manual_seed(int(ctx.config["run"].get("seed", 0)) + 101)
-    it = random_windows(_tokens(ctx.output("prepare", "train")), seq, batch, gen)
+    it = random_windows(tokens, seq_len, batch, torch.Generator().manual_seed(seed))
     return [next(it) for _ in range(n)]
+
+
+def _calibration(ctx: StageContext, n: int) -> list[Any]:
+    seq = int(ctx.config["teacher"]["seq_len"])
+    seed = int(ctx.config["run"].get("seed", 0)) + 101
+    return calibration_batches(_tokens(ctx.output("prepare", "train")), seq, n, seed)
 
 
 def _train_config(p: dict[str, Any], ctx: StageContext, steps: int, lr: float) -> Any:
