@@ -196,10 +196,17 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
             "a filtered synthetic set with it, distils a dense student, prunes and quantizes "
             "it, measures every stage on held-out text and writes OUT/report.md and "
             "OUT/report.html. Re-running resumes a stopped run; --from STAGE redoes a stage "
-            "and those after it. Default: under 10 minutes on 2 cores; --quick: a smoke run."
+            "and those after it. Default: under 10 minutes on 2 cores; --quick: a smoke run. "
+            "--model smollm2 runs the compression half on the real SmolLM2-135M (LoRA, "
+            "pruning, GPTQ, GGUF for llama.cpp, perplexity of each); --model mobilenet_v2 the "
+            "vision path (channel pruning, INT8, ONNX; accuracy, size and latency of each)."
         ),
     )
-    p.add_argument("--out", default="slimforge-demo", help="run folder")
+    p.add_argument("--out", default=None,
+                   help="run folder (default: slimforge-demo, or slimforge-demo-MODEL)")  # fmt: skip
+    p.add_argument("--model", default="gpt", choices=("gpt", "smollm2", "mobilenet_v2"),
+                   help="which track: the bundled-corpus GPT pipeline (default), SmolLM2-135M "
+                        "or MobileNetV2")  # fmt: skip
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="the smallest run (about a minute)")
     size.add_argument("--full", action="store_true", help="larger models, longer training")
@@ -213,8 +220,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from slimforge.demo import run_demo
 
-    run_demo(args.out, progress=not args.quiet, quick=args.quick, full=args.full,
-             from_stage=args.from_stage, threads=args.threads)  # fmt: skip
+    out = args.out or ("slimforge-demo" if args.model == "gpt" else f"slimforge-demo-{args.model}")
+    run_demo(out, progress=not args.quiet, quick=args.quick, full=args.full,
+             from_stage=args.from_stage, threads=args.threads, model=args.model)  # fmt: skip
     return 0
 
 

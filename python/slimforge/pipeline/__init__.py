@@ -13,11 +13,12 @@ from slimforge._optional import require
 
 require("torch", "slimforge.pipeline")
 
-from slimforge.pipeline.config import MODES, demo_config, load_config
+from slimforge.pipeline.config import MODELS, MODES, demo_config, load_config
 from slimforge.pipeline.runner import RunFolder, Stage, StageContext
 from slimforge.pipeline.stages import STAGES
 
 __all__ = [
+    "MODELS",
     "MODES",
     "STAGES",
     "RunFolder",
@@ -26,7 +27,18 @@ __all__ = [
     "demo_config",
     "load_config",
     "run_pipeline",
+    "track_stages",
 ]
+
+
+def track_stages(model: str) -> tuple[Stage, ...]:
+    """The stages of the demo's track ``model`` (see :data:`MODELS`)."""
+    import importlib
+
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {tuple(MODELS)}, got {model!r}")
+    stages: tuple[Stage, ...] = importlib.import_module(MODELS[model]).STAGES
+    return stages
 
 
 def run_pipeline(
@@ -35,12 +47,14 @@ def run_pipeline(
     from_stage: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """Runs ``config["run"]["stages"]`` (default: all of :data:`STAGES`) into ``out_dir``;
-    returns the manifests by stage name."""
-    by_name = {s.name: s for s in STAGES}
+    """Runs ``config["run"]["stages"]`` (default: all the stages of the track
+    ``config["run"]["model"]``, :data:`STAGES` for ``gpt``) into ``out_dir``; returns the
+    manifests by stage name."""
+    stages = track_stages(str(config.get("run", {}).get("model", "gpt")))
+    by_name = {s.name: s for s in stages}
     names = list(config.get("run", {}).get("stages") or by_name)
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise ValueError(f"unknown stages {unknown}; the stages are {list(by_name)}")
-    order = [s for s in STAGES if s.name in names]  # always in pipeline order
+    order = [s for s in stages if s.name in names]  # always in pipeline order
     return RunFolder(out_dir).run(order, config, from_stage=from_stage, progress=progress)

@@ -10,12 +10,22 @@ import tomllib
 
 from slimforge.data import DEFAULT_VAL_WORKS
 
-__all__ = ["MODES", "demo_config", "load_config"]
+__all__ = ["MODELS", "MODES", "demo_config", "load_config", "merge_config"]
 
 MODES = ("quick", "default", "full")
 
+#: The demo's tracks: ``gpt`` (the whole pipeline from the bundled corpus to an INT4 student),
+#: ``smollm2`` (the compression half on the real SmolLM2-135M) and ``mobilenet_v2`` (the vision
+#: path on torchvision's MobileNetV2 weights). Each names the module holding its ``STAGES`` and
+#: ``track_config(mode)``.
+MODELS = {
+    "gpt": "slimforge.pipeline.stages",
+    "smollm2": "slimforge.pipeline.smollm2",
+    "mobilenet_v2": "slimforge.pipeline.vision",
+}
+
 _BASE: dict[str, Any] = {
-    "run": {"threads": 0, "seed": 0},
+    "run": {"threads": 0, "seed": 0, "model": "gpt"},
     "data": {
         "inputs": None,
         "field": "text",
@@ -129,26 +139,38 @@ _OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge_config(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with the tables of ``over`` merged into it, key by key (deep copies)."""
     out = copy.deepcopy(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge_config(out[k], v)
         else:
             out[k] = copy.deepcopy(v)
     return out
 
 
-def demo_config(mode: str = "default") -> dict[str, Any]:
+def demo_config(mode: str = "default", model: str = "gpt") -> dict[str, Any]:
     """The demo's configuration: ``quick`` (a smoke run, under 90 s on 2 cores), ``default``
-    (under 10 minutes) or ``full`` (longer, better models)."""
+    (under 10 minutes) or ``full`` (longer, better models), for the track ``model`` (see
+    :data:`MODELS`)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return _merge(_BASE, _OVERRIDES[mode])
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {tuple(MODELS)}, got {model!r}")
+    if model == "gpt":
+        return merge_config(_BASE, _OVERRIDES[mode])
+    import importlib
+
+    cfg: dict[str, Any] = importlib.import_module(MODELS[model]).track_config(mode)
+    cfg.setdefault("run", {}).setdefault("model", model)
+    cfg["run"]["model"] = model
+    return cfg
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
     """A TOML pipeline file: ``[run] base = "default"`` picks the demo size it starts from
+    (``model = "smollm2"`` or ``"mobilenet_v2"`` another track of the demo)
     (``stages = [...]`` a subset, ``threads``, ``seed``), and each ``[stage]`` table overrides
     that stage's parameters; ``[data] inputs = ["docs.jsonl"]`` points at the user's documents.
     Unknown sections or keys are errors (a typo must not be silently ignored)."""
@@ -157,7 +179,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
         user = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{p}: not valid TOML ({e})") from e
-    base = demo_config(str(user.get("run", {}).get("base", "default")))
+    run = user.get("run", {})
+    base = demo_config(str(run.get("base", "default")), str(run.get("model", "gpt")))
     for section, values in user.items():
         if section not in base:
             raise ValueError(f"{p}: unknown section [{section}] (known: {', '.join(base)})")
@@ -169,7 +192,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
         bad = sorted(set(values) - allowed)
         if bad:
             raise ValueError(f"{p}: unknown keys {bad} in [{section}] (known: {sorted(allowed)})")
-    cfg = _merge(base, user)
+    cfg = merge_config(base, user)
     inputs = cfg["data"].get("inputs")
     if inputs:
         resolved = [(p.parent / x) if not Path(x).is_absolute() else Path(x) for x in inputs]
