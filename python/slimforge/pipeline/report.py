@@ -10,7 +10,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_report", "energy_estimate", "WATTS_PER_THREAD"]
+__all__ = [
+    "WATTS_PER_THREAD",
+    "energy_estimate",
+    "fmt_bytes",
+    "html_table",
+    "md_table",
+    "versions",
+    "write_page",
+    "write_report",
+]
 
 #: The power assumed per busy thread for the energy estimate (no power meter is read).
 WATTS_PER_THREAD = 10.0
@@ -22,7 +31,7 @@ def energy_estimate(seconds: float, threads: int) -> float:
     return seconds * threads * WATTS_PER_THREAD / 3600.0
 
 
-def _fmt_bytes(n: float) -> str:
+def fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
@@ -81,7 +90,7 @@ def _plots(root: Path, m: dict[str, dict[str, Any]]) -> dict[str, Path]:
     return out
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     import numpy as np
     import torch
 
@@ -145,7 +154,7 @@ def _model_table(rows: list[dict[str, Any]]) -> list[list[str]]:
             "val bits/byte", "vs teacher", "tokens/s", "speed vs teacher"]]  # fmt: skip
     for r in rows:
         out.append([
-            r["model"], f"{r['params']:,}", f"{r['active_params']:,}", _fmt_bytes(r["bytes"]),
+            r["model"], f"{r['params']:,}", f"{r['active_params']:,}", fmt_bytes(r["bytes"]),
             f"{base['bytes'] / r['bytes']:.1f}x", f"{r['val_bpb']:.4f}",
             f"{(r['val_bpb'] / base['val_bpb'] - 1) * 100:+.1f} %", f"{r['tokens_per_s']:.1f}",
             f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x",
@@ -153,7 +162,7 @@ def _model_table(rows: list[dict[str, Any]]) -> list[list[str]]:
     return out
 
 
-def _md_table(rows: list[list[str]]) -> str:
+def md_table(rows: list[list[str]]) -> str:
     if not rows:
         return ""
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
@@ -161,7 +170,7 @@ def _md_table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _html_table(rows: list[list[str]]) -> str:
+def html_table(rows: list[list[str]]) -> str:
     if not rows:
         return ""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
@@ -175,19 +184,17 @@ def write_report(
     root: Path, manifests: dict[str, dict[str, Any]], config: dict[str, Any]
 ) -> dict[str, Path]:
     """Writes ``report.md``, ``report.html`` and the plots into the run folder ``root``."""
-    from slimforge.io import atomic_path
-
     ev = manifests.get("evaluate", {}).get("metrics", {})
     threads = int(ev.get("threads", 1))
     model_rows = _model_table(ev.get("rows", []))
     stage_rows = _stage_table(manifests, threads)
     plots = _plots(root, manifests)
     command = config.get("run", {}).get("command", "slimforge demo")
-    versions = _versions()
+    vers = versions()
     summary = _summary(ev.get("rows", []))
     sections: list[tuple[str, str, str]] = []  # (title, markdown, html)
-    sections.append(("What each stage bought", _md_table(model_rows), _html_table(model_rows)))
-    sections.append(("Stages", _md_table(stage_rows), _html_table(stage_rows)))
+    sections.append(("What each stage bought", md_table(model_rows), html_table(model_rows)))
+    sections.append(("Stages", md_table(stage_rows), html_table(stage_rows)))
     notes = (
         "Bits per byte are measured on held-out works no model trained on (and whose other "
         "editions were kept out of training too). Tokens per second: greedy generation of "
@@ -225,30 +232,45 @@ def write_report(
             for k, v in samples.items() if "teacher" in k or "INT4" in k
         )  # fmt: skip
         sections.append(("Samples", md, hs))
-    repro = f"{command}\n\n" + "\n".join(f"{k}: {v}" for k, v in versions.items())
+    repro = f"{command}\n\n" + "\n".join(f"{k}: {v}" for k, v in vers.items())
     sections.append(("Reproduce", f"```\n{repro}\n```", f"<pre>{html.escape(repro)}</pre>"))
     cfg_json = json.dumps({k: v for k, v in config.items() if k != "run"}, indent=1)
     sections.append(
         ("Configuration", f"```json\n{cfg_json}\n```", f"<pre>{html.escape(cfg_json)}</pre>")
     )
 
-    lines = ["# slimforge pipeline report", "", summary, ""]
+    return write_page(root, "slimforge pipeline report", summary, plots, sections)
+
+
+def write_page(
+    root: Path,
+    title: str,
+    summary: str,
+    plots: dict[str, Path],
+    sections: list[tuple[str, str, str]],
+) -> dict[str, Path]:
+    """Writes ``root/report.md`` and ``root/report.html``: ``title``, the one-line ``summary``,
+    the ``plots`` (PNG files in ``root``) and ``sections`` as ``(title, markdown, html)``;
+    returns their paths (the plots included), with ``summary`` under the key it is given."""
+    from slimforge.io import atomic_path
+
+    lines = [f"# {title}", "", summary, ""]
     for name, p in plots.items():
         lines.append(f"![{name}]({p.name})")
     if not plots:
         lines.append("(no plots: install the `plots` extra, matplotlib)")
-    for title, text, _ in sections:
-        lines += ["", f"## {title}", "", text]
+    for head, text, _ in sections:
+        lines += ["", f"## {head}", "", text]
     style = ("body{font-family:system-ui,sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
              "padding:.25em .6em;text-align:right}td:first-child,th:first-child{text-align:left}"
              "img{max-width:32em;margin:.5em}pre{background:#f4f4f4;padding:.8em;overflow:auto}")  # fmt: skip
-    body = [f"<h1>slimforge pipeline report</h1><p>{html.escape(summary)}</p><div>"]
+    body = [f"<h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p><div>"]
     body += [f'<img src="{p.name}" alt="{name}">' for name, p in plots.items()]
     body.append("</div>")
     body += [f"<h2>{html.escape(t)}</h2>{h}" for t, _, h in sections]
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>slimforge report</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")  # fmt: skip
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+            f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>")  # fmt: skip
     out = {"markdown": root / "report.md", "html": root / "report.html", **plots}
     with atomic_path(out["markdown"]) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
