@@ -61,6 +61,24 @@ def test_thread_count_setting_and_env() -> None:
     assert out.stdout.strip() == "3"
 
 
+def test_set_threads_sets_both_pools() -> None:
+    torch = pytest.importorskip("torch")
+    before = (slimforge.get_num_threads(), torch.get_num_threads())
+    try:
+        slimforge.set_threads(1)
+        assert (slimforge.get_num_threads(), torch.get_num_threads()) == (1, 1)
+        slimforge.set_threads(0)  # 0: leave both as they are
+        assert (slimforge.get_num_threads(), torch.get_num_threads()) == (1, 1)
+        slimforge.set_threads(2)
+        assert (slimforge.get_num_threads(), torch.get_num_threads()) == (2, 2)
+        for bad in (-1, 1.5, True):
+            with pytest.raises(ValueError, match="threads"):
+                slimforge.set_threads(bad)  # type: ignore[arg-type]
+    finally:
+        slimforge.set_num_threads(before[0])
+        torch.set_num_threads(before[1])
+
+
 def test_gil_is_released_during_rust_work() -> None:
     texts = [" ".join(f"w{(i * 7 + j) % 9973}" for j in range(3000)) for i in range(300)]
     hasher = MinHasher(num_perm=256)

@@ -20,17 +20,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+import slimforge
+
 __all__ = ["add_distill", "add_eval", "add_prune", "add_quantize", "add_synth"]
-
-
-def _threads(n: int) -> None:
-    if n:
-        import torch
-
-        import slimforge
-
-        torch.set_num_threads(n)
-        slimforge.set_num_threads(n)
 
 
 def _data_tokens(data: str, split: str) -> Any:
@@ -113,7 +105,7 @@ def run_distill(args: argparse.Namespace) -> int:
     from slimforge.pipeline.stages import model_config_dict, save_model
     from slimforge.train import TrainConfig
 
-    _threads(args.threads)
+    slimforge.set_threads(args.threads)
     teacher, _ = load_model(args.teacher)
     torch.manual_seed(args.seed)
     if (args.layers is None) != (args.hidden is None):
@@ -222,7 +214,7 @@ def run_synth(args: argparse.Namespace) -> int:
         synthesize,
     )  # fmt: skip
 
-    _threads(args.threads)
+    slimforge.set_threads(args.threads)
     model, tokenizer = load_model(args.model)
     codec: Any = tokenizer if tokenizer is not None else ByteCodec()
     if args.prompts_from:
@@ -303,7 +295,7 @@ def run_prune(args: argparse.Namespace) -> int:
         sparsity_report,
     )  # fmt: skip
 
-    _threads(args.threads)
+    slimforge.set_threads(args.threads)
     model, _ = load_model(args.model)
     structured = args.method in ("neurons", "heads", "blocks")
     nm = None
@@ -374,7 +366,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from slimforge.pipeline.stages import dir_bytes, model_config_dict, save_quantized_model
     from slimforge.quant import AWQ, GPTQ, Int4WeightOnly, Int8WeightOnly, quantize_
 
-    _threads(args.threads)
+    slimforge.set_threads(args.threads)
     model, _ = load_model(args.model)
     float_config = model_config_dict(model)
     group = args.group_size or None
@@ -422,7 +414,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from slimforge.eval import evaluate_lm
     from slimforge.pipeline.stages import dir_bytes, generation_speed
 
-    _threads(args.threads)
+    slimforge.set_threads(args.threads)
     val = _data_tokens(args.data, "val")
     byte_level = TokenFile(Path(args.data) / "val").meta.get("tokenizer") == "byte"
     for path in args.models:

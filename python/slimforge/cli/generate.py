@@ -124,9 +124,7 @@ def run_generate(args: argparse.Namespace) -> int:
     import slimforge
     from slimforge.models.generation import GenerationOutput, generate
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        slimforge.set_num_threads(args.threads)
+    slimforge.set_threads(args.threads)
     model, tok = load_model(args.model)
     model = _quantize(model, args.quantize)
     if args.prompt is not None:

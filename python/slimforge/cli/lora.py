@@ -154,9 +154,7 @@ def run_lora(args: argparse.Namespace) -> int:
 
     if not 0 < args.val_fraction < 0.5:
         raise ValueError(f"--val-fraction must be in (0, 0.5), got {args.val_fraction}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        slimforge.set_num_threads(args.threads)
+    slimforge.set_threads(args.threads)
     targets = args.targets if args.targets == "all-linear" else tuple(args.targets.split(","))
     lora_cfg = LoraConfig(
         r=args.r, alpha=args.alpha if args.alpha is not None else 2.0 * args.r,

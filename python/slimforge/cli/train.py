@@ -175,9 +175,7 @@ def run_train(args: argparse.Namespace) -> int:
     from slimforge.train import TrainConfig, Trainer
     from slimforge.train.distributed import init_from_env, shutdown
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        slimforge.set_num_threads(args.threads)
+    slimforge.set_threads(args.threads)
     rank, world = init_from_env()
     data = Path(args.data)
     train = TokenFile(data / "train")

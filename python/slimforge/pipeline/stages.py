@@ -177,14 +177,9 @@ def _fit(trainer: Any, run_dir: Path) -> Any:
 
 
 def _set_threads(config: dict[str, Any]) -> None:
-    import torch
-
     import slimforge
 
-    n = int(config["run"].get("threads", 0) or 0)
-    if n:
-        torch.set_num_threads(n)
-        slimforge.set_num_threads(n)
+    slimforge.set_threads(int(config["run"].get("threads", 0) or 0))
 
 
 # ------------------------------------------------------------------ 1. dedup
