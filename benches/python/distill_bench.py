@@ -2,7 +2,7 @@
 
 A dense byte-level teacher GPT is trained once; then, for each seed, the same small student is
 trained for the same steps on the same windows twice: with the causal-LM loss alone, and with
-the Distiller (Hinton's loss, T=2, alpha=0.5). Validation bits per byte on held-out plays.
+the Distiller (Hinton's loss; --temperature 1, --alpha 0.5 by default). Validation bits per byte on held-out plays.
 Then the teacher writes a synthetic set (slimforge.synth, filtered against the training text)
 and students train on real only, real + synthetic, and synthetic only (same steps).
 
@@ -53,12 +53,14 @@ def main() -> None:
     ap.add_argument("--student-steps", type=int, default=200)
     ap.add_argument("--synth-prompts", type=int, default=160)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--no-synth", action="store_true", help="skip the synthetic-data part")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.quick:
         args.seeds, args.teacher_steps, args.student_steps, args.synth_prompts = 1, 20, 10, 8
-    torch.set_num_threads(args.threads)
-    slimforge.set_num_threads(args.threads)
+    slimforge.set_threads(args.threads)
     seq = 128
     tr, va = lm_splits()
     train, val = byte_tokens(tr), spaced_windows(byte_tokens(va), seq, 32 if args.quick else 256)
@@ -89,8 +91,7 @@ def main() -> None:
         runs["plain"].append(bpb(plain, val))
         dist = GPT(s_cfg)
         dist.load_state_dict(init)  # the same initial weights and the same windows
-        Distiller(dist, teacher, train, None, DistillConfig(temperature=2.0, alpha=0.5),
-                  student_cfg(seed)).fit()  # fmt: skip
+        Distiller(dist, teacher, train, None, DistillConfig(temperature=args.temperature, alpha=args.alpha), student_cfg(seed)).fit()  # fmt: skip
         runs["distilled"].append(bpb(dist, val))
         print(f"seed {seed}: plain {runs['plain'][-1]:.4f} distilled {runs['distilled'][-1]:.4f}",
               flush=True)  # fmt: skip
@@ -105,6 +106,9 @@ def main() -> None:
     prompt = val[:1, :32]
     out["speed"] = {"teacher": speed(teacher, prompt, 128), "student": speed(dist, prompt, 128)}
     print("student", out["student"], "speed", out["speed"], flush=True)
+    if args.no_synth:
+        _write(out, args.json)
+        return
 
     # Synthetic textbook data from the teacher.
     texts = [r["text"] for r in load_corpus(("shakespeare-modern",))
@@ -135,8 +139,12 @@ def main() -> None:
                                        "synthetic_share": 1 - len(train) / len(data)
                                        if name == "real+synth" else float(name == "synth")}  # fmt: skip
         print(name, out["synth_students"][name], flush=True)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
+    _write(out, args.json)
+
+
+def _write(out: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=1)
 
 
