@@ -79,6 +79,12 @@ def _cuda_ops() -> Any:
     return _cuda
 
 
+def _device_path(t: torch.Tensor) -> bool:
+    """Whether work on `t` stays on its device (torch ops and `slimforge._cuda` kernels, no host
+    round trip) rather than going to the Rust host kernels: true for CUDA tensors."""
+    return t.device.type != "cpu"
+
+
 def _check_device(t: torch.Tensor) -> None:
     if t.device.type not in ("cpu", "cuda"):
         raise RuntimeError(f"MoE kernels run on CPU or CUDA tensors, got device {t.device}")
@@ -97,7 +103,7 @@ def permute_rows(
     """
     _check_rows("x", x)
     _check_device(x)
-    if x.is_cuda and x.dtype == torch.float64:
+    if _device_path(x) and not (x.is_cuda and x.dtype != torch.float64):
         # The CUDA kernels cover float32/bfloat16/float16; float64 (tests) uses torch indexing.
         padded = torch.cat([x, x.new_zeros((1, x.shape[1]))])
         out = padded[torch.where(token_of < 0, x.shape[0], token_of)]
@@ -127,7 +133,7 @@ def combine_rows(
     """
     _check_rows("ys", ys)
     _check_device(ys)
-    if ys.is_cuda and ys.dtype == torch.float64:
+    if _device_path(ys) and not (ys.is_cuda and ys.dtype != torch.float64):
         padded = torch.cat([ys, ys.new_zeros((1, ys.shape[1]))])
         picked = padded[torch.where(pos < 0, ys.shape[0], pos)]
         return picked.sum(1) if weights is None else (picked * weights[..., None]).sum(1)
@@ -152,7 +158,7 @@ def combine_rows(
 
 def rowdot_rows(dy: torch.Tensor, ys: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """`out[t, s] = <dy[t], ys[pos[t, s]]>` (0 where `pos == -1`), in the accumulation dtype."""
-    if dy.is_cuda:
+    if _device_path(dy):
         acc = acc_dtype(dy.dtype)
         if ys.shape[0] == 0:
             return torch.zeros(pos.shape, dtype=acc, device=dy.device)
@@ -190,9 +196,28 @@ def route_topk(
         raise ValueError(f"top_k must be in 1..{num_experts} (the number of experts), got {top_k}")
     if bias is not None and bias.shape != (num_experts,):
         raise ValueError(f"bias must have shape ({num_experts},), got {tuple(bias.shape)}")
+    if _device_path(logits):
+        return _route_device(logits, top_k, router, bias, renormalize)
     if torch.compiler.is_compiling():
         return torch.ops.slimforge.moe_route(logits, top_k, router, bias, renormalize)
     return _route_host(logits, top_k, router, bias, renormalize)
+
+
+def _route_device(
+    logits: Tensor, top_k: int, router: str, bias: Tensor | None, renormalize: bool
+) -> tuple[Tensor, Tensor]:
+    """`route_topk` with torch ops on logits' device: no host round trip, no sync (NaN logits
+    are not detected here)."""
+    dtype = acc_dtype(logits.dtype)
+    scores = logits.detach().to(dtype)
+    scores = scores.softmax(-1) if router == "softmax" else scores.sigmoid()
+    select = scores if bias is None else scores + bias.detach().to(dtype)
+    # A stable descending sort sends ties to the lower expert index, as the Rust router does.
+    idx = torch.sort(select, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    weights = scores.gather(1, idx)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    return idx, weights
 
 
 def _route_host(
@@ -222,7 +247,8 @@ class DispatchPlan:
     token_of: torch.Tensor  # (rows,) int64: token of each row, -1 for padding rows
     slot_of: torch.Tensor  # (rows,) int64: slot of each row, -1 for padding rows
     pos: torch.Tensor  # (T, k) int64: row of each slot, -1 if dropped
-    # number of dropped slots (under torch.compile a 0-dim int64 tensor: no host sync)
+    # number of dropped slots (a 0-dim int64 tensor under torch.compile and in plans built on
+    # a CUDA device: no host sync)
     dropped: int
     padded: bool  # every expert has offsets[1] rows (for a [E, rows, D] batched matmul)
 
@@ -252,6 +278,11 @@ def dispatch_plan(
     capacity: each expert keeps its first `capacity` slots in token order; the rest are dropped
     (pos = -1) and contribute zero. padded: every expert gets max(counts) rows, padding rows
     marked -1, so expert inputs reshape to (E, rows, D).
+
+    CPU ids go to the Rust kernel. CUDA ids stay on the device (torch ops, no host sync) when
+    the plan's size is known without reading the ids: dropless and unpadded (T * k rows), or
+    padded with a capacity (every expert then gets min(capacity, T * k) rows instead of
+    max(counts)). The other two cases build the plan on the host (one round trip).
     """
     if idx.dim() != 2:
         raise ValueError(f"idx must be 2-D [tokens, top_k], got shape {tuple(idx.shape)}")
@@ -264,6 +295,8 @@ def dispatch_plan(
             raise ValueError(f"capacity must be >= 0 or None, got {capacity}")
         # No expert receives more than every slot: larger capacities mean the same (and fit int64).
         capacity = min(capacity, 2**62)
+    if _device_path(idx) and (capacity is None) != padded:
+        return _dispatch_plan_device(idx, num_experts, capacity)
     if torch.compiler.is_compiling():
         routed, counts, offsets, token_of, slot_of, pos = torch.ops.slimforge.moe_dispatch_plan(
             idx, num_experts, capacity, padded
@@ -279,6 +312,59 @@ def dispatch_plan(
             padded=padded,
         )
     return _dispatch_plan_host(idx, num_experts, capacity, padded)
+
+
+def _dispatch_plan_device(idx: Tensor, num_experts: int, capacity: int | None) -> DispatchPlan:
+    """`dispatch_plan` with torch ops on idx's device, every shape fixed by T, k, E and the
+    capacity (no host sync, so CUDA graphs and torch.compile can take it).
+
+    Dropless: the same plan as the host's. With a capacity, every expert gets a block of
+    min(capacity, T * k) rows (padded=True): its kept slots first, in token order, then
+    padding rows (token_of = -1).
+    """
+    num_tokens, top_k = idx.shape
+    slots = num_tokens * top_k
+    device = idx.device
+    flat = idx.reshape(-1).to(torch.int64)
+    expert, order = torch.sort(flat, stable=True)  # slots by expert, token order within one
+    routed = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    routed.scatter_add_(0, flat, torch.ones_like(flat))
+    zero = routed.new_zeros(1)
+    if capacity is None:
+        row = torch.arange(slots, device=device)
+        pos = torch.empty_like(row).scatter_(0, order, row).view(num_tokens, top_k)
+        return DispatchPlan(
+            routed=routed,
+            counts=routed,
+            offsets=torch.cat([zero, routed.cumsum(0)]),
+            token_of=order // top_k,
+            slot_of=order,
+            pos=pos,
+            dropped=zero[0],  # type: ignore[arg-type]
+            padded=False,
+        )
+    block = min(capacity, slots)
+    rows = num_experts * block
+    start = torch.cat([zero, routed.cumsum(0)[:-1]])
+    rank = torch.arange(slots, device=device) - start[expert]
+    # Dropped slots are written to one extra row past the end, which is cut off.
+    dest = torch.where(rank < block, expert * block + rank, rows)
+    token_of = torch.full((rows + 1,), -1, dtype=torch.int64, device=device)
+    slot_of = torch.full_like(token_of, -1)
+    token_of.scatter_(0, dest, order // top_k)
+    slot_of.scatter_(0, dest, order)
+    pos = torch.empty_like(flat).scatter_(0, order, torch.where(dest < rows, dest, -1))
+    counts = routed.clamp(max=block)
+    return DispatchPlan(
+        routed=routed,
+        counts=counts,
+        offsets=torch.arange(num_experts + 1, device=device) * block,
+        token_of=token_of[:rows],
+        slot_of=slot_of[:rows],
+        pos=pos.view(num_tokens, top_k),
+        dropped=(routed - counts).sum(),  # type: ignore[arg-type]
+        padded=True,
+    )
 
 
 def _dispatch_plan_host(

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from slimforge.moe._experts import expert_mlp, grouped_mm_available
 from slimforge.moe._ops import (
     ROUTERS,
     DispatchPlan,
@@ -32,21 +33,23 @@ class MoELoad:
     dropped: int  # slots dropped by the capacity
 
 
-def grouped_mm_available(dtype: torch.dtype, widths: tuple[int, ...] = ()) -> bool:
-    """Whether `torch._grouped_mm` can run expert matmuls in `dtype` on this build, for
-    matrices whose rows are `widths` elements long (it needs 16-byte aligned row strides)."""
-    if not hasattr(torch, "_grouped_mm") or dtype not in (torch.float32, torch.bfloat16):
-        return False
-    size = torch.empty((), dtype=dtype).element_size()
-    return all(w * size % 16 == 0 for w in widths)
-
-
 def resolve_expert_impl(
-    impl: str, dtype: torch.dtype, device: torch.device, widths: tuple[int, ...] = ()
+    impl: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    widths: tuple[int, ...] = (),
+    *,
+    capacity: bool = False,
 ) -> str:
-    """The concrete expert-matmul strategy for `impl` ("auto" picks by dtype and shapes).
+    """The concrete expert-matmul strategy for `impl` ("auto" picks by device, dtype, shapes).
 
-    widths: the row lengths of the expert matrices (dim, w_in's and w_out's input widths).
+    widths: the row lengths of the expert matrices (dim, w_in's and w_out's input widths);
+    capacity: whether the layer has a capacity. The rules (measurements: docs/benchmarks.md):
+    on the CPU "segments" (one GEMM per expert block into preallocated buffers; as fast as
+    `torch._grouped_mm` or faster in every measured case), or "grouped_mm" while torch.compile
+    traces (tensor offsets, so one graph); on CUDA with a capacity "bmm" over the
+    static capacity blocks, dropless "grouped_mm" in bfloat16 when torch has it (both keep the
+    offsets on the device: no host sync), else "segments" (reads the E + 1 offsets on the host).
     """
     if impl not in EXPERT_IMPLS:
         raise ValueError(f"expert_impl must be one of {EXPERT_IMPLS}, got {impl!r}")
@@ -57,12 +60,13 @@ def resolve_expert_impl(
         )
     if impl != "auto":
         return impl
-    if device.type == "cuda" and dtype != torch.bfloat16:
-        # CUDA grouped GEMM kernels target bfloat16; other dtypes take one GEMM per expert.
-        return "segments"
-    if grouped_mm_available(dtype, widths):
-        # Dropless without padding, and on CPU as fast as the padded bmm at balanced load
-        # (docs/moe.md); bmm's padding grows with the load imbalance.
+    if device.type == "cuda":
+        if capacity:
+            return "bmm"
+        if dtype == torch.bfloat16 and grouped_mm_available(dtype, widths):
+            return "grouped_mm"
+    elif torch.compiler.is_compiling() and grouped_mm_available(dtype, widths):
+        # Tensor offsets: one graph (fullgraph=True) instead of a break at the host offsets.
         return "grouped_mm"
     return "segments"
 
@@ -80,9 +84,9 @@ def run_experts(
 
     xs: (rows, D); w_in: (E, D, H_in); w_out: (E, H, D); offsets: E + 1 row boundaries (host
     ints, or an int64 tensor). `padded` layouts (every block the same size) are required by
-    "bmm". "grouped_mm" keeps tensor offsets on the device (no host sync; what torch.compile
-    needs); "bmm" and "segments" read them on the host (`.tolist()`, a graph break under
-    torch.compile, so `fullgraph=True` fails with them).
+    "bmm". "grouped_mm" keeps tensor offsets on the device and "bmm" needs none (no host sync;
+    what torch.compile and CUDA graphs need); "segments" reads them on the host (`.tolist()`,
+    a graph break under torch.compile, so `fullgraph=True` fails with it).
     """
     num_experts = w_in.shape[0]
     if impl == "grouped_mm":
@@ -92,27 +96,17 @@ def run_experts(
             ends = torch.tensor(offsets[1:], dtype=torch.int32, device=xs.device)
         h = torch._grouped_mm(xs, w_in, offs=ends)
         return torch._grouped_mm(expert_activation(h, activation).contiguous(), w_out, offs=ends)
-    if isinstance(offsets, torch.Tensor):
-        offsets = offsets.tolist()
     if impl == "bmm":
         if not padded:
             raise ValueError("expert_impl='bmm' needs a padded dispatch plan")
-        rows = offsets[1] - offsets[0]
-        h = torch.bmm(xs.view(num_experts, rows, -1), w_in)
-        return torch.bmm(expert_activation(h, activation), w_out).view(num_experts * rows, -1)
+        rows = xs.shape[0] // num_experts
+        h = torch.bmm(xs.view(num_experts, rows, xs.shape[1]), w_in)
+        ys = torch.bmm(expert_activation(h, activation), w_out)
+        return ys.view(num_experts * rows, w_out.shape[2])
+    if isinstance(offsets, torch.Tensor):
+        offsets = offsets.tolist()
     if impl == "segments":
-        # split/unbind (not slicing) so that backward assembles each gradient with one cat/stack
-        # instead of one full-size zero tensor per expert.
-        sizes = [offsets[e + 1] - offsets[e] for e in range(num_experts)]
-        blocks = xs.split(sizes)
-        outs = [
-            expert_activation(block @ wi, activation) @ wo
-            for block, wi, wo in zip(blocks, w_in.unbind(0), w_out.unbind(0), strict=True)
-            if block.shape[0]
-        ]
-        if not outs:
-            return xs.new_zeros((xs.shape[0], w_out.shape[2]))
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
+        return expert_mlp(xs, w_in, w_out, offsets, activation)
     raise ValueError(f"unknown expert implementation {impl!r}")
 
 
@@ -136,15 +130,22 @@ class MoE(nn.Module):
         z_loss_coef: weight of the ST-MoE router z-loss mean_t(logsumexp(logits_t)^2).
         activation: "swiglu" (w_in holds [gate | up], (E, D, 2H)), "gelu", "relu" or "silu".
         renormalize: make the k weights of a token sum to one.
-        expert_impl: "auto", "segments" (one GEMM per expert block), "grouped_mm"
-            (`torch._grouped_mm`, float32/bfloat16) or "bmm" (padded batched GEMM).
+        expert_impl: "auto", "segments" (`ExpertMLP`: one GEMM per expert block into
+            preallocated buffers, activation over whole chunks of rows), "grouped_mm"
+            (`torch._grouped_mm`, float32/bfloat16) or "bmm" (padded batched GEMM). "auto"
+            picks by `resolve_expert_impl`: "segments" on the CPU.
 
     torch.compile: routing, dispatch, permute and combine are custom ops with fake kernels, and
-    "grouped_mm" (what "auto" picks on CPU for float32/bfloat16 with 16-byte aligned widths)
-    takes the expert offsets as a tensor, so `torch.compile(moe, fullgraph=True)` traces one
-    graph, forward and backward, dropless (static shapes: T * k rows) or with a capacity (the
-    row count is then an unbacked size). "segments" and "bmm" split the rows at host offsets
-    (`.tolist()`): they compile only with graph breaks (not with `fullgraph=True`).
+    "grouped_mm" (what "auto" picks while torch.compile traces, for float32/bfloat16 with
+    16-byte aligned widths) takes the expert offsets as a tensor, so
+    `torch.compile(moe, fullgraph=True)` traces one graph, forward and backward, dropless
+    (static shapes: T * k rows) or with a capacity (the row count is then an unbacked size).
+    "segments" splits the rows at host offsets (`.tolist()`): it compiles only with graph
+    breaks (not with `fullgraph=True`).
+
+    CUDA: routing, the dispatch plan, permute and combine stay on the device; with "auto" the
+    whole forward and backward make no host sync when dropless in bfloat16 or with a capacity
+    (docs/moe.md).
 
     Input (..., D), output the same shape and dtype. After each forward, `aux_loss` holds the
     weighted sum of both auxiliary losses (a differentiable scalar to add to the training loss),
@@ -232,7 +233,9 @@ class MoE(nn.Module):
 
     def _impl(self, x: torch.Tensor) -> str:
         widths = (self.dim, self.w_in.shape[2], self.hidden)
-        return resolve_expert_impl(self.expert_impl, x.dtype, x.device, widths)
+        return resolve_expert_impl(
+            self.expert_impl, x.dtype, x.device, widths, capacity=self.capacity_factor is not None
+        )
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits (T, E) in the scoring dtype, expert ids (T, k), weights (T, k).
