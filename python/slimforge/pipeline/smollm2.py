@@ -150,10 +150,12 @@ def _gguf() -> Path:
 
 
 def _lora_finetune(
-    ctx: StageContext, model: Any, p: dict[str, Any], steps: int, run_dir: Path
+    ctx: StageContext, model: Any, p: dict[str, Any], steps: int, run_dir: Path, stream: int
 ) -> Any:
     """LoRA on every linear of ``model`` for ``steps`` Trainer steps on the training tokens,
-    then merged into the float weights; returns the Trainer's result."""
+    then merged into the float weights; returns the Trainer's result. ``stream`` offsets the
+    seed, so that each fine-tune draws its own training windows (a recovery that re-read the
+    adaptation's windows would only fit them harder)."""
     import torch
 
     from slimforge.lora import LoraConfig, apply_lora, merge_and_unload, trainable_parameters
@@ -167,7 +169,7 @@ def _lora_finetune(
     cfg = TrainConfig(
         steps=steps, batch_size=int(p.get("batch", 2)), seq_len=_seq(ctx), lr=float(p["lr"]),
         weight_decay=0.0, save_every=int(p.get("save_every", 20)), eval_windows=1,
-        seed=int(ctx.config["run"].get("seed", 0)), progress=ctx.progress, log_every=5,
+        seed=int(ctx.config["run"].get("seed", 0)) + stream, progress=ctx.progress, log_every=5,
     )  # fmt: skip
     trainer = Trainer(
         model, _tokens(ctx.output("prepare", "train")), None, cfg,
@@ -251,7 +253,7 @@ def stage_adapt(ctx: StageContext) -> dict[str, Any]:
     val = _val_windows(ctx)
     before = _perplexity(model, val)
     run_dir = ctx.dir / "run"
-    result = _lora_finetune(ctx, model, p, int(p["steps"]), run_dir)
+    result = _lora_finetune(ctx, model, p, int(p["steps"]), run_dir, stream=0)
     after = _perplexity(model, val)
     save_model(model, ctx.dir / "model")
     ctx.log(f"LoRA r={p.get('r', 8)}, {len(result.losses)} steps: perplexity {before:.2f} -> "
@@ -280,7 +282,7 @@ def stage_prune(ctx: StageContext) -> dict[str, Any]:
     res = prune_structured(model, MLPNeurons(amount, round_to=group), cal)
     pruned = _perplexity(model, val)
     run_dir = ctx.dir / "run"
-    result = _lora_finetune(ctx, model, p, int(p["recovery_steps"]), run_dir)
+    result = _lora_finetune(ctx, model, p, int(p["recovery_steps"]), run_dir, stream=1)
     recovered = _perplexity(model, val)
     save_model(model, ctx.dir / "model")
     ctx.log(f"MLP neurons {amount:.1%}: {res.params_before:,} -> {res.params_after:,} "
