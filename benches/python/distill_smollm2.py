@@ -52,6 +52,11 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=32, help="held-out windows")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default=None, help="run folder for the data stages")
+    ap.add_argument(
+        "--engines",
+        default="plain,distill",
+        help="which students to train: plain, distill or both (comma-separated)",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     slimforge.set_threads(args.threads)
@@ -100,7 +105,11 @@ def main() -> None:
             log_every=10, save_every=10_000,
         )  # fmt: skip
 
-    for name in ("fine-tuned (no teacher)", "distilled (T=1, alpha=0.5)"):
+    names = {"plain": "fine-tuned (no teacher)", "distill": "distilled (T=1, alpha=0.5)"}
+    for key in args.engines.split(","):
+        if key not in names:
+            raise SystemExit(f"--engines: {key!r} is not plain or distill")
+        name = names[key]
         student = copy.deepcopy(student0).train()
         torch.manual_seed(0)
         start = time.perf_counter()
@@ -110,6 +119,8 @@ def main() -> None:
             res = d.fit()
         else:
             res = Trainer(student, train, None, train_cfg()).fit()
+        if res.interrupted:
+            raise SystemExit("interrupted: the numbers of a cut run are not comparable")
         seconds = time.perf_counter() - start
         ppl = perplexity(student.eval(), val)
         result[name] = {"perplexity": ppl, "seconds": seconds, "tokens": res.tokens,
