@@ -193,37 +193,10 @@ def test_stage_verbs_as_users_call_them(quick_run: Path, tmp_path: Path, capsys)
     assert "--data" in capsys.readouterr().err
 
 
-def _chromium() -> str | None:
-    import shutil
-
-    for name in ("chromium", "chromium-browser", "google-chrome", "headless_shell"):
-        if shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-@pytest.mark.skipif(_chromium() is None, reason="no Chromium on this machine")
-def test_report_renders_its_plots_in_headless_chromium(quick_run: Path, tmp_path: Path) -> None:
-    import subprocess
-
-    page = (quick_run / "report.html").read_text(encoding="utf-8")
-    probe = quick_run / "report-probe.html"
-    script = ("<script>window.addEventListener('load', () => document.body.setAttribute("
-              "'data-images', [...document.images].map(i => i.naturalWidth).join(',')));</script>")  # fmt: skip
-    probe.write_text(page.replace("</body>", script + "</body>"), encoding="utf-8")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000"]
-    dom = subprocess.run(
-        [_chromium(), *flags, "--dump-dom", probe.as_uri()],
-        capture_output=True, text=True, timeout=120, check=True,
-    ).stdout  # fmt: skip
-    widths = re.search(r'data-images="([\d,]*)"', dom)
-    assert widths is not None, dom[:500]
-    sizes = [int(w) for w in widths.group(1).split(",")]
-    assert len(sizes) == 3 and all(w > 100 for w in sizes)  # every plot decoded and laid out
+def test_report_renders_its_plots_in_headless_chromium(
+    quick_run: Path, tmp_path: Path, render_html
+) -> None:
     shot = tmp_path / "report.png"
-    subprocess.run(
-        [_chromium(), *flags, "--window-size=1280,1600", f"--screenshot={shot}",
-         (quick_run / "report.html").as_uri()],
-        capture_output=True, timeout=120, check=True,
-    )  # fmt: skip
+    sizes = render_html(quick_run / "report.html", shot)
+    assert len(sizes) == 3 and all(w > 100 for w in sizes)  # every plot decoded and laid out
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000

@@ -188,32 +188,9 @@ def test_data_stage_from_a_toml_matches_digits_dataset(tmp_path: Path) -> None:
     assert float((got[2] - want[2]).abs().max()) <= bound
 
 
-def _chromium() -> str | None:
-    import shutil
-
-    for name in ("chromium", "chromium-browser", "google-chrome", "headless_shell"):
-        if shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
 @pytest.mark.assets
-@pytest.mark.skipif(_chromium() is None, reason="no Chromium on this machine")
-def test_vision_report_renders_its_plots_in_headless_chromium(vision_run: Path) -> None:
-    import subprocess
-
-    chromium = _chromium()
-    assert chromium is not None
-    page = (vision_run / "report.html").read_text(encoding="utf-8")
-    probe = vision_run / "report-probe.html"
-    script = ("<script>window.addEventListener('load', () => document.body.setAttribute("
-              "'data-images', [...document.images].map(i => i.naturalWidth).join(',')));</script>")  # fmt: skip
-    probe.write_text(page.replace("</body>", script + "</body>"), encoding="utf-8")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000"]
-    dom = subprocess.run([chromium, *flags, "--dump-dom", probe.as_uri()],
-                         capture_output=True, text=True, timeout=120, check=True).stdout  # fmt: skip
-    probe.unlink()
-    widths = re.search(r'data-images="([\d,]*)"', dom)
-    assert widths is not None, dom[:500]
-    sizes = [int(w) for w in widths.group(1).split(",")]
+def test_vision_report_renders_its_plots_in_headless_chromium(
+    vision_run: Path, render_html
+) -> None:
+    sizes = render_html(vision_run / "report.html")
     assert len(sizes) == 3 and all(w > 100 for w in sizes)  # every plot decoded
