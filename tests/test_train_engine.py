@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from slimforge.data import lm_splits
 from slimforge.data.tokens import TokenFile, TokenWriter, token_dtype
-from slimforge.data.windows import byte_tokens, random_windows
+from slimforge.data.windows import byte_tokens, file_tokens, random_windows
 from slimforge.models import GPT, GPTConfig
 from slimforge.optim import Lamb, param_groups
 from slimforge.train import TrainConfig, Trainer, checkpoint_blocks
@@ -403,6 +403,8 @@ def test_token_files_round_trip_and_train(tmp_path: Path) -> None:
     f = TokenFile(tmp_path / "toks.bin")
     assert len(f) == 15 and f.meta["documents"] == 2 and f.tokens.dtype == np.dtype("<u2")
     assert np.array_equal(np.asarray(f.tokens), np.concatenate(docs))
+    t = file_tokens(tmp_path / "toks")  # what the pipeline stages and verbs read
+    assert t.dtype == torch.int64 and t.tolist() == np.concatenate(docs).tolist()
     with pytest.raises(ValueError, match=r"\[0, 300\)"):
         with TokenWriter(tmp_path / "bad", vocab_size=300) as w:
             w.write(np.array([300]))

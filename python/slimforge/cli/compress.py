@@ -26,15 +26,11 @@ __all__ = ["add_distill", "add_eval", "add_prune", "add_quantize", "add_synth"]
 
 
 def _data_tokens(data: str, split: str) -> Any:
-    import numpy as np
-    import torch
+    from slimforge.data.windows import file_tokens
 
-    from slimforge.data.tokens import TokenFile
-
-    path = Path(data) / split
     if not (Path(data) / f"{split}.json").is_file():
         raise FileNotFoundError(f"{data}: no {split}.bin/{split}.json (run `slimforge prepare`)")
-    return torch.from_numpy(np.asarray(TokenFile(path).tokens, dtype=np.int64))
+    return file_tokens(Path(data) / split)
 
 
 def _calibration(data: str, seq_len: int, batches: int, seed: int = 0) -> list[Any]:

@@ -20,12 +20,20 @@ require("torch", "slimforge.data.windows")
 
 import torch  # noqa: E402
 
-__all__ = ["byte_tokens", "chunk_windows", "random_windows", "spaced_windows"]
+__all__ = ["byte_tokens", "chunk_windows", "file_tokens", "random_windows", "spaced_windows"]
 
 
 def byte_tokens(data: bytes) -> torch.Tensor:
     """UTF-8 bytes as a 1-D int64 tensor of byte values (vocabulary 256)."""
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+
+
+def file_tokens(path: Any) -> torch.Tensor:
+    """All ids of the token file ``path`` (``.bin`` + ``.json``, see
+    :class:`slimforge.data.tokens.TokenFile`) as a 1-D int64 tensor, read into memory."""
+    from slimforge.data.tokens import TokenFile
+
+    return torch.from_numpy(np.asarray(TokenFile(path).tokens, dtype=np.int64))
 
 
 Tokens = torch.Tensor | np.ndarray

@@ -26,6 +26,7 @@ from slimforge.pipeline.stages import (
     _is_held_out,
     _losses,
     _set_threads,
+    _tokens,
     calibration_batches,
     dir_bytes,
     load_stage_model,
@@ -100,14 +101,6 @@ def track_config(mode: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def _tokens(path: str | Path) -> Any:
-    import torch
-
-    from slimforge.data.tokens import TokenFile
-
-    return torch.from_numpy(np.asarray(TokenFile(path).tokens, dtype=np.int64))
 
 
 def _seq(ctx: StageContext) -> int:

@@ -97,11 +97,9 @@ def load_stage_model(path: str | Path) -> Any:
 
 
 def _tokens(path: str | Path) -> Any:
-    import torch
+    from slimforge.data.windows import file_tokens
 
-    from slimforge.data.tokens import TokenFile
-
-    return torch.from_numpy(np.asarray(TokenFile(path).tokens, dtype=np.int64))
+    return file_tokens(path)
 
 
 def _val_windows(ctx: StageContext) -> Any:
