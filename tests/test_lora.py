@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -107,6 +107,18 @@ DTYPES = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.bfloat16: 2.0*
     rslora=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+@example(
+    in_f=1,
+    out_f=26,
+    rows=16,
+    r=8,
+    dtype=torch.bfloat16,
+    bias=False,
+    dropout=0.0,
+    dora=True,
+    rslora=False,
+    seed=9,
+)  # near-cancelling DoRA rows in bfloat16
 def test_merged_equals_unmerged_and_unmerge_restores(
     in_f: int, out_f: int, rows: int, r: int, dtype: torch.dtype, bias: bool, dropout: float,
     dora: bool, rslora: bool, seed: int,
@@ -119,6 +131,8 @@ def test_merged_equals_unmerged_and_unmerge_restores(
     randomize(layer, scale=0.3, seed=seed)
     x = torch.randn(rows, in_f).to(dtype)
     unmerged = layer(x)
+    with torch.no_grad():
+        base_out = layer.base_layer(x).reshape(-1, out_f)  # before the merge changes it
     delta = layer.delta_weight("a")
     assert layer.merge_() is None
     assert layer.merged_adapters == ["a"]
@@ -132,11 +146,14 @@ def test_merged_equals_unmerged_and_unmerge_restores(
     parts = [original_weight, delta, w_merged, lw]
     bound = float_bound(x, parts, eps, in_f if dtype != torch.bfloat16 else 4)
     # DoRA rescales the base output minus its bias: rounding of y and of the bias, times the
-    # largest row factor m / ||W + s B A||.
+    # largest row factor m / ||W + s B A||. Unmerged, it adds (factor - 1) * base output to the
+    # base output (peft's formula), so the rounding of the base output itself counts too: where
+    # the factor is small the two nearly cancel (a 1-input layer in bfloat16 showed it).
     f = w_merged.double().norm(dim=1) / (original_weight.double() + lw.double()).norm(dim=1)
     f = float(f.nan_to_num(1.0).max()) if dora else 0.0
     b = base.bias.detach().double().abs() if bias else torch.zeros(out_f, dtype=torch.float64)
-    bound = bound + 8 * eps * (1 + f) * (unmerged.detach().double().abs() + b)
+    base_mag = base_out.double().abs() if dora else torch.zeros_like(b)
+    bound = bound + 8 * eps * (1 + f) * (unmerged.detach().double().abs() + b + base_mag)
     diff = (merged.detach().double() - unmerged.detach().double()).reshape(-1, out_f).abs()
     assert (diff <= bound).all(), float((diff - bound).max())
     layer.unmerge_()
