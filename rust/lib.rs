@@ -6,6 +6,7 @@
 pub mod attention;
 pub mod dedup;
 pub mod error;
+pub mod models;
 pub mod moe;
 pub mod optim;
 pub mod parallel;

@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from slimforge import _native
 from slimforge.attention import decode_attention, decode_attention_reference, rotary_cos_sin
 from slimforge.cli import main as cli_main
 from slimforge.models.generation import (
@@ -153,10 +154,11 @@ def gpt(**kw: object) -> GPT:
 
 def tiny_llama(**kw: object) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(
+    shape: dict[str, object] = dict(
         vocab_size=48, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
-        num_kv_heads=2, max_seq_len=64, rope_theta=10000.0, **kw,
+        num_kv_heads=2, max_seq_len=64, rope_theta=10000.0,
     )  # fmt: skip
+    cfg = LlamaConfig(**{**shape, **kw})  # type: ignore[arg-type]
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # larger weights than the init, so the logits separate
         for p in model.parameters():
@@ -529,3 +531,76 @@ def test_cli_generate_accepts_the_smollm2_name(
     assert cli_main(["generate", "smollm2", "--prompt", "The capital of France is",
                      "--max-new-tokens", "3"]) == 0  # fmt: skip
     assert capsys.readouterr().out.strip()
+
+
+def _set_route(model: nn.Module, route: str) -> None:
+    from slimforge.quant.linear import QuantLinear
+
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.route = route
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("route", ["float", "int8"])
+def test_native_decode_step_equals_the_op_by_op_step(bits: int, route: str) -> None:
+    model = tiny_llama(intermediate_size=160)  # down_proj: a 160-input row ends mid-chunk
+    quantize_(
+        model, Int4WeightOnly(group_size=32) if bits == 4 else Int8WeightOnly(), progress=False
+    )
+    _set_route(model, route)
+    native, ops = model.decode_plan(), model._op_plan()
+    assert isinstance(native, _native.LlamaStackDecoder) and isinstance(ops, list)
+    lengths = [len(p) for p in PROMPTS]
+    packed = torch.tensor([t for p in PROMPTS for t in p])
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    caches = [model.make_cache(len(PROMPTS), 16) for _ in range(2)]
+    for c in caches:
+        model.forward_cached(packed, c, cu_seqlens=cu)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):  # the same tokens into both (teacher forcing), so the steps stay comparable
+        tok = torch.randint(0, 48, (len(PROMPTS),), generator=gen)
+        got = model.forward_cached(tok, caches[0], plan=native)
+        want = model.forward_cached(tok, caches[1], plan=ops)
+        if route == "float":  # the same kernels: only the norm's summation order differs
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(caches[0].k, caches[1].k, atol=1e-5, rtol=1e-5)
+        else:  # a last-bit change can move an activation to the next int8 code
+            assert float((got - want).abs().max()) <= 2e-2 * float(want.abs().max())
+    assert torch.equal(caches[0].lengths, caches[1].lengths)
+
+
+def test_native_decode_step_only_for_fully_quantized_stacks() -> None:
+    model = tiny_llama()
+    assert isinstance(model.decode_plan(), list)  # float weights: op by op
+    quantize_(
+        model, Int4WeightOnly(group_size=32), progress=False,
+        filter_fn=lambda m, name: isinstance(m, nn.Linear) and not name.endswith("down_proj"),
+    )  # fmt: skip
+    assert isinstance(model.decode_plan(), list)  # one float projection left
+    quantize_(model, Int8WeightOnly(), progress=False)
+    plan = model.decode_plan()
+    assert isinstance(plan, _native.LlamaStackDecoder) and plan.num_layers == 2
+
+
+def test_native_decoder_rejects_bad_shapes_with_value_errors() -> None:
+    model = tiny_llama()
+    quantize_(model, Int8WeightOnly(), progress=False)
+    plan = model.decode_plan()
+    cache = model.make_cache(2, 8)
+    x = np.zeros((2, 64), dtype=np.float32)
+    k, v = cache.k.numpy(), cache.v.numpy()
+    lengths = np.zeros(2, dtype=np.int64)
+    with pytest.raises(ValueError, match="one row per sequence"):
+        plan.step(np.zeros((3, 64), np.float32), k, v, lengths, None, None, 1.0)
+    with pytest.raises(ValueError, match="5-D"):
+        plan.step(x, k[0], v[0], lengths, None, None, 1.0)
+    with pytest.raises(ValueError, match="position"):
+        plan.step(x, k, v, np.full(2, 8, dtype=np.int64), None, None, 1.0)
+    with pytest.raises(ValueError, match="x must hold"):
+        plan.step(np.zeros((2, 32), np.float32), k, v, lengths, None, None, 1.0)
+    blk = (np.ones(64, np.float32),) * 6
+    with pytest.raises((ValueError, TypeError)):
+        _native.LlamaStackDecoder([blk], np.ones(64, np.float32), 4, 2, 16, 1e-5)
+    with pytest.raises(ValueError, match="heads_q"):
+        _native.LlamaStackDecoder([], np.ones(64, np.float32), 3, 2, 16, 1e-5)

@@ -238,6 +238,42 @@ def attention_decode_step(
     softmax_scale: float,
 ) -> npt.NDArray[np.float32]: ...
 
+# --- models ---
+_Proj = tuple[
+    npt.NDArray[np.uint8],
+    npt.NDArray[np.float32],
+    npt.NDArray[np.float32],
+    npt.NDArray[np.float32] | None,
+    int,
+    int,
+    str,
+]
+
+class LlamaStackDecoder:
+    def __init__(
+        self,
+        blocks: Sequence[
+            tuple[npt.NDArray[np.float32], _Proj, _Proj, npt.NDArray[np.float32], _Proj, _Proj]
+        ],
+        final_norm: npt.NDArray[np.float32],
+        heads_q: int,
+        heads_kv: int,
+        head_dim: int,
+        eps: float,
+    ) -> None: ...
+    @property
+    def num_layers(self) -> int: ...
+    def step(
+        self,
+        x: npt.NDArray[np.float32],
+        k_cache: npt.NDArray[np.float32],
+        v_cache: npt.NDArray[np.float32],
+        lengths: npt.NDArray[np.int64],
+        cos: npt.NDArray[np.float32] | None,
+        sin: npt.NDArray[np.float32] | None,
+        softmax_scale: float,
+    ) -> None: ...
+
 # --- moe ---
 # bfloat16 rows cross as their uint16 bits; weights/scales are float64 for float64 rows, else float32.
 

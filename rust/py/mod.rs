@@ -10,6 +10,7 @@ use crate::error::Error;
 mod attention;
 mod cuda;
 mod dedup;
+mod models;
 mod moe;
 mod optim;
 mod prune;
@@ -127,6 +128,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     quant::register(m)?;
     attention::register(m)?;
     moe::register(m)?;
+    models::register(m)?;
     optim::register(m)?;
     prune::register(m)?;
     cuda::register(m)?;

@@ -98,7 +98,7 @@ fn quant_dequantize<'py>(
     to_2d(py, w, rows, cols)
 }
 
-fn in_features(bits: u32, cols: usize) -> PyResult<usize> {
+pub(super) fn in_features(bits: u32, cols: usize) -> PyResult<usize> {
     match bits {
         8 => Ok(cols),
         4 => Ok(checked_mul("in_features (2 * packed columns)", cols, 2)?),
@@ -159,7 +159,7 @@ fn quant_unpack_int4<'py>(
     to_2d(py, q, rows, checked_mul("unpacked columns", cols, 2)?)
 }
 
-fn parse_route(route: &str, bits: u32) -> PyResult<Route> {
+pub(super) fn parse_route(route: &str, bits: u32) -> PyResult<Route> {
     match route {
         "auto" => Ok(gemv::default_route(bits)),
         "float" => Ok(Route::Float),

@@ -124,6 +124,9 @@ pub fn default_route(bits: u32) -> Route {
     }
 }
 
+/// `1.5 * 2^23`: `(x + M) - M` is `x` rounded to the nearest integer, ties to even, for `|x| < 2^22`.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
 /// Activation block for the int8 route (one scale per 32 consecutive inputs).
 pub const ACT_BLOCK: usize = 32;
 /// Output rows per rayon task.
@@ -223,7 +226,10 @@ fn prepare_int(
                 .iter_mut()
                 .zip(blk)
             {
-                *c = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+                // |v * inv| <= 127: adding and removing 1.5 * 2^23 rounds to nearest-even
+                // without a libm call (`round_ties_even` is one on baseline x86-64).
+                let r = (v * inv + ROUND_MAGIC) - ROUND_MAGIC;
+                *c = r.clamp(-127.0, 127.0) as i8;
                 sum += *c as i32;
             }
             xs[t * nb + b] = scale;
@@ -381,6 +387,31 @@ pub fn linear_with_isa(
             let chunk_elems = if int4 { 2 * chunk_bytes } else { chunk_bytes };
             let acts = prepare_int(x, m, k, g, chunk_elems, lanes, int4);
             let groups = (chunk_elems > 0).then(|| chunk_groups(k, g, chunk_elems, lanes));
+            #[cfg(target_arch = "x86_64")]
+            if m == 1 && lanes == 16 {
+                if let Some(cg) = &groups {
+                    // One token: rows side by side, zero points in the kernel.
+                    for_each_row_block(&mut out_t, 1, parallel, |task, chunk| {
+                        let r0 = task * ROWS_PER_TASK;
+                        let r1 = r0 + chunk.len();
+                        // SAFETY: VNNI support was checked by `detect_isa`; shapes by `validate`.
+                        unsafe {
+                            super::gemv_x86::int_single_token_vnni(
+                                int4,
+                                &w.qweight[r0 * row_bytes..r1 * row_bytes],
+                                row_bytes,
+                                &w.scales[r0 * ng..r1 * ng],
+                                &w.zeros[r0 * ng..r1 * ng],
+                                ng,
+                                cg,
+                                &acts,
+                                chunk,
+                            )
+                        }
+                    });
+                    return Ok(finish(out_t, out, m, n, bias));
+                }
+            }
             for_each_row_block(&mut out_t, m, parallel, |task, chunk| {
                 for (i, y) in chunk.chunks_exact_mut(m).enumerate() {
                     let r = task * ROWS_PER_TASK + i;
@@ -407,13 +438,35 @@ pub fn linear_with_isa(
             });
         }
     }
+    Ok(finish(out_t, out, m, n, bias))
+}
+
+/// `out (m, n) = out_t (n, m)` transposed, plus the bias.
+fn finish(
+    out_t: Vec<f32>,
+    mut out: Vec<f32>,
+    m: usize,
+    n: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    if m == 1 {
+        match bias {
+            Some(b) => out_t
+                .iter()
+                .zip(b)
+                .zip(out.iter_mut())
+                .for_each(|((v, b), o)| *o = v + b),
+            None => return out_t,
+        }
+        return out;
+    }
     for (r, col) in out_t.chunks_exact(m).enumerate() {
         let b = bias.map_or(0.0, |b| b[r]);
         for (t, &v) in col.iter().enumerate() {
             out[t * n + r] = v + b;
         }
     }
-    Ok(out)
+    out
 }
 
 /// Runs `f(block_index, block)` over blocks of `ROWS_PER_TASK` output rows of `out_t` `(n, m)`.

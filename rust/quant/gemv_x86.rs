@@ -392,3 +392,128 @@ unsafe fn int_tile_avx2<const T: usize>(
         *y.get_unchecked_mut(t0 + t) = hsum256(*a);
     }
 }
+
+/// Int8-activation route, AVX-512 VNNI, one token (`m == 1`): `R` weight rows at a time, so the
+/// rows' FMA chains run side by side instead of one short row waiting on its own latency, and
+/// the activation chunk and its lane scales are loaded once for the `R` rows. Writes the whole
+/// output `sum_k s * (q_k - z) * xs * xq_k` (zero-point term included) of rows `r0..r0 + R`.
+///
+/// # Safety
+/// Needs AVX-512 F/BW/VNNI; `q` / `s` / `z` hold rows `r0..r0 + R` of `row_bytes` bytes and `ng`
+/// groups; `acts` and `cg` prepared for this weight's shape and bits with one token.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn int_rows_vnni<const R: usize>(
+    int4: bool,
+    q: &[u8],
+    row_bytes: usize,
+    s: &[f32],
+    z: &[f32],
+    ng: usize,
+    cg: &ChunkGroups,
+    acts: &IntActs,
+    r0: usize,
+    y: &mut [f32],
+) {
+    let nchunks = cg.first.len();
+    let mut acc = [_mm512_setzero_ps(); R];
+    let xq = acts.xq.as_ptr();
+    let ls = acts.lane_scales.as_ptr();
+    let m15 = _mm512_set1_epi8(15);
+    let full = row_bytes / 64;
+    for c in 0..nchunks {
+        let off = c * 64;
+        let (x0, x1) = if int4 {
+            (
+                _mm512_loadu_si512(xq.add(c * 128) as *const _),
+                _mm512_loadu_si512(xq.add(c * 128 + 64) as *const _),
+            )
+        } else {
+            (
+                _mm512_loadu_si512(xq.add(c * 64) as *const _),
+                _mm512_setzero_si512(),
+            )
+        };
+        let lsv = _mm512_loadu_ps(ls.add(c * 16));
+        let g0 = *cg.first.get_unchecked(c) as usize;
+        let cnt = *cg.count.get_unchecked(c);
+        let idx = _mm512_loadu_si512(cg.lane_group.as_ptr().add(c * 16) as *const _);
+        let tail_mask = if c < full {
+            u64::MAX
+        } else {
+            (1u64 << (row_bytes - off)) - 1
+        };
+        for (rr, a) in acc.iter_mut().enumerate() {
+            let row = r0 + rr;
+            let qp = q.as_ptr().add(row * row_bytes + off);
+            prefetch(qp);
+            let wv = if c < full {
+                _mm512_loadu_si512(qp as *const _)
+            } else {
+                _mm512_maskz_loadu_epi8(tail_mask, qp as *const i8)
+            };
+            let sp = s.as_ptr().add(row * ng + g0);
+            let ws = if cnt == 1 {
+                _mm512_set1_ps(*sp)
+            } else {
+                _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(((1u32 << cnt) - 1) as u16, sp))
+            };
+            let d = if int4 {
+                let lo = _mm512_and_si512(wv, m15);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(wv), m15);
+                _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x0), hi, x1)
+            } else {
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, x0)
+            };
+            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(lsv, ws), *a);
+        }
+    }
+    // Zero-point term: sum over groups of s * z * (activation sum of the group).
+    let gs = acts.group_sums.as_ptr();
+    for (rr, a) in acc.iter_mut().enumerate() {
+        let row = r0 + rr;
+        let mut zacc = _mm512_setzero_ps();
+        let mut g = 0;
+        while g < ng {
+            let mask = if ng - g >= 16 {
+                u16::MAX
+            } else {
+                ((1u32 << (ng - g)) - 1) as u16
+            };
+            let sv = _mm512_maskz_loadu_ps(mask, s.as_ptr().add(row * ng + g));
+            let zv = _mm512_maskz_loadu_ps(mask, z.as_ptr().add(row * ng + g));
+            let gv = _mm512_maskz_loadu_ps(mask, gs.add(g));
+            zacc = _mm512_fmadd_ps(_mm512_mul_ps(sv, zv), gv, zacc);
+            g += 16;
+        }
+        *y.get_unchecked_mut(rr) = _mm512_reduce_add_ps(_mm512_sub_ps(*a, zacc));
+    }
+}
+
+/// [`int_rows_vnni`] over every row of `y` (rows `0..y.len()` of `q` / `s` / `z`), four at a time.
+///
+/// # Safety
+/// As [`int_rows_vnni`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn int_single_token_vnni(
+    int4: bool,
+    q: &[u8],
+    row_bytes: usize,
+    s: &[f32],
+    z: &[f32],
+    ng: usize,
+    cg: &ChunkGroups,
+    acts: &IntActs,
+    y: &mut [f32],
+) {
+    let rows = y.len();
+    let mut r = 0;
+    while r + 4 <= rows {
+        int_rows_vnni::<4>(int4, q, row_bytes, s, z, ng, cg, acts, r, &mut y[r..r + 4]);
+        r += 4;
+    }
+    while r < rows {
+        int_rows_vnni::<1>(int4, q, row_bytes, s, z, ng, cg, acts, r, &mut y[r..r + 1]);
+        r += 1;
+    }
+}

@@ -211,10 +211,21 @@ class LlamaForCausalLM(GenerationMixin, nn.Module):
             c.num_layers, batch, c.num_kv_heads, c.head_dim, capacity, dtype, w.device, c.rope_theta
         )
 
-    def decode_plan(self) -> list[tuple[Any, Any, Any, Any]]:
-        """Per layer, the projections of a decode step: fused q/k/v, o, fused gate/up, down
-        (`fuse_projections`: stacked copies of the weights, taken now, so build the plan again
-        after changing them)."""
+    def decode_plan(self) -> list[tuple[Any, Any, Any, Any]] | Any:
+        """What a decode step runs, built once per `generate` call (copies of the weights, taken
+        now: build it again after changing them).
+
+        When every projection is a CPU quantized linear (`quantize_` with ``Int4WeightOnly`` /
+        ``Int8WeightOnly``, GPTQ, RTN; no input transform or adapter) and the norms are
+        float32, the whole stack of blocks runs as one native call per step
+        (`_native.LlamaStackDecoder`, the same kernels as below without the per-op overhead).
+        Otherwise, per layer, the projections: fused q/k/v, o, fused gate/up, down
+        (`fuse_projections`).
+        """
+        native = self._native_decoder()
+        return native if native is not None else self._op_plan()
+
+    def _op_plan(self) -> list[tuple[Any, Any, Any, Any]]:
         plan = []
         for layer in self.layers:
             at, mlp = layer.self_attn, layer.mlp
@@ -227,6 +238,53 @@ class LlamaForCausalLM(GenerationMixin, nn.Module):
                 )
             )
         return plan
+
+    def _native_decoder(self) -> Any:
+        """`_native.LlamaStackDecoder` over the blocks, or None when some part does not fit it."""
+        from slimforge import _native
+        from slimforge.quant.linear import FusedQuantLinear, fuse_quant_linears
+
+        def proj(mods: list[nn.Module]) -> tuple[Any, ...] | None:
+            f = fuse_quant_linears(mods)
+            if not isinstance(f, FusedQuantLinear) or f.perm is not None:
+                return None
+            if f.pre_scale is not None:
+                return None
+            return (*f.native, f.bits, f.group_size, f.route)
+
+        norms = [self.norm.weight] + [
+            w for layer in self.layers
+            for w in (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+        ]  # fmt: skip
+        if any(w.dtype != torch.float32 or not w.is_cpu for w in norms):
+            return None
+        blocks = []
+        for layer in self.layers:
+            at, mlp = layer.self_attn, layer.mlp
+            parts = (
+                proj([at.q_proj, at.k_proj, at.v_proj]),
+                proj([at.o_proj]),
+                proj([mlp.gate_proj, mlp.up_proj]),
+                proj([mlp.down_proj]),
+            )
+            if any(p is None for p in parts):
+                return None
+            qkv, o, gate_up, down = parts
+            blocks.append(
+                (
+                    layer.input_layernorm.weight.detach().numpy(),
+                    qkv,
+                    o,
+                    layer.post_attention_layernorm.weight.detach().numpy(),
+                    gate_up,
+                    down,
+                )
+            )
+        c = self.cfg
+        return _native.LlamaStackDecoder(
+            blocks, self.norm.weight.detach().numpy(), c.num_heads, c.num_kv_heads, c.head_dim,
+            c.norm_eps,
+        )  # fmt: skip
 
     @torch.no_grad()
     def forward_cached(
@@ -274,6 +332,18 @@ class LlamaForCausalLM(GenerationMixin, nn.Module):
         if plan is None:
             plan = self.decode_plan()
         x = self.embed_tokens(input_ids)
+        if not isinstance(plan, list):
+            if cache._native and x.dtype == torch.float32 and x.is_cpu:
+                x = x.contiguous()
+                cos, sin = cache.rope if cache.rope is not None else (None, None)
+                plan.step(
+                    x.numpy(), cache.k.numpy(), cache.v.numpy(), cache.lengths.numpy(),
+                    None if cos is None else cos.numpy(), None if sin is None else sin.numpy(),
+                    cache.scale,
+                )  # fmt: skip
+                cache.lengths += 1
+                return self._logits(x)
+            plan = self._op_plan()
         inter = c.intermediate_size
         for i, (layer, (qkv_fn, o_fn, gate_up_fn, down_fn)) in enumerate(
             zip(self.layers, plan, strict=False)
