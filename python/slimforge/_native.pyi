@@ -249,9 +249,10 @@ _Proj = tuple[
     str,
 ]
 
+@final
 class LlamaStackDecoder:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         blocks: Sequence[
             tuple[npt.NDArray[np.float32], _Proj, _Proj, npt.NDArray[np.float32], _Proj, _Proj]
         ],
@@ -260,7 +261,7 @@ class LlamaStackDecoder:
         heads_kv: int,
         head_dim: int,
         eps: float,
-    ) -> None: ...
+    ) -> LlamaStackDecoder: ...
     @property
     def num_layers(self) -> int: ...
     def step(
