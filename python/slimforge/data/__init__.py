@@ -15,8 +15,34 @@ import json
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["DEFAULT_VAL_WORKS", "corpus_path", "load_corpus", "load_texts", "lm_splits"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "DEFAULT_VAL_WORKS",
+    "FASHION_MNIST_CLASSES",
+    "corpus_path",
+    "fashion_mnist",
+    "load_corpus",
+    "load_texts",
+    "lm_splits",
+]
+
+#: Class names of Fashion-MNIST, by label.
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 #: Plays held out for validation by `lm_splits` (modern spelling).
 DEFAULT_VAL_WORKS = ("hamlet_gut", "macbeth_gut", "tempest_gut")
@@ -69,3 +95,32 @@ def lm_splits(
     train = "\n\n".join(r["text"] for r in records if r["work"] not in val_set)
     val = "\n\n".join(r["text"] for r in records if r["work"] in val_set)
     return train.encode("utf-8"), val.encode("utf-8")
+
+
+def fashion_mnist(
+    split: str = "train", assets: str | Path | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST (Xiao et al., 2017; MIT) from the pinned Debian ``dataset-fashion-mnist``
+    package in the asset cache (``make assets``): ``split`` is ``"train"`` (60,000 images) or
+    ``"test"`` (10,000). Returns ``(images, labels)``: uint8 tensors of shape ``(N, 28, 28)``
+    and ``(N,)`` (labels 0-9, see `FASHION_MNIST_CLASSES`). FileNotFoundError when the package
+    has not been fetched."""
+    from slimforge._optional import require
+
+    require("torch", "slimforge.data.fashion_mnist")
+    import torch
+
+    from slimforge.data.assets import fashion_mnist_files, read_idx
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    prefix = "train" if split == "train" else "t10k"
+    files = fashion_mnist_files(assets)
+    out: list[Any] = []
+    for kind in ("images", "labels"):
+        shape, data = read_idx(files[f"{prefix}-{kind}"])
+        out.append(torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(shape))
+    images, labels = out
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+    return images, labels

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from slimforge.nn.surgery import ModuleFilter, all_of, select_modules
-from slimforge.prune.masks import apply_masks, attach_mask
+from slimforge.prune.masks import _mask, _weight, apply_masks, attach_mask
 from slimforge.prune.primitives import check_amount, global_masks
 
 __all__ = ["LotteryRound", "LotteryTicket"]
@@ -72,8 +72,8 @@ class LotteryTicket:
     def sparsity(self) -> float:
         """Fraction of the selected weights that are pruned."""
         mods = self._modules()
-        total = sum(m.weight.numel() for m in mods)
-        zeros = sum(int((~m.weight_mask).sum()) for m in mods if hasattr(m, "weight_mask"))
+        total = sum(_weight(m).numel() for m in mods)
+        zeros = sum(int((~_mask(m)).sum()) for m in mods if hasattr(m, "weight_mask"))
         return zeros / total
 
     def target_sparsity(self, rounds: int) -> float:
@@ -85,7 +85,7 @@ class LotteryTicket:
         stay pruned), then rewinds. Returns the new sparsity."""
         self.rounds_done += 1
         mods = self._modules()
-        masks = global_masks([m.weight for m in mods], self.target_sparsity(self.rounds_done))
+        masks = global_masks([_weight(m) for m in mods], self.target_sparsity(self.rounds_done))
         for m, k in zip(mods, masks, strict=True):
             attach_mask(m, k)
         self.rewind()

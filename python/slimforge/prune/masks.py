@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -31,6 +31,16 @@ __all__ = [
 ]
 
 _HOOK = "_slimforge_prune_hook"
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight``, typed (``nn.Module.__getattr__`` is typed as a tensor or module)."""
+    return cast(torch.Tensor, module.weight)
+
+
+def _mask(module: nn.Module) -> torch.Tensor:
+    """``module.weight_mask``, typed."""
+    return cast(torch.Tensor, module.weight_mask)
 
 
 def _mask_grad(module: nn.Module) -> Any:
@@ -57,7 +67,7 @@ def attach_mask(module: nn.Module, keep: torch.Tensor) -> None:
     else:
         module.register_buffer("weight_mask", keep.clone(), persistent=False)
     with torch.no_grad():
-        w.mul_(module.weight_mask.to(w.dtype))
+        w.mul_(_mask(module).to(w.dtype))
     if getattr(module, _HOOK, None) is None:
         object.__setattr__(module, _HOOK, w.register_hook(_mask_grad(module)))
         object.__setattr__(module, "_slimforge_prune_param", id(w))
@@ -76,11 +86,12 @@ def apply_masks(model: nn.Module) -> int:
     n = 0
     with torch.no_grad():
         for _, m in masked_modules(model):
-            m.weight.mul_(m.weight_mask.to(m.weight.dtype))
+            w = _weight(m)
+            w.mul_(_mask(m).to(w.dtype))
             hook = getattr(m, _HOOK, None)
-            if hook is None or id(m.weight) != getattr(m, "_slimforge_prune_param", None):
-                object.__setattr__(m, _HOOK, m.weight.register_hook(_mask_grad(m)))
-            object.__setattr__(m, "_slimforge_prune_param", id(m.weight))
+            if hook is None or id(w) != getattr(m, "_slimforge_prune_param", None):
+                object.__setattr__(m, _HOOK, w.register_hook(_mask_grad(m)))
+            object.__setattr__(m, "_slimforge_prune_param", id(w))
             n += 1
     return n
 
@@ -102,7 +113,7 @@ def make_permanent(model: nn.Module) -> nn.Module:
     ``weight_mask`` buffers and gradient hooks are removed. Returns the model."""
     with torch.no_grad():
         for _, m in list(masked_modules(model)):
-            m.weight.mul_(m.weight_mask.to(m.weight.dtype))
+            _weight(m).mul_(_mask(m).to(_weight(m).dtype))
             hook = getattr(m, _HOOK, None)
             if hook is not None:
                 hook.remove()

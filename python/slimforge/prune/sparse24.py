@@ -146,8 +146,7 @@ class Sparse24Linear(nn.Module):
             raise ValueError("the quantized weight is not 2:4 sparse")
         q = layer.qweight
         if layer.bits == 4:
-            q = _native.quant_unpack_int4(q.contiguous().numpy())
-            q = torch.from_numpy(q)
+            q = torch.from_numpy(_native.quant_unpack_int4(q.contiguous().numpy()))
         return cls.from_codes(
             q, w != 0, layer.scales, layer.zeros, layer.bias, layer.bits, layer.group_size
         )

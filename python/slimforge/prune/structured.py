@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -301,8 +301,8 @@ def _prune_neurons(
     norms = _input_norms(model, outs, batches) if how == "activation" and batches else {}
     res = StructuredResult("mlp_neurons")
     for i, blk in enumerate(blocks):
-        out = blk.get_submodule(b.mlp_out)
-        ins = [blk.get_submodule(n) for n in b.mlp_in]
+        out = cast(nn.Linear, blk.get_submodule(b.mlp_out))
+        ins = [cast(nn.Linear, blk.get_submodule(n)) for n in b.mlp_in]
         width = out.in_features
         fused = len(ins) == 1 and ins[0].out_features == 2 * width  # [gate; up] in one fc
         if not fused and any(m.out_features != width for m in ins):
@@ -334,7 +334,8 @@ def _prune_neurons(
 
 def _head_layout(attn: nn.Module) -> tuple[int, int, int]:
     if all(hasattr(attn, a) for a in ("num_heads", "num_kv_heads", "head_dim")):
-        return int(attn.num_heads), int(attn.num_kv_heads), int(attn.head_dim)
+        heads, kv, hd = (getattr(attn, a) for a in ("num_heads", "num_kv_heads", "head_dim"))
+        return int(heads), int(kv), int(hd)
     cfg = getattr(attn, "cfg", None)
     if cfg is not None and all(hasattr(cfg, a) for a in ("num_heads", "num_kv_heads", "head_dim")):
         return int(cfg.num_heads), int(cfg.num_kv_heads), int(cfg.head_dim)
@@ -345,7 +346,8 @@ def _head_layout(attn: nn.Module) -> tuple[int, int, int]:
 
 def _set_head_layout(attn: nn.Module, heads: int, kv: int, hd: int) -> None:
     if hasattr(attn, "num_heads") and hasattr(attn, "num_kv_heads"):
-        attn.num_heads, attn.num_kv_heads = heads, kv
+        setattr(attn, "num_heads", heads)  # noqa: B010 (attributes of a user's module)
+        setattr(attn, "num_kv_heads", kv)  # noqa: B010
         return
     impl = getattr(attn.cfg, "attn_impl", "flash")
     object.__setattr__(attn, "cfg", AttentionShape(hd, heads, kv, impl))
@@ -373,7 +375,7 @@ def _prune_heads(
     norms = _input_norms(model, outs, batches) if how == "activation" and batches else {}
     res = StructuredResult("attention_heads")
     for i, blk in enumerate(blocks):
-        out = blk.get_submodule(b.attn_out)
+        out = cast(nn.Linear, blk.get_submodule(b.attn_out))
         attn_name = b.attn_out.rpartition(".")[0]
         attn = blk.get_submodule(attn_name) if attn_name else blk
         nh, nkv, hd = _head_layout(attn)
@@ -387,7 +389,7 @@ def _prune_heads(
             )
         else:
             sq = group_norms(out.weight, 1, hd).double() ** 2
-            qkv = blk.get_submodule(b.attn_in[0])
+            qkv = cast(nn.Linear, blk.get_submodule(b.attn_in[0]))
             rows = group_norms(qkv.weight, 0, hd).double() ** 2  # per head of q (then k, v)
             sq = sq + rows[:nh]
             if per == 1:  # MHA: a head owns its k and v rows too
@@ -396,7 +398,8 @@ def _prune_heads(
                     sq = sq + kv_rows[:nkv] + kv_rows[nkv:]
                 else:
                     for n in b.attn_in[1:]:
-                        sq = sq + group_norms(blk.get_submodule(n).weight, 0, hd).double() ** 2
+                        w = cast(torch.Tensor, blk.get_submodule(n).weight)
+                        sq = sq + group_norms(w, 0, hd).double() ** 2
         scores = sq.sqrt()
         if per == 1:
             drop = round(cfg.amount * nh)
@@ -520,10 +523,10 @@ def _sliced_conv(
     new = nn.Conv2d(
         in_ch,
         out_ch,
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,
-        dilation=conv.dilation,
+        cast(tuple[int, int], conv.kernel_size),
+        cast(tuple[int, int], conv.stride),
+        cast("str | tuple[int, int]", conv.padding),
+        dilation=cast(tuple[int, int], conv.dilation),
         groups=out_ch if depthwise else conv.groups,
         bias=conv.bias is not None,
     ).to(device=w.device, dtype=w.dtype)
