@@ -17,6 +17,23 @@ agreement and KL, file sizes, latency at batch 1 and 32 on 1 and 2 threads of th
 model, the float ONNX model in ONNX Runtime and the INT8 one, taking turns; ONNX parity (float
 ONNX vs PyTorch max |diff|; ONNX Runtime's fused INT8 kernels vs the same QDQ graph run op by op).
 
+``qat``: quantization-aware fine-tuning against post-training INT8, for MobileNetV2 and
+EfficientNet-Lite0 with their real weights: the same ONNX Runtime QDQ quantization, ranges first
+calibrated by min/max on 64 photo crops (seed 2), then weights and activation ranges fine-tuned
+for ``--qat-steps`` steps of ``--qat-batch`` crops out of 256 (seed 2, the calibration crops
+included) against the float model's outputs (KL) and exported with the learned ranges. Top-1
+agreement and KL against fp32 on ``--crops`` held-out crops (seed 1) for both INT8 files (ONNX
+Runtime's fused kernels and the same QDQ graph run op by op), the fake-quantized PyTorch model
+against both, and the time each took. ``--models`` picks the networks.
+
+``pt2e``: the peer path named by the issue, PyTorch's PT2E static quantization with torchao's
+``X86InductorQuantizer`` (its default config: int8 weights per channel, uint8 activations per
+tensor; ``torch.ao.quantization.quantize_pt2e`` is gone from torch 2.15, torchao holds it now),
+calibrated on the same 64 crops: agreement and KL against fp32 on ``--crops`` held-out crops
+(the converted model run eagerly), compile time and latency after ``torch.compile`` (inductor,
+``freezing`` on as PyTorch's PT2E x86 tutorial does)
+next to ONNX Runtime's INT8 file, batch 1 and 32, ``--threads`` threads.
+
 ``prune``: MobileNetV2 (ImageNet weights) transferred to scikit-learn's digits at 64x64 with the
 Trainer (``--steps``), then 30 % of every expansion's channels removed by slimforge
 (`ExpansionChannels`, BatchNorm-folded magnitude) and by Torch-Pruning (`MetaPruner`, its default
@@ -193,6 +210,153 @@ def part_int8(args: argparse.Namespace) -> None:
                       f"{t['torch'] / t['int8']:.2f}x | {t['ort'] / t['int8']:.2f}x |")  # fmt: skip
 
 
+def part_qat(args: argparse.Namespace) -> None:
+    from slimforge.models.vision.qat import QAT, qat_quantize_onnx
+
+    tmp = Path(tempfile.mkdtemp(prefix="vision_bench_qat_"))
+    torch.set_num_threads(args.threads)
+    nets = {"mobilenet_v2": ("MobileNetV2", mobilenet_v2), "efficientnet_lite0":
+            ("EfficientNet-Lite0", efficientnet_lite0)}  # fmt: skip
+    n_train = 32 if args.quick else 256
+    config = QAT(steps=args.qat_steps, batch_size=args.qat_batch, lr=args.qat_lr)
+    print(f"\n## QAT vs PTQ (ONNX Runtime QDQ INT8), {args.crops} held-out crops (seed 1), "
+          f"{args.threads} threads; QAT: {config}\n")  # fmt: skip
+    for key in args.models.split(","):
+        name, make = nets[key]
+        model = make()
+        c = model.config
+        held = photo_crops(args.crops, seed=1, mean=c.mean, std=c.std)
+        train = photo_crops(n_train, seed=2, mean=c.mean, std=c.std)
+        cal = list(train[:64].split(16))
+        t0 = time.perf_counter()
+        ptq = quantize_static_onnx(model, tmp / f"{key}.ptq.onnx", cal, progress=False)
+        t_ptq = time.perf_counter() - t0
+        res = qat_quantize_onnx(
+            model, tmp / f"{key}.qat.onnx", cal, config, images=train, progress=not args.quiet
+        )
+        ref = predict_logits(model, held)
+        conf = ref.softmax(-1).max(-1).values >= 0.5
+        rows = {}
+        for label, path in (("PTQ", ptq), ("QAT", res.path)):
+            fused = predict_logits(OnnxModel(path), held)
+            opbyop = predict_logits(OnnxModel(path, optimize=False), held)
+            rows[label] = (compare_logits(ref, fused), compare_logits(ref, opbyop),
+                           compare_logits(ref[conf], fused[conf]), fused, opbyop)  # fmt: skip
+        with torch.inference_mode():
+            fq = predict_logits(res.model, held)
+        fq_fused, fq_ref = compare_logits(rows["QAT"][3], fq), compare_logits(rows["QAT"][4], fq)
+        losses = res.train.losses
+        k = max(1, len(losses) // 10)
+        first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+        moved = [
+            abs(s1 / s0 - 1)
+            for t, (s0, _z0) in res.initial_qparams.items()
+            if t in (ov := res.model.overrides())
+            for s1 in [float(ov[t][0]["scale"])]
+        ]
+        print(f"### {name}\n")
+        print("| | PTQ (min/max ranges) | QAT |")
+        print("|---|---|---|")
+        for i, what in enumerate(("agreement / KL, ORT fused kernels",
+                                  "agreement / KL, same QDQ graph op by op")):  # fmt: skip
+            a, b = rows["PTQ"][i], rows["QAT"][i]
+            print(f"| {what} | {a.agreement:.1%} / {a.kl:.4f} | {b.agreement:.1%} / {b.kl:.4f} |")
+        a, b = rows["PTQ"][2], rows["QAT"][2]
+        print(f"| agreement / KL on the {int(conf.sum())} crops fp32 is >= 50 % sure of | "
+              f"{a.agreement:.1%} / {a.kl:.4f} | {b.agreement:.1%} / {b.kl:.4f} |")  # fmt: skip
+        print(
+            f"| time (s) | {t_ptq:.1f} | {res.seconds:.1f} (fine-tune {res.train.train_seconds:.1f}) |"
+        )
+        print(f"\n- fake-quantized PyTorch model vs the QAT INT8 file: agreement {fq_fused.agreement:.1%} "
+              f"(KL {fq_fused.kl:.4f}) with the fused kernels, {fq_ref.agreement:.1%} (KL {fq_ref.kl:.4f}) "
+              f"with the op-by-op graph")  # fmt: skip
+        print(
+            f"- training KL (mean of the first / last tenth of the steps): {first:.4f} -> {last:.4f}"
+        )
+        print(f"- activation scales moved by {sum(moved) / len(moved):.1%} on average "
+              f"(max {max(moved):.1%}) from ONNX Runtime's min/max calibration\n")  # fmt: skip
+
+
+def part_pt2e(args: argparse.Namespace) -> None:
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    tmp = Path(tempfile.mkdtemp(prefix="vision_bench_pt2e_"))
+    torch.set_num_threads(args.threads)
+    reps1, reps32 = (3, 1) if args.quick else (20, 3)
+    nets = {"mobilenet_v2": ("MobileNetV2", mobilenet_v2), "efficientnet_lite0":
+            ("EfficientNet-Lite0", efficientnet_lite0)}  # fmt: skip
+    print(f"\n## PT2E (torchao X86InductorQuantizer) vs ONNX Runtime INT8, {args.crops} crops, "
+          f"{args.threads} threads\n")  # fmt: skip
+    for key in args.models.split(","):
+        name, make = nets[key]
+        model = make()
+        c = model.config
+        held = photo_crops(args.crops, seed=1, mean=c.mean, std=c.std)
+        cal = photo_crops(64, seed=2, mean=c.mean, std=c.std)
+        t0 = time.perf_counter()
+        ort_q = quantize_static_onnx(
+            model, tmp / f"{key}.int8.onnx", list(cal.split(16)), progress=False
+        )
+        t_ort = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        quantizer = xiq.X86InductorQuantizer()
+        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+        with torch.no_grad():
+            exported = torch.export.export(
+                copy.deepcopy(model).eval(),
+                (cal[:2],),
+                dynamic_shapes=({0: torch.export.Dim("batch", max=1024)},),
+            ).module()
+            prepared = prepare_pt2e(exported, quantizer)
+            for b in cal.split(16):
+                prepared(b)
+            pt2e = convert_pt2e(prepared)
+        t_pt2e = time.perf_counter() - t0
+        ref = predict_logits(model, held)
+        with torch.no_grad():
+            got = torch.cat([pt2e(b) for b in held.split(64)])
+        ev, ev_ort = (
+            compare_logits(ref, got),
+            compare_logits(ref, predict_logits(OnnxModel(ort_q), held)),
+        )
+        t0 = time.perf_counter()
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True  # what lowers the QDQ pattern to oneDNN int8 kernels
+        compiled = torch.compile(pt2e)
+        x1, x32 = held[:1], held[:32]
+        with torch.no_grad():
+            compiled(x1)
+            compiled(x32)
+        t_compile = time.perf_counter() - t0
+        with torch.no_grad():
+            ev_c = compare_logits(ref[:32], compiled(x32))
+        qo = OnnxModel(ort_q, threads=args.threads)
+        with torch.inference_mode():
+            t1, t32 = (
+                best_times(
+                    {
+                        "pt2e": lambda m=compiled, x=x: m(x),
+                        "ort": lambda o=qo, x=x: o.run(x.numpy()),
+                    },
+                    reps,
+                )
+                for x, reps in ((x1, reps1), (x32, reps32))
+            )
+        print(f"### {name}\n")
+        print("| | ONNX Runtime INT8 (QDQ) | PT2E X86InductorQuantizer |")
+        print("|---|---|---|")
+        print(f"| agreement / KL vs fp32, {args.crops} crops | {ev_ort.agreement:.1%} / {ev_ort.kl:.4f} | "
+              f"{ev.agreement:.1%} / {ev.kl:.4f} (eager) |")  # fmt: skip
+        print(f"| quantization time (s) | {t_ort:.1f} | {t_pt2e:.1f} + compile {t_compile:.1f} |")
+        print(f"| batch 1 (ms) | {ms(t1['ort'])} | {ms(t1['pt2e'])} |")
+        print(f"| batch 32 (ms) | {ms(t32['ort'])} | {ms(t32['pt2e'])} |")
+        print(
+            f"\n- compiled PT2E vs fp32 on the first 32 crops: agreement {ev_c.agreement:.1%}, KL {ev_c.kl:.4f}\n"
+        )
+
+
 def _torch_pruning(model: nn.Module, amount: float, example: torch.Tensor) -> str | None:
     """Torch-Pruning at ``amount`` of each expansion's output channels (every other layer
     ignored as a root); None or why it failed."""
@@ -267,7 +431,14 @@ def part_prune(args: argparse.Namespace) -> None:
               f"{count_macs(m, (1, 3, size, size)) / 1e6:.1f} | {a0} | {acc:.1%} | {ms(t1[k])} | {ms(t32[k])} | {tl} |")  # fmt: skip
 
 
-PARTS = {"models": part_models, "photos": part_photos, "int8": part_int8, "prune": part_prune}
+PARTS = {
+    "models": part_models,
+    "photos": part_photos,
+    "int8": part_int8,
+    "qat": part_qat,
+    "pt2e": part_pt2e,
+    "prune": part_prune,
+}
 
 
 def main() -> None:
@@ -276,10 +447,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--crops", type=int, default=512, help="photo crops for INT8 agreement")
     p.add_argument("--steps", type=int, default=150, help="fine-tuning steps")
+    p.add_argument("--qat-steps", type=int, default=100, help="QAT fine-tuning steps")
+    p.add_argument("--qat-batch", type=int, default=16, help="QAT crops per step")
+    p.add_argument("--qat-lr", type=float, default=1e-5, help="QAT peak learning rate")
+    p.add_argument("--models", default="mobilenet_v2,efficientnet_lite0", help="for part qat")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--quick", action="store_true", help="smoke test: small sizes")
     args = p.parse_args()
     if args.quick:
         args.crops, args.steps = min(args.crops, 32), min(args.steps, 10)
+        args.qat_steps = min(args.qat_steps, 2)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads available")
     for part in args.part.split(","):
         if part not in PARTS:

@@ -20,7 +20,7 @@ import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from slimforge._optional import require
 from slimforge.calibration import prepare_calibration
 from slimforge.io import atomic_path
 from slimforge.models.vision.layers import fold_batchnorm
+
+if TYPE_CHECKING:
+    from slimforge.models.vision.qat import QAT
 
 __all__ = ["OnnxModel", "export_onnx", "quantize_static_onnx"]
 
@@ -139,6 +142,8 @@ def quantize_static_onnx(
     method: str = "minmax",
     image_size: int = 224,
     progress: bool = True,
+    qat: QAT | int | None = None,
+    overrides: dict[str, list[dict[str, Any]]] | None = None,
 ) -> Path:
     """INT8 static post-training quantization in QDQ form (see the module docs), written to
     ``path`` atomically; returns the path.
@@ -146,8 +151,34 @@ def quantize_static_onnx(
     model: a PyTorch classifier (exported first with :func:`export_onnx`) or a float ONNX file.
     calibration: image batches ``(batch, 3, h, w)`` float32, preprocessed like the inputs
     (validated by the shared calibration driver's ``prepare_calibration``). method:
-    ``"minmax"``, ``"percentile"`` (99.999 %) or ``"entropy"`` activation ranges."""
+    ``"minmax"``, ``"percentile"`` (99.999 %) or ``"entropy"`` activation ranges.
+
+    qat: quantization-aware fine-tuning, the fallback when post-training quantization loses
+    too much accuracy: a :class:`~slimforge.models.vision.qat.QAT` config or a number of steps
+    (``model`` must then be a ``VisionNet``; the fine-tune uses the calibration images, see
+    :func:`~slimforge.models.vision.qat.qat_quantize_onnx`). overrides: activation ranges
+    ``{tensor: [{"scale": ..., "zero_point": ...}]}`` passed to ONNX Runtime as
+    ``TensorQuantOverrides`` (what QAT learned)."""
     require("onnxruntime", "slimforge.models.vision.quantize_static_onnx")
+    if qat is not None:
+        from slimforge.models.vision.qat import QAT, qat_quantize_onnx
+
+        if isinstance(qat, bool) or not isinstance(qat, QAT | int):
+            raise TypeError(f"qat must be a QAT config or a number of steps, got {qat!r}")
+        if not isinstance(model, nn.Module):
+            raise ValueError("qat needs the PyTorch model, not an ONNX file")
+        if overrides is not None:
+            raise ValueError("give qat or overrides, not both")
+        config = QAT(steps=qat) if isinstance(qat, int) else qat
+        return qat_quantize_onnx(
+            model,  # type: ignore[arg-type]
+            path,
+            calibration,
+            config,
+            method=method,
+            image_size=image_size,
+            progress=progress,
+        ).path
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -191,6 +222,9 @@ def quantize_static_onnx(
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=methods[method],
-                extra_options={"CalibTensorRangeSymmetric": False},
+                extra_options={
+                    "CalibTensorRangeSymmetric": False,
+                    "TensorQuantOverrides": overrides or {},
+                },
             )
     return out
