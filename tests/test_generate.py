@@ -604,3 +604,22 @@ def test_native_decoder_rejects_bad_shapes_with_value_errors() -> None:
         _native.LlamaStackDecoder([blk], np.ones(64, np.float32), 4, 2, 16, 1e-5)
     with pytest.raises(ValueError, match="heads_q"):
         _native.LlamaStackDecoder([], np.ones(64, np.float32), 3, 2, 16, 1e-5)
+
+
+def test_native_decode_leaves_torch_thread_count_as_it_was() -> None:
+    model = tiny_llama()
+    quantize_(model, Int8WeightOnly(), progress=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen: list[int] = []
+        model.generate(
+            [PROMPTS[0]],
+            3,
+            temperature=0.0,
+            streamer=lambda _t: seen.append(torch.get_num_threads()),
+        )
+        assert seen == [1, 1, 1]  # one torch thread while the native steps run
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

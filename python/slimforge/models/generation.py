@@ -374,10 +374,14 @@ def generate(
         for i, r in enumerate(rows):
             seen[i, r.to(device)] = True
 
+    native_steps = False
+
     def step_logits() -> Callable[[Tensor | None], Tensor]:
+        nonlocal native_steps
         if cached:
             cache = model.make_cache(b, max(lengths) + max(max_new_tokens, 1))  # type: ignore[operator]
             plan = model.decode_plan() if hasattr(model, "decode_plan") else None  # type: ignore[operator]
+            native_steps = isinstance(plan, _native.LlamaStackDecoder)
             packed = torch.cat([r.to(device) for r in rows])
             cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
 
@@ -409,27 +413,39 @@ def generate(
 
     run = step_logits()
     logits = run(None).float() if max_new_tokens else None
-    for t in range(max_new_tokens):
-        assert logits is not None
-        if output_logits:
-            kept.append(logits)
-        tok = _next_tokens(logits, seen, temperature, top_p, top_k, repetition_penalty, generator)
-        tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
-        new[:, t] = tok
-        num_new += (~done).long()
-        if seen is not None:
-            seen[torch.arange(b, device=device)[~done], tok[~done]] = True
-        for s in stops:
-            n = len(s)
-            if t + 1 >= n:
-                hit = (new[:, t + 1 - n : t + 1] == torch.tensor(s, device=device)).all(dim=1)
-                done |= hit & (num_new >= n)
-        if streamer is not None:
-            streamer(tok)
-        if t + 1 == max_new_tokens or bool(done.all()):
-            break
-        # Stopped rows still run (their logits are ignored): feed them a valid id, not the pad.
-        logits = run(torch.where(done, torch.zeros_like(tok), tok)).float()
+    threads = torch.get_num_threads()
+    if native_steps and threads > 1:
+        # The native step runs on slimforge's own thread pool. torch's OpenMP workers, woken
+        # by the few small torch ops around it (embedding row, argmax), would spin on the same
+        # cores between steps: one torch thread while decoding, restored after.
+        torch.set_num_threads(1)
+    try:
+        for t in range(max_new_tokens):
+            assert logits is not None
+            if output_logits:
+                kept.append(logits)
+            tok = _next_tokens(
+                logits, seen, temperature, top_p, top_k, repetition_penalty, generator
+            )
+            tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
+            new[:, t] = tok
+            num_new += (~done).long()
+            if seen is not None:
+                seen[torch.arange(b, device=device)[~done], tok[~done]] = True
+            for s in stops:
+                n = len(s)
+                if t + 1 >= n:
+                    hit = (new[:, t + 1 - n : t + 1] == torch.tensor(s, device=device)).all(dim=1)
+                    done |= hit & (num_new >= n)
+            if streamer is not None:
+                streamer(tok)
+            if t + 1 == max_new_tokens or bool(done.all()):
+                break
+            # Stopped rows still run (their logits are ignored): feed them a valid id, not the pad.
+            logits = run(torch.where(done, torch.zeros_like(tok), tok)).float()
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
     sequences = torch.full(
         (b, width + max_new_tokens), pad_token_id, dtype=torch.long, device=device
     )
