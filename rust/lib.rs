@@ -13,6 +13,9 @@ pub mod parallel;
 pub mod prune;
 pub mod quant;
 
+#[cfg(test)]
+mod test_util;
+
 #[cfg(feature = "cuda")]
 pub mod cuda;
 

@@ -372,15 +372,11 @@ fn attend_generic(
 mod tests {
     use super::*;
 
+    /// Values in `[-1, 1)`: twice the shared generator's (exact in f32).
     fn lcg(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
+        crate::test_util::lcg(n, seed)
+            .iter()
+            .map(|v| 2.0 * v)
             .collect()
     }
 

@@ -429,18 +429,7 @@ pub fn row_masks(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
+    use crate::test_util::lcg;
 
     /// Stable sort of (key, global position): the first k are pruned.
     fn reference(tensors: &[&[f32]], k: usize, absolute: bool) -> Vec<Vec<bool>> {
