@@ -191,6 +191,32 @@ unsafe fn float_tile_avx2<const T: usize>(
     }
 }
 
+/// The 64 bytes of a weight row at `off` (zero past its end), prefetching further along.
+#[inline(always)]
+unsafe fn load_chunk(row: &[u8], off: usize) -> __m512i {
+    let (nbytes, qp) = (row.len(), row.as_ptr());
+    prefetch(qp.add(off));
+    if off + 64 <= nbytes {
+        _mm512_loadu_si512(qp.add(off) as *const _)
+    } else {
+        _mm512_maskz_loadu_epi8((1u64 << (nbytes - off)) - 1, qp.add(off) as *const i8)
+    }
+}
+
+/// The weight scale of each 32-bit lane of chunk `c` of a row whose group scales are `s`.
+#[inline(always)]
+unsafe fn lane_weight_scales(cg: &ChunkGroups, s: &[f32], c: usize) -> __m512 {
+    let g0 = *cg.first.get_unchecked(c) as usize;
+    let cnt = *cg.count.get_unchecked(c);
+    if cnt == 1 {
+        _mm512_set1_ps(*s.get_unchecked(g0))
+    } else {
+        let idx = _mm512_loadu_si512(cg.lane_group.as_ptr().add(c * 16) as *const _);
+        let sv = _mm512_maskz_loadu_ps(((1u32 << cnt) - 1) as u16, s.as_ptr().add(g0));
+        _mm512_permutexvar_ps(idx, sv)
+    }
+}
+
 /// Int8-activation route, AVX-512 VNNI: one 64-byte weight chunk (128 INT4 or 64 INT8 inputs)
 /// per step. Writes `sum_k s * q_k * xs * xq_k`; the caller subtracts the zero-point term.
 ///
@@ -253,24 +279,8 @@ unsafe fn int_chunk_vnni<const T: usize>(
     c: usize,
     acc: &mut [__m512; T],
 ) {
-    let nbytes = q.len();
-    let off = c * 64;
-    let qp = q.as_ptr();
-    prefetch(qp.add(off));
-    let wv = if off + 64 <= nbytes {
-        _mm512_loadu_si512(qp.add(off) as *const _)
-    } else {
-        _mm512_maskz_loadu_epi8((1u64 << (nbytes - off)) - 1, qp.add(off) as *const i8)
-    };
-    let g0 = *cg.first.get_unchecked(c) as usize;
-    let cnt = *cg.count.get_unchecked(c);
-    let ws = if cnt == 1 {
-        _mm512_set1_ps(*s.get_unchecked(g0))
-    } else {
-        let idx = _mm512_loadu_si512(cg.lane_group.as_ptr().add(c * 16) as *const _);
-        let sv = _mm512_maskz_loadu_ps(((1u32 << cnt) - 1) as u16, s.as_ptr().add(g0));
-        _mm512_permutexvar_ps(idx, sv)
-    };
+    let wv = load_chunk(q, c * 64);
+    let ws = lane_weight_scales(cg, s, c);
     let xq = acts.xq.as_ptr().add(t0 * acts.stride);
     let ls = acts
         .lane_scales
@@ -420,7 +430,6 @@ unsafe fn int_rows_vnni<const R: usize>(
     let xq = acts.xq.as_ptr();
     let ls = acts.lane_scales.as_ptr();
     let m15 = _mm512_set1_epi8(15);
-    let full = row_bytes / 64;
     for c in 0..nchunks {
         let off = c * 64;
         let (x0, x1) = if int4 {
@@ -435,29 +444,10 @@ unsafe fn int_rows_vnni<const R: usize>(
             )
         };
         let lsv = _mm512_loadu_ps(ls.add(c * 16));
-        let g0 = *cg.first.get_unchecked(c) as usize;
-        let cnt = *cg.count.get_unchecked(c);
-        let idx = _mm512_loadu_si512(cg.lane_group.as_ptr().add(c * 16) as *const _);
-        let tail_mask = if c < full {
-            u64::MAX
-        } else {
-            (1u64 << (row_bytes - off)) - 1
-        };
         for (rr, a) in acc.iter_mut().enumerate() {
             let row = r0 + rr;
-            let qp = q.as_ptr().add(row * row_bytes + off);
-            prefetch(qp);
-            let wv = if c < full {
-                _mm512_loadu_si512(qp as *const _)
-            } else {
-                _mm512_maskz_loadu_epi8(tail_mask, qp as *const i8)
-            };
-            let sp = s.as_ptr().add(row * ng + g0);
-            let ws = if cnt == 1 {
-                _mm512_set1_ps(*sp)
-            } else {
-                _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(((1u32 << cnt) - 1) as u16, sp))
-            };
+            let wv = load_chunk(q.get_unchecked(row * row_bytes..(row + 1) * row_bytes), off);
+            let ws = lane_weight_scales(cg, s.get_unchecked(row * ng..(row + 1) * ng), c);
             let d = if int4 {
                 let lo = _mm512_and_si512(wv, m15);
                 let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(wv), m15);
